@@ -1,0 +1,67 @@
+//! The block-layer stack: each layer is a [`BlockDev`] that may wrap another (a qcow2
+//! image wraps its backing file). This is the one place guest data is read, following the
+//! engine's mappings.
+
+mod open;
+mod qcow2;
+mod raw;
+
+pub use open::{BackingPolicy, Chain, OpenOptions, open_chain};
+pub use qcow2::Qcow2Layer;
+pub use raw::RawLayer;
+
+use crate::error::Result;
+use std::path::Path;
+
+/// Allocation status of an extent, with qemu-img map's meaning for each flag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    pub len: u64,
+    /// Index of the layer that decided the status: 0 is the layer asked.
+    pub depth: u32,
+    /// Allocated in the layer at `depth` (false: nothing in the chain provides it).
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Backed by stored data.
+    pub data: bool,
+    pub compressed: bool,
+    /// Where the bytes are in the file of the layer at `depth`, when that is known.
+    pub offset: Option<u64>,
+}
+
+/// Name and format of a layer, for messages, `info` and `map`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerInfo {
+    pub path: std::path::PathBuf,
+    pub format: &'static str,
+}
+
+/// A readable disk: a raw file, a qcow2 image (through its backing chain) or a snapshot.
+pub trait BlockDev: Send + Sync + std::fmt::Debug {
+    /// Guest size in bytes.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` with the disk's bytes from `off`; bytes past the end read as zeros.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()>;
+
+    /// Status of the extent that starts at `off` (below `size`), at most `len` bytes.
+    fn status(&self, off: u64, len: u64) -> Result<Status>;
+
+    fn info(&self) -> &LayerInfo;
+
+    /// The file that holds this layer's data (an external data file, or the image).
+    fn data_path(&self) -> &Path {
+        &self.info().path
+    }
+
+    /// The next layer down, if this layer has one.
+    fn backing(&self) -> Option<&std::sync::Arc<dyn BlockDev>> {
+        None
+    }
+}
+
+/// The path of a layer for messages.
+pub fn layer_path(dev: &dyn BlockDev) -> &Path {
+    &dev.info().path
+}

@@ -1,0 +1,262 @@
+//! Opening an image with its whole backing chain: name resolution, format detection, the
+//! security policy for files an image names, loop detection and the depth limit.
+
+use super::qcow2::Shared;
+use super::{BlockDev, Qcow2Layer, RawLayer};
+use crate::engine::{Image, ImageOptions, View};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::header::MAGIC;
+use crate::storage::{FileStorage, Storage};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The deepest backing chain qcow2fs follows.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+/// Whether backing files are followed at all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackingPolicy {
+    /// Open the backing chain (subject to the checks in this module).
+    #[default]
+    Follow,
+    /// Expose the top image alone: unallocated ranges read as zeros.
+    Deny,
+}
+
+/// How to open a chain.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    pub image: ImageOptions,
+    pub backing: BackingPolicy,
+    /// When set, backing and data files must lie under this directory.
+    pub backing_dir: Option<PathBuf>,
+}
+
+/// An opened image: its active disk and the backing layers below it.
+#[derive(Debug)]
+pub struct Chain {
+    pub top: Arc<Qcow2Layer>,
+    /// The backing layers: `layers[0]` is the direct backing file (depth 1), each seen
+    /// through its own chain.
+    pub layers: Vec<Arc<dyn BlockDev>>,
+}
+
+impl Chain {
+    pub fn image(&self) -> &Arc<Image> {
+        self.top.image()
+    }
+
+    /// A view of internal snapshot `i` (an index into `image().snapshots()`).
+    pub fn snapshot(&self, i: usize) -> Arc<Qcow2Layer> {
+        Arc::new(self.top.with_view(View::Snapshot(i)))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Format {
+    Qcow2,
+    Raw,
+}
+
+fn open_file(path: &Path, what: &str) -> Result<File> {
+    File::open(path).map_err(|e| Error::io(path, format!("opening the {what}"), e))
+}
+
+/// Refuses files an image names that are not plain files (devices, fifos, directories).
+fn check_regular(path: &Path, file: &File, what: &str, referrer: &Path) -> Result<()> {
+    let md = file
+        .metadata()
+        .map_err(|e| Error::io(path, format!("inspecting the {what}"), e))?;
+    if !md.is_file() {
+        return Err(Error::unsupported(format!(
+            "{what} named by {} is not a regular file; refusing to open it",
+            referrer.display()
+        ))
+        .in_file(path));
+    }
+    Ok(())
+}
+
+/// Whether a name would be a protocol prefix for QEMU ("nbd:...", "http://...").
+fn has_protocol(name: &[u8]) -> bool {
+    match name.iter().position(|&c| c == b':') {
+        Some(colon) => !name[..colon].contains(&b'/'),
+        None => false,
+    }
+}
+
+/// Resolves a file name stored in `referrer` against the directory of `referrer`.
+fn resolve(referrer: &Path, name: &[u8], what: &str, opts: &OpenOptions) -> Result<PathBuf> {
+    let shown = String::from_utf8_lossy(name);
+    if name.is_empty() {
+        return Err(Error::corrupt(format!("the {what} name is empty")).in_file(referrer));
+    }
+    if name.starts_with(b"json:") || has_protocol(name) {
+        return Err(Error::unsupported(format!(
+            "{what} '{shown}' is a QEMU pseudo-filename (json: or protocol:); only plain paths are followed (rebase the image onto a path, or use -o backing=deny)"
+        ))
+        .in_file(referrer));
+    }
+    let p = Path::new(OsStr::from_bytes(name));
+    let full = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        referrer.parent().unwrap_or(Path::new("")).join(p)
+    };
+    if let Some(dir) = &opts.backing_dir {
+        let canon_dir = dir
+            .canonicalize()
+            .map_err(|e| Error::io(dir, "resolving backing_dir", e))?;
+        let canon = full.canonicalize().map_err(|e| {
+            Error::io(
+                &full,
+                format!("resolving the {what} named by {}", referrer.display()),
+                e,
+            )
+        })?;
+        if !canon.starts_with(&canon_dir) {
+            return Err(Error::unsupported(format!(
+                "{what} '{shown}' named by {} resolves outside backing_dir {} (choose a backing_dir that contains it)",
+                referrer.display(),
+                dir.display()
+            ))
+            .in_file(&full));
+        }
+    }
+    Ok(full)
+}
+
+fn probe_qcow2(file: &File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let mut magic = [0u8; 4];
+    matches!(file.read_at(&mut magic, 0), Ok(4)) && u32::from_be_bytes(magic) == MAGIC
+}
+
+struct Pending {
+    path: PathBuf,
+    kind: PendingKind,
+}
+
+enum PendingKind {
+    Qcow2 {
+        image: Arc<Image>,
+        data_file: Option<(PathBuf, Arc<dyn Storage>)>,
+    },
+    Raw(Arc<dyn Storage>),
+}
+
+/// Opens the qcow2 image at `path` and its backing chain.
+pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut seen: Vec<PathBuf> = Vec::new();
+    let mut next: Option<(PathBuf, Format, PathBuf)> =
+        Some((path.to_path_buf(), Format::Qcow2, PathBuf::new()));
+    while let Some((cur, format, referrer)) = next.take() {
+        let depth = pending.len();
+        let top = depth == 0;
+        let what = if top { "image" } else { "backing file" };
+        if depth > MAX_CHAIN_DEPTH {
+            return Err(Error::unsupported(format!(
+                "backing chain is deeper than {MAX_CHAIN_DEPTH} layers"
+            ))
+            .in_file(path));
+        }
+        let file = open_file(&cur, what)?;
+        if !top {
+            check_regular(&cur, &file, what, &referrer)?;
+        }
+        let canon = cur.canonicalize().unwrap_or_else(|_| cur.clone());
+        if seen.contains(&canon) {
+            return Err(Error::corrupt(format!(
+                "backing chain loops: {} names {} again",
+                referrer.display(),
+                cur.display()
+            ))
+            .in_file(path));
+        }
+        seen.push(canon);
+        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        if format == Format::Raw {
+            pending.push(Pending {
+                path: cur,
+                kind: PendingKind::Raw(storage),
+            });
+            break;
+        }
+        let mut image_opts = opts.image.clone();
+        if !top {
+            image_opts.cache_bytes = (image_opts.cache_bytes / 4).max(1 << 20);
+        }
+        let image = Arc::new(Image::open(&cur, storage, &image_opts)?);
+        let header = image.header();
+        let data_file = match &header.data_file {
+            Some(name) if header.has_data_file() => {
+                let dp = resolve(&cur, name, "data file", opts)?;
+                let f = open_file(&dp, "data file")?;
+                check_regular(&dp, &f, "data file", &cur)?;
+                Some((dp, Arc::new(FileStorage::new(f)) as Arc<dyn Storage>))
+            }
+            _ => None,
+        };
+        if let (Some(name), BackingPolicy::Follow) = (&header.backing_file, opts.backing) {
+            let bp = resolve(&cur, name, "backing file", opts)?;
+            let fmt = match header.backing_format.as_deref() {
+                Some("qcow2") => Format::Qcow2,
+                Some("raw") => Format::Raw,
+                Some(other) => {
+                    return Err(Error::unsupported(format!(
+                        "backing file {} has format '{other}'; only qcow2 and raw are supported",
+                        bp.display()
+                    ))
+                    .in_file(&cur));
+                }
+                None => {
+                    let f = open_file(&bp, "backing file")?;
+                    check_regular(&bp, &f, "backing file", &cur)?;
+                    if !probe_qcow2(&f) {
+                        return Err(Error::unsupported(format!(
+                            "backing file {} has no format in the image header and is not qcow2; refusing to expose it as raw (set the format with `qemu-img rebase -u -F raw`, or use -o backing=deny)",
+                            bp.display()
+                        ))
+                        .in_file(&cur));
+                    }
+                    Format::Qcow2
+                }
+            };
+            next = Some((bp, fmt, cur.clone()));
+        }
+        pending.push(Pending {
+            path: cur,
+            kind: PendingKind::Qcow2 { image, data_file },
+        });
+    }
+
+    let mut backing: Option<Arc<dyn BlockDev>> = None;
+    let mut built: Vec<Arc<dyn BlockDev>> = Vec::new();
+    let mut top: Option<Arc<Qcow2Layer>> = None;
+    let n = pending.len();
+    for (i, p) in pending.into_iter().enumerate().rev() {
+        let layer: Arc<dyn BlockDev> = match p.kind {
+            PendingKind::Raw(s) => Arc::new(RawLayer::new(&p.path, s)?),
+            PendingKind::Qcow2 { image, data_file } => {
+                let shared = Arc::new(Shared::new(image, data_file, backing.take()));
+                let q = Arc::new(Qcow2Layer::new(shared, View::Active));
+                if i == 0 {
+                    top = Some(q.clone());
+                }
+                q
+            }
+        };
+        if i > 0 {
+            built.push(layer.clone());
+        }
+        backing = Some(layer);
+    }
+    debug_assert_eq!(built.len() + 1, n);
+    built.reverse();
+    let top = top.ok_or_else(|| Error::new(ErrorKind::InvalidInput, "no image"))?;
+    Ok(Chain { top, layers: built })
+}

@@ -1,0 +1,249 @@
+//! A qcow2 image (its active disk or one of its snapshots) as a disk: follows the engine's
+//! mappings, reads data from the image or its external data file, decompresses compressed
+//! clusters, and passes unallocated ranges to the backing layer.
+
+use super::{BlockDev, LayerInfo, Status};
+use crate::engine::{Image, MapKind, View};
+use crate::error::{Error, Result};
+use crate::format::compressed;
+use crate::format::entry::CompressedDesc;
+use crate::format::header::CompressionType;
+use crate::storage::{Extent, Storage};
+use parking_lot::Mutex;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Decompressed clusters kept per image.
+const COMPRESSED_CACHE_CLUSTERS: usize = 16;
+
+/// What every view of one image shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) image: Arc<Image>,
+    pub(crate) data_file: Option<(PathBuf, Arc<dyn Storage>)>,
+    pub(crate) backing: Option<Arc<dyn BlockDev>>,
+    compression: CompressionType,
+    compressed: Mutex<VecDeque<(u64, Arc<[u8]>)>>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        image: Arc<Image>,
+        data_file: Option<(PathBuf, Arc<dyn Storage>)>,
+        backing: Option<Arc<dyn BlockDev>>,
+    ) -> Self {
+        Shared {
+            compression: image.header().compression_type,
+            image,
+            data_file,
+            backing,
+            compressed: Mutex::new(VecDeque::with_capacity(COMPRESSED_CACHE_CLUSTERS)),
+        }
+    }
+
+    /// The store and path guest data lives in.
+    fn data_store(&self) -> (&Path, &Arc<dyn Storage>) {
+        match &self.data_file {
+            Some((p, s)) => (p, s),
+            None => (self.image.path(), self.image.storage()),
+        }
+    }
+
+    fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
+        let (path, store) = self.data_store();
+        let mut done = 0;
+        while done < buf.len() {
+            let at = host + done as u64;
+            let n = store
+                .read_at(&mut buf[done..], at)
+                .map_err(|e| Error::io(path, format!("reading data at {at:#x}"), e))?;
+            if n == 0 {
+                return Err(Error::corrupt(format!(
+                    "data at host offset {at:#x} lies past the end of the file"
+                ))
+                .in_file(path));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn decompressed(&self, desc: CompressedDesc) -> Result<Arc<[u8]>> {
+        {
+            let mut c = self.compressed.lock();
+            if let Some(i) = c.iter().position(|(k, _)| *k == desc.offset) {
+                let hit = c.remove(i).unwrap();
+                let v = hit.1.clone();
+                c.push_front(hit);
+                return Ok(v);
+            }
+        }
+        let image = &self.image;
+        let cs = image.cluster_size() as usize;
+        let mut input = vec![0u8; desc.size as usize];
+        // A compressed range may end past the end of the file; that part reads as zeros.
+        image
+            .storage()
+            .read_exact_or_zeros(&mut input, desc.offset)
+            .map_err(|e| {
+                Error::io(
+                    image.path(),
+                    format!("reading compressed data at {:#x}", desc.offset),
+                    e,
+                )
+            })?;
+        let mut out = vec![0u8; cs];
+        compressed::decompress(self.compression, &input, &mut out).map_err(|e| {
+            Error::corrupt(format!(
+                "compressed cluster at host offset {:#x} ({} bytes): {e}",
+                desc.offset, desc.size
+            ))
+            .in_file(image.path())
+        })?;
+        let out: Arc<[u8]> = out.into();
+        let mut c = self.compressed.lock();
+        if c.len() >= COMPRESSED_CACHE_CLUSTERS {
+            c.pop_back();
+        }
+        c.push_front((desc.offset, out.clone()));
+        Ok(out)
+    }
+}
+
+/// One view (active disk or snapshot) of a qcow2 image.
+#[derive(Debug)]
+pub struct Qcow2Layer {
+    shared: Arc<Shared>,
+    view: View,
+    info: LayerInfo,
+}
+
+impl Qcow2Layer {
+    pub(crate) fn new(shared: Arc<Shared>, view: View) -> Self {
+        let info = LayerInfo {
+            path: shared.image.path().to_path_buf(),
+            format: "qcow2",
+        };
+        Qcow2Layer { shared, view, info }
+    }
+
+    pub fn image(&self) -> &Arc<Image> {
+        &self.shared.image
+    }
+
+    pub fn view(&self) -> View {
+        self.view
+    }
+
+    /// Another view of the same image, sharing caches and backing chain.
+    pub fn with_view(&self, view: View) -> Qcow2Layer {
+        Qcow2Layer::new(self.shared.clone(), view)
+    }
+
+    pub fn data_file(&self) -> Option<&Path> {
+        self.shared.data_file.as_ref().map(|(p, _)| p.as_path())
+    }
+}
+
+impl BlockDev for Qcow2Layer {
+    fn size(&self) -> u64 {
+        self.shared.image.view_size(self.view)
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let size = self.size();
+        let avail = size.saturating_sub(off).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        tail.fill(0);
+        let mut pos = 0usize;
+        while pos < head.len() {
+            let at = off + pos as u64;
+            let m = self
+                .shared
+                .image
+                .map(self.view, at, (head.len() - pos) as u64)?;
+            let dst = &mut head[pos..pos + m.len as usize];
+            match m.kind {
+                MapKind::Data { host } => self.shared.read_data(dst, host)?,
+                MapKind::Zero { .. } => dst.fill(0),
+                MapKind::Unallocated { .. } => match &self.shared.backing {
+                    Some(b) => b.read_at(dst, at)?,
+                    None => dst.fill(0),
+                },
+                MapKind::Compressed { desc, in_cluster } => {
+                    let c = self.shared.decompressed(desc)?;
+                    let start = in_cluster as usize;
+                    dst.copy_from_slice(&c[start..start + dst.len()]);
+                }
+            }
+            pos += m.len as usize;
+        }
+        Ok(())
+    }
+
+    fn status(&self, off: u64, len: u64) -> Result<Status> {
+        let m = self.shared.image.map(self.view, off, len)?;
+        let allocated = |zero, data, offset| Status {
+            len: m.len,
+            depth: 0,
+            present: true,
+            zero,
+            data,
+            compressed: false,
+            offset,
+        };
+        Ok(match m.kind {
+            MapKind::Data { host } => {
+                // Like qemu-img map: data over a hole of the host file reads as zeros.
+                let (path, store) = self.shared.data_store();
+                let ext = store
+                    .extent(host, m.len)
+                    .map_err(|e| Error::io(path, format!("finding data at {host:#x}"), e))?;
+                match ext {
+                    Extent::Data(n) => Status {
+                        len: n,
+                        ..allocated(false, true, Some(host))
+                    },
+                    Extent::Hole(n) => Status {
+                        len: n,
+                        ..allocated(true, true, Some(host))
+                    },
+                }
+            }
+            MapKind::Compressed { .. } => Status {
+                compressed: true,
+                ..allocated(false, true, None)
+            },
+            MapKind::Zero { host } => allocated(true, false, host),
+            MapKind::Unallocated { host } => match &self.shared.backing {
+                Some(b) if off < b.size() => {
+                    let mut s = b.status(off, m.len.min(b.size() - off))?;
+                    s.depth += 1;
+                    s
+                }
+                _ => Status {
+                    len: m.len,
+                    depth: 0,
+                    present: false,
+                    zero: true,
+                    data: false,
+                    compressed: false,
+                    offset: host,
+                },
+            },
+        })
+    }
+
+    fn info(&self) -> &LayerInfo {
+        &self.info
+    }
+
+    fn backing(&self) -> Option<&Arc<dyn BlockDev>> {
+        self.shared.backing.as_ref()
+    }
+
+    fn data_path(&self) -> &Path {
+        self.shared.data_store().0
+    }
+}

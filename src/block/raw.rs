@@ -1,0 +1,92 @@
+//! A raw file as a disk: its length is its size, holes read as zeros.
+
+use super::{BlockDev, LayerInfo, Status};
+use crate::error::{Error, Result};
+use crate::storage::{Extent, Storage};
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct RawLayer {
+    storage: Arc<dyn Storage>,
+    size: u64,
+    info: LayerInfo,
+}
+
+impl RawLayer {
+    pub fn new(path: &Path, storage: Arc<dyn Storage>) -> Result<Self> {
+        let size = storage
+            .len()
+            .map_err(|e| Error::io(path, "reading the file size", e))?;
+        Ok(RawLayer {
+            storage,
+            size,
+            info: LayerInfo {
+                path: path.to_path_buf(),
+                format: "raw",
+            },
+        })
+    }
+}
+
+impl BlockDev for RawLayer {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let avail = self.size.saturating_sub(off).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        let mut done = 0;
+        while done < head.len() {
+            let n = self
+                .storage
+                .read_at(&mut head[done..], off + done as u64)
+                .map_err(|e| {
+                    Error::io(
+                        &self.info.path,
+                        format!("reading at {:#x}", off + done as u64),
+                        e,
+                    )
+                })?;
+            if n == 0 {
+                return Err(Error::io(
+                    &self.info.path,
+                    format!("reading at {:#x}", off + done as u64),
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file is shorter than when it was opened",
+                    ),
+                ));
+            }
+            done += n;
+        }
+        tail.fill(0);
+        Ok(())
+    }
+
+    fn status(&self, off: u64, len: u64) -> Result<Status> {
+        let len = len.min(self.size.saturating_sub(off));
+        let ext = self
+            .storage
+            .extent(off, len)
+            .map_err(|e| Error::io(&self.info.path, format!("finding data at {off:#x}"), e))?;
+        let (len, data) = match ext {
+            Extent::Data(n) => (n, true),
+            Extent::Hole(n) => (n, false),
+        };
+        Ok(Status {
+            len,
+            depth: 0,
+            present: true,
+            zero: !data,
+            data,
+            compressed: false,
+            offset: Some(off),
+        })
+    }
+
+    fn info(&self) -> &LayerInfo {
+        &self.info
+    }
+}

@@ -1,0 +1,295 @@
+//! `qcow2fs info`: the header, backing chain, snapshots and bitmaps, as text or as JSON
+//! with qemu-img's field names.
+
+use crate::block::Chain;
+use crate::engine::Snapshot;
+use crate::error::Result;
+use crate::format::header::Header;
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// Sizes the way qemu-img prints them: three significant digits and a binary unit.
+pub fn human_size(v: u64) -> String {
+    const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if v < 1000 {
+        return format!("{v} B");
+    }
+    let mut k = 0;
+    while k + 1 < UNITS.len() && (v as f64) / 1024f64.powi(k as i32 + 1) >= 1000.0 / 1024.0 {
+        k += 1;
+    }
+    let x = v as f64 / 1024f64.powi(k as i32);
+    let s = if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    };
+    let s = if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    };
+    format!("{s} {}", UNITS[k])
+}
+
+fn local_time(sec: u32) -> String {
+    let t = sec as libc::time_t;
+    // SAFETY: localtime_r writes only into the struct we pass.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if !ok {
+        return sec.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+fn vm_clock(ns: u64) -> String {
+    let ms = ns / 1_000_000;
+    format!(
+        "{:04}:{:02}:{:02}.{:03}",
+        ms / 3_600_000,
+        (ms / 60_000) % 60,
+        (ms / 1000) % 60,
+        ms % 1000
+    )
+}
+
+fn snapshot_json(s: &Snapshot) -> Value {
+    let e = &s.entry;
+    let mut v = json!({
+        "id": e.id,
+        "name": e.name(),
+        "vm-state-size": e.vm_state_size,
+        "date-sec": e.date_sec,
+        "date-nsec": e.date_nsec,
+        "vm-clock-sec": e.vm_clock_nsec / 1_000_000_000,
+        "vm-clock-nsec": e.vm_clock_nsec % 1_000_000_000,
+        "disk-size": s.disk_size,
+    });
+    if let Some(ic) = e.icount.filter(|&i| i != u64::MAX) {
+        v["icount"] = json!(ic);
+    }
+    v
+}
+
+fn format_specific(h: &Header, chain: &Chain) -> Value {
+    let image = chain.image();
+    let mut d = json!({
+        "compat": if h.version >= 3 { "1.1" } else { "0.10" },
+        "compression-type": h.compression_type.name(),
+        "refcount-bits": h.refcount_bits(),
+    });
+    if h.version >= 3 {
+        d["lazy-refcounts"] = json!(h.lazy_refcounts());
+        d["corrupt"] = json!(h.is_corrupt());
+        d["extended-l2"] = json!(h.extended_l2());
+    }
+    if let (true, Some(name)) = (h.has_data_file(), &h.data_file) {
+        d["data-file"] = json!(String::from_utf8_lossy(name));
+        d["data-file-raw"] = json!(h.data_file_raw());
+    }
+    if !image.bitmaps().is_empty() {
+        let list: Vec<Value> = image
+            .bitmaps()
+            .iter()
+            .map(|b| {
+                let mut flags = Vec::new();
+                if b.in_use() {
+                    flags.push("in-use");
+                }
+                if b.auto() {
+                    flags.push("auto");
+                }
+                json!({"name": b.name, "granularity": 1u64 << b.granularity_bits.min(63), "flags": flags})
+            })
+            .collect();
+        d["bitmaps"] = json!(list);
+    }
+    json!({"type": "qcow2", "data": d})
+}
+
+fn actual_size(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
+}
+
+/// The JSON document `info --json` prints.
+pub fn info_json(path: &Path, chain: &Chain) -> Value {
+    let image = chain.image();
+    let h = image.header();
+    let mut v = json!({
+        "filename": path.display().to_string(),
+        "format": "qcow2",
+        "virtual-size": h.virtual_size(),
+        "actual-size": actual_size(path),
+        "cluster-size": h.cluster_size(),
+        "dirty-flag": h.is_dirty(),
+        "format-specific": format_specific(&h, chain),
+    });
+    if let Some(name) = &h.backing_file {
+        v["backing-filename"] = json!(String::from_utf8_lossy(name));
+        if let Some(first) = chain.layers.first() {
+            v["full-backing-filename"] = json!(first.info().path.display().to_string());
+        }
+        if let Some(f) = &h.backing_format {
+            v["backing-filename-format"] = json!(f);
+        }
+    }
+    if !image.snapshots().is_empty() {
+        v["snapshots"] = Value::Array(image.snapshots().iter().map(snapshot_json).collect());
+    }
+    let layers: Vec<Value> = chain
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            json!({
+                "depth": i + 1,
+                "filename": l.info().path.display().to_string(),
+                "format": l.info().format,
+                "virtual-size": l.size(),
+            })
+        })
+        .collect();
+    v["backing-chain"] = Value::Array(layers);
+    v
+}
+
+/// The text `info` prints.
+pub fn info_text(path: &Path, chain: &Chain) -> String {
+    let image = chain.image();
+    let h = image.header();
+    let mut s = String::new();
+    let _ = writeln!(s, "image: {}", path.display());
+    let _ = writeln!(s, "file format: qcow2");
+    let _ = writeln!(
+        s,
+        "virtual size: {} ({} bytes)",
+        human_size(h.virtual_size()),
+        h.virtual_size()
+    );
+    let _ = writeln!(s, "disk size: {}", human_size(actual_size(path)));
+    let _ = writeln!(s, "cluster_size: {}", h.cluster_size());
+    if let Some(name) = &h.backing_file {
+        let full = chain
+            .layers
+            .first()
+            .map(|l| l.info().path.display().to_string())
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "backing file: {} (actual path: {full})",
+            String::from_utf8_lossy(name)
+        );
+        if let Some(f) = &h.backing_format {
+            let _ = writeln!(s, "backing file format: {f}");
+        }
+    }
+    if !chain.layers.is_empty() {
+        let _ = writeln!(s, "Backing chain:");
+        for (i, l) in chain.layers.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "    {}  {:<6} {:>10}  {}",
+                i + 1,
+                l.info().format,
+                human_size(l.size()),
+                l.info().path.display()
+            );
+        }
+    }
+    if !image.snapshots().is_empty() {
+        let _ = writeln!(s, "Snapshot list:");
+        let _ = writeln!(
+            s,
+            "{:<10}{:<18}{:>10}{:>21}{:>16}{:>11}{:>12}",
+            "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT", "DISK SIZE"
+        );
+        for sn in image.snapshots() {
+            let e = &sn.entry;
+            let icount = match e.icount {
+                Some(i) if i != u64::MAX => i.to_string(),
+                _ => String::new(),
+            };
+            let _ = writeln!(
+                s,
+                "{:<10}{:<18}{:>10}{:>21}{:>16}{:>11}{:>12}",
+                e.id,
+                e.name(),
+                human_size(e.vm_state_size),
+                local_time(e.date_sec),
+                vm_clock(e.vm_clock_nsec),
+                icount,
+                human_size(sn.disk_size)
+            );
+        }
+    }
+    let _ = writeln!(s, "Format specific information:");
+    let _ = writeln!(
+        s,
+        "    compat: {}",
+        if h.version >= 3 { "1.1" } else { "0.10" }
+    );
+    let _ = writeln!(s, "    compression type: {}", h.compression_type.name());
+    if h.version >= 3 {
+        let _ = writeln!(s, "    lazy refcounts: {}", h.lazy_refcounts());
+    }
+    let _ = writeln!(s, "    refcount bits: {}", h.refcount_bits());
+    if h.version >= 3 {
+        let _ = writeln!(s, "    corrupt: {}", h.is_corrupt());
+        let _ = writeln!(s, "    extended l2: {}", h.extended_l2());
+        let _ = writeln!(s, "    dirty: {}", h.is_dirty());
+    }
+    if let (true, Some(name)) = (h.has_data_file(), &h.data_file) {
+        let _ = writeln!(s, "    data file: {}", String::from_utf8_lossy(name));
+        let _ = writeln!(s, "    data file raw: {}", h.data_file_raw());
+    }
+    if !image.bitmaps().is_empty() {
+        let _ = writeln!(s, "    bitmaps:");
+        for b in image.bitmaps() {
+            let mut flags = Vec::new();
+            if b.in_use() {
+                flags.push("in-use");
+            }
+            if b.auto() {
+                flags.push("auto");
+            }
+            let _ = writeln!(
+                s,
+                "        {} (granularity {}, flags: {})",
+                b.name,
+                1u64 << b.granularity_bits.min(63),
+                if flags.is_empty() {
+                    "none".to_string()
+                } else {
+                    flags.join(", ")
+                }
+            );
+        }
+    }
+    s
+}
+
+pub fn run(image: &Path, json: bool) -> Result<()> {
+    let chain = super::open(image)?;
+    if json {
+        let text = serde_json::to_string_pretty(&info_json(image, &chain)).unwrap_or_default();
+        println!("{text}");
+    } else {
+        print!("{}", info_text(image, &chain));
+    }
+    Ok(())
+}

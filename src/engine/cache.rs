@@ -1,0 +1,250 @@
+//! A bounded metadata cache shared by every reader of one image: CLOCK eviction, lookups
+//! under a shared lock, insertion and eviction under the exclusive one. Values are handed
+//! out as `Arc`s, so an evicted table stays valid for whoever still holds it.
+
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// One L2 table, decoded to native-endian words. Entries are atomics so lookups need no
+/// lock on the table; they change only under the image's exclusive metadata lock.
+#[derive(Debug)]
+pub struct L2Table {
+    words: Box<[AtomicU64]>,
+    dirty: AtomicBool,
+}
+
+impl L2Table {
+    pub fn from_bytes(bytes: &[u8]) -> Self {
+        let words = bytes
+            .chunks_exact(8)
+            .map(|c| AtomicU64::new(u64::from_be_bytes(c.try_into().unwrap())))
+            .collect();
+        L2Table {
+            words,
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    pub fn zeroed(words: usize) -> Self {
+        L2Table {
+            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.words.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    pub fn word(&self, i: usize) -> u64 {
+        self.words[i].load(Ordering::Acquire)
+    }
+
+    pub fn set_word(&self, i: usize, v: u64) {
+        self.words[i].store(v, Ordering::Release);
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+
+    pub fn mark_clean(&self) {
+        self.dirty.store(false, Ordering::Release);
+    }
+
+    pub fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.words.len() * 8);
+        for w in self.words.iter() {
+            out.extend_from_slice(&w.load(Ordering::Acquire).to_be_bytes());
+        }
+        out
+    }
+}
+
+struct Slot<T> {
+    key: u64,
+    value: Arc<T>,
+    referenced: AtomicBool,
+}
+
+struct Inner<T> {
+    index: HashMap<u64, usize>,
+    slots: Vec<Slot<T>>,
+    hand: usize,
+}
+
+/// A CLOCK cache from a host offset to a metadata table.
+pub struct Cache<T> {
+    inner: RwLock<Inner<T>>,
+    capacity: usize,
+}
+
+impl<T> std::fmt::Debug for Cache<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Cache(capacity {})", self.capacity)
+    }
+}
+
+impl<T> Cache<T> {
+    pub fn new(capacity: usize) -> Self {
+        Cache {
+            inner: RwLock::new(Inner {
+                index: HashMap::new(),
+                slots: Vec::new(),
+                hand: 0,
+            }),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.inner.read().slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn get(&self, key: u64) -> Option<Arc<T>> {
+        let inner = self.inner.read();
+        let &i = inner.index.get(&key)?;
+        let slot = &inner.slots[i];
+        slot.referenced.store(true, Ordering::Relaxed);
+        Some(slot.value.clone())
+    }
+
+    /// Inserts `value` unless `key` is already cached, and returns the cached value.
+    /// When the cache is full, a value for which `evictable` says yes is dropped; if none
+    /// is, the cache grows past its capacity and the caller is expected to make some
+    /// evictable (write dirty tables back) soon.
+    pub fn insert(&self, key: u64, value: Arc<T>, evictable: impl Fn(&T) -> bool) -> Arc<T> {
+        let mut inner = self.inner.write();
+        if let Some(&i) = inner.index.get(&key) {
+            return inner.slots[i].value.clone();
+        }
+        let slot = Slot {
+            key,
+            value: value.clone(),
+            referenced: AtomicBool::new(true),
+        };
+        if inner.slots.len() < self.capacity {
+            let i = inner.slots.len();
+            inner.slots.push(slot);
+            inner.index.insert(key, i);
+            return value;
+        }
+        let n = inner.slots.len();
+        for _ in 0..2 * n {
+            let h = inner.hand;
+            inner.hand = (h + 1) % n;
+            let s = &inner.slots[h];
+            if s.referenced.swap(false, Ordering::Relaxed) {
+                continue;
+            }
+            if !evictable(&s.value) {
+                continue;
+            }
+            let old = s.key;
+            inner.index.remove(&old);
+            inner.slots[h] = slot;
+            inner.index.insert(key, h);
+            return value;
+        }
+        let i = inner.slots.len();
+        inner.slots.push(slot);
+        inner.index.insert(key, i);
+        value
+    }
+
+    /// Drops `key` from the cache (when its cluster is freed or moved).
+    pub fn remove(&self, key: u64) -> Option<Arc<T>> {
+        let mut inner = self.inner.write();
+        let i = inner.index.remove(&key)?;
+        let last = inner.slots.len() - 1;
+        let slot = inner.slots.swap_remove(i);
+        if i != last {
+            let moved = inner.slots[i].key;
+            inner.index.insert(moved, i);
+        }
+        if inner.hand >= inner.slots.len() {
+            inner.hand = 0;
+        }
+        Some(slot.value)
+    }
+
+    /// Every cached (key, value) pair for which `pick` says yes.
+    pub fn select(&self, pick: impl Fn(&T) -> bool) -> Vec<(u64, Arc<T>)> {
+        let inner = self.inner.read();
+        inner
+            .slots
+            .iter()
+            .filter(|s| pick(&s.value))
+            .map(|s| (s.key, s.value.clone()))
+            .collect()
+    }
+
+    /// Whether the cache holds more than its capacity.
+    pub fn over_capacity(&self) -> bool {
+        self.inner.read().slots.len() > self.capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_unreferenced_and_respects_pins() {
+        let c: Cache<u32> = Cache::new(2);
+        c.insert(1, Arc::new(1), |_| true);
+        c.insert(2, Arc::new(2), |_| true);
+        c.insert(3, Arc::new(3), |_| true);
+        assert_eq!(c.len(), 2);
+        assert!(c.get(3).is_some());
+        // Nothing evictable: the cache grows instead of dropping pinned values.
+        c.insert(4, Arc::new(4), |_| false);
+        assert_eq!(c.len(), 3);
+        assert!(c.over_capacity());
+        assert_eq!(*c.remove(4).unwrap(), 4);
+        assert!(c.get(4).is_none());
+        assert!(!c.over_capacity());
+    }
+
+    #[test]
+    fn insert_returns_existing() {
+        let c: Cache<u32> = Cache::new(4);
+        let a = c.insert(7, Arc::new(1), |_| true);
+        let b = c.insert(7, Arc::new(2), |_| true);
+        assert_eq!(*a, 1);
+        assert_eq!(*b, 1);
+    }
+
+    #[test]
+    fn l2_table_bytes_roundtrip() {
+        let mut bytes = vec![0u8; 64];
+        bytes[8..16].copy_from_slice(&0x8000_0000_0005_0000u64.to_be_bytes());
+        let t = L2Table::from_bytes(&bytes);
+        assert_eq!(t.word(1), 0x8000_0000_0005_0000);
+        assert!(!t.is_dirty());
+        t.set_word(2, 5);
+        assert!(t.is_dirty());
+        let mut expect = bytes.clone();
+        expect[16..24].copy_from_slice(&5u64.to_be_bytes());
+        assert_eq!(t.to_bytes(), expect);
+    }
+}

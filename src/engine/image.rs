@@ -1,0 +1,355 @@
+//! Opening one qcow2 image: header, active L1 table, snapshot table and bitmap directory,
+//! with the open-time checks of checklist section 16.
+
+use super::cache::{Cache, L2Table};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::bitmap::{self, BitmapEntry};
+use crate::format::entry::EntryLayout;
+use crate::format::header::{self, Header, MAX_L1_ENTRIES};
+use crate::format::snapshot::{self, SnapshotEntry, TableError};
+use crate::storage::Storage;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Default size of the L2 cache in bytes.
+pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
+
+/// Settings for opening an image.
+#[derive(Clone, Debug)]
+pub struct ImageOptions {
+    /// Bytes of L2 tables to keep cached.
+    pub cache_bytes: u64,
+}
+
+impl Default for ImageOptions {
+    fn default() -> Self {
+        ImageOptions {
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
+    }
+}
+
+/// Which L1 table a lookup goes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum View {
+    Active,
+    /// Index into [`Image::snapshots`].
+    Snapshot(usize),
+}
+
+/// An internal snapshot.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub entry: SnapshotEntry,
+    /// The snapshot's own disk size (its extra data, else the image's size), in whole
+    /// 512-byte sectors.
+    pub disk_size: u64,
+}
+
+/// The metadata that writes change; lookups hold it shared (rule 1 in `engine`).
+#[derive(Debug)]
+pub struct Meta {
+    pub header: Header,
+    pub l1: Vec<u64>,
+}
+
+/// One open qcow2 image.
+pub struct Image {
+    pub(crate) path: PathBuf,
+    pub(crate) file: Arc<dyn Storage>,
+    pub(crate) layout: EntryLayout,
+    pub(crate) meta: RwLock<Meta>,
+    pub(crate) l2_cache: Cache<L2Table>,
+    snapshots: Vec<Snapshot>,
+    snapshot_l1: Mutex<HashMap<usize, Arc<Vec<u64>>>>,
+    bitmaps: Vec<BitmapEntry>,
+    bitmap_problem: Option<String>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Image({})", self.path.display())
+    }
+}
+
+fn read_meta(file: &dyn Storage, path: &Path, what: &str, off: u64, len: usize) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    file.read_exact_or_zeros(&mut buf, off)
+        .map_err(|e| Error::io(path, format!("reading {what} at {off:#x}"), e))?;
+    Ok(buf)
+}
+
+impl Image {
+    /// Opens the image stored in `file`; `path` names it in messages.
+    pub fn open(path: &Path, file: Arc<dyn Storage>, opts: &ImageOptions) -> Result<Image> {
+        let in_file = |e: Error| e.in_file(path);
+        let file_len = file
+            .len()
+            .map_err(|e| Error::io(path, "reading the file size", e))?;
+        let start = read_meta(&*file, path, "the header", 0, 512.min(file_len as usize))?;
+        let cluster_bits = header::peek_cluster_bits(&start).map_err(|e| in_file(e.into()))?;
+        let cs = 1u64 << cluster_bits;
+        let c0 = read_meta(&*file, path, "the header cluster", 0, cs as usize)?;
+        let header = Header::parse(&c0).map_err(|e| in_file(e.into()))?;
+        if header.is_corrupt() {
+            log::warn!(
+                "{}: the image is marked corrupt (incompatible bit 1); reading it anyway, read-only",
+                path.display()
+            );
+        }
+        let layout = EntryLayout {
+            cluster_bits,
+            extended_l2: header.extended_l2(),
+            zero_flag: header.version >= 3,
+            data_file: header.has_data_file(),
+        };
+        let l1_bytes = header.l1_size as u64 * 8;
+        if l1_bytes > 0 && header.l1_table_offset + l1_bytes > file_len {
+            return Err(in_file(Error::corrupt(format!(
+                "l1_table_offset at offset 0x28: L1 table at {:#x} ({} entries) runs past the end of the file ({} bytes)",
+                header.l1_table_offset, header.l1_size, file_len
+            ))));
+        }
+        let raw = read_meta(
+            &*file,
+            path,
+            "the L1 table",
+            header.l1_table_offset,
+            l1_bytes as usize,
+        )?;
+        let l1 = decode_words(&raw);
+        let snapshots = Self::read_snapshots(&*file, path, &header, file_len)?;
+        let (bitmaps, bitmap_problem) = match Self::read_bitmaps(&*file, path, &header, file_len) {
+            Ok(b) => (b, None),
+            Err(e) => {
+                log::warn!("{e}; ignoring the persistent bitmaps");
+                (Vec::new(), Some(e.to_string()))
+            }
+        };
+        let tables = (opts.cache_bytes / cs).max(4) as usize;
+        Ok(Image {
+            path: path.to_path_buf(),
+            file,
+            layout,
+            meta: RwLock::new(Meta { header, l1 }),
+            l2_cache: Cache::new(tables),
+            snapshots,
+            snapshot_l1: Mutex::new(HashMap::new()),
+            bitmaps,
+            bitmap_problem,
+        })
+    }
+
+    fn read_snapshots(
+        file: &dyn Storage,
+        path: &Path,
+        h: &Header,
+        file_len: u64,
+    ) -> Result<Vec<Snapshot>> {
+        if h.nb_snapshots == 0 {
+            return Ok(Vec::new());
+        }
+        let off = h.snapshots_offset;
+        let avail = file_len.saturating_sub(off).min(snapshot::MAX_TABLE_BYTES);
+        let mut want = (h.nb_snapshots as u64 * 48).min(avail).max(4096.min(avail));
+        loop {
+            let bytes = read_meta(file, path, "the snapshot table", off, want as usize)?;
+            match snapshot::parse_table(&bytes, h.nb_snapshots, off) {
+                Ok(entries) => {
+                    let current = h.virtual_size();
+                    return Ok(entries
+                        .into_iter()
+                        .map(|entry| Snapshot {
+                            disk_size: entry.disk_size.unwrap_or(current) & !511,
+                            entry,
+                        })
+                        .collect());
+                }
+                Err(TableError::Invalid(e)) => return Err(Error::from(e).in_file(path)),
+                Err(TableError::NeedMore(n)) => {
+                    if n as u64 > avail {
+                        return Err(Error::corrupt(format!(
+                            "snapshots_offset at offset 0x40: the table of {} snapshots at {off:#x} runs past the end of the file ({file_len} bytes)",
+                            h.nb_snapshots
+                        ))
+                        .in_file(path));
+                    }
+                    want = (n as u64).max(want * 2).min(avail);
+                }
+            }
+        }
+    }
+
+    fn read_bitmaps(
+        file: &dyn Storage,
+        path: &Path,
+        h: &Header,
+        file_len: u64,
+    ) -> Result<Vec<BitmapEntry>> {
+        let Some(ext) = h.bitmaps else {
+            return Ok(Vec::new());
+        };
+        if h.autoclear_features & header::autoclear::BITMAPS == 0 {
+            // The bitmaps are all inconsistent; QEMU drops them on a read-write open.
+            return Ok(Vec::new());
+        }
+        if ext.directory_offset.saturating_add(ext.directory_size) > file_len {
+            return Err(Error::corrupt(format!(
+                "bitmap directory at {:#x} ({} bytes) runs past the end of the file",
+                ext.directory_offset, ext.directory_size
+            ))
+            .in_file(path));
+        }
+        let bytes = read_meta(
+            file,
+            path,
+            "the bitmap directory",
+            ext.directory_offset,
+            ext.directory_size as usize,
+        )?;
+        bitmap::parse_directory(&bytes, ext.nb_bitmaps, ext.directory_offset)
+            .map_err(|e| Error::from(e).in_file(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.file
+    }
+
+    pub fn layout(&self) -> EntryLayout {
+        self.layout
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        self.layout.cluster_size()
+    }
+
+    /// A copy of the current header.
+    pub fn header(&self) -> Header {
+        self.meta.read().header.clone()
+    }
+
+    pub fn snapshots(&self) -> &[Snapshot] {
+        &self.snapshots
+    }
+
+    /// Finds a snapshot as QEMU does: by ID first, then by name.
+    pub fn find_snapshot(&self, key: &str) -> Option<usize> {
+        self.snapshots
+            .iter()
+            .position(|s| s.entry.id == key)
+            .or_else(|| {
+                self.snapshots
+                    .iter()
+                    .position(|s| s.entry.name_bytes == key.as_bytes())
+            })
+    }
+
+    pub fn bitmaps(&self) -> &[BitmapEntry] {
+        &self.bitmaps
+    }
+
+    /// Why the bitmap directory could not be read, if it could not.
+    pub fn bitmap_problem(&self) -> Option<&str> {
+        self.bitmap_problem.as_deref()
+    }
+
+    /// The guest size seen through `view`.
+    pub fn view_size(&self, view: View) -> u64 {
+        match view {
+            View::Active => self.meta.read().header.virtual_size(),
+            View::Snapshot(i) => self.snapshots[i].disk_size,
+        }
+    }
+
+    /// A snapshot's L1 table, validated and loaded on first use. A broken entry fails
+    /// only its own snapshot.
+    pub fn snapshot_l1(&self, i: usize) -> Result<Arc<Vec<u64>>> {
+        if let Some(l1) = self.snapshot_l1.lock().get(&i) {
+            return Ok(l1.clone());
+        }
+        let s = self
+            .snapshots
+            .get(i)
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no snapshot #{i}")))?;
+        let e = &s.entry;
+        let what = format!("snapshot {} (id {})", e.name(), e.id);
+        let cs = self.cluster_size();
+        if e.l1_table_offset % cs != 0 {
+            return Err(Error::corrupt(format!(
+                "{what}: L1 table offset {:#x} is not cluster-aligned",
+                e.l1_table_offset
+            ))
+            .in_file(&self.path));
+        }
+        if e.l1_size as u64 > MAX_L1_ENTRIES {
+            return Err(Error::corrupt(format!(
+                "{what}: L1 table of {} entries exceeds the 32 MiB limit",
+                e.l1_size
+            ))
+            .in_file(&self.path));
+        }
+        let bytes = e.l1_size as u64 * 8;
+        let file_len = self
+            .file
+            .len()
+            .map_err(|err| Error::io(&self.path, "reading the file size", err))?;
+        if bytes > 0 && (e.l1_table_offset == 0 || e.l1_table_offset + bytes > file_len) {
+            return Err(Error::corrupt(format!(
+                "{what}: L1 table at {:#x} ({} entries) is outside the file ({file_len} bytes)",
+                e.l1_table_offset, e.l1_size
+            ))
+            .in_file(&self.path));
+        }
+        let raw = read_meta(
+            &*self.file,
+            &self.path,
+            "a snapshot L1 table",
+            e.l1_table_offset,
+            bytes as usize,
+        )?;
+        let l1 = Arc::new(decode_words(&raw));
+        self.snapshot_l1.lock().insert(i, l1.clone());
+        Ok(l1)
+    }
+
+    /// Loads an L2 table through the cache.
+    pub(crate) fn l2_table(&self, off: u64) -> Result<Arc<L2Table>> {
+        if let Some(t) = self.l2_cache.get(off) {
+            return Ok(t);
+        }
+        let cs = self.cluster_size() as usize;
+        let mut buf = vec![0u8; cs];
+        let n = self
+            .file
+            .read_at(&mut buf, off)
+            .map_err(|e| Error::io(&self.path, format!("reading the L2 table at {off:#x}"), e))?;
+        if n == 0 {
+            return Err(Error::corrupt(format!(
+                "L2 table at {off:#x} lies past the end of the file"
+            ))
+            .in_file(&self.path));
+        }
+        if n < cs {
+            // The file ends inside the table: the rest reads as zeros, as in QEMU.
+            self.file
+                .read_exact_or_zeros(&mut buf[n..], off + n as u64)
+                .map_err(|e| {
+                    Error::io(&self.path, format!("reading the L2 table at {off:#x}"), e)
+                })?;
+        }
+        let table = Arc::new(L2Table::from_bytes(&buf));
+        Ok(self.l2_cache.insert(off, table, |t| !t.is_dirty()))
+    }
+}
+
+pub(crate) fn decode_words(raw: &[u8]) -> Vec<u64> {
+    raw.chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+        .collect()
+}

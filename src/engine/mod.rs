@@ -1,0 +1,24 @@
+//! One qcow2 image's metadata: the header, L1/L2 tables and their cache, snapshots. The
+//! engine answers "where does this guest range live?" with a [`Mapping`]; it never moves
+//! guest data (that is `block`'s job).
+//!
+//! # Locking rules
+//!
+//! 1. `Image::meta` (a reader-writer lock) guards the header and the active L1 table.
+//!    Lookups hold it shared for the duration of one [`Image::map`] call; anything that
+//!    changes metadata holds it exclusively.
+//! 2. The L2 cache's own lock is a leaf: it is taken under rule 1's lock or alone, and
+//!    nothing else is taken while it is held. Cached tables are `Arc`s with atomic entries,
+//!    so a lookup that holds a table sees either the old or the new value of an entry,
+//!    never a torn one.
+//! 3. No engine lock is held during guest data I/O: a caller maps, drops the lock, then
+//!    reads or writes the data.
+//! 4. The snapshot-L1 map's mutex is a leaf as well; snapshot L1 tables never change
+//!    once loaded.
+
+pub mod cache;
+mod image;
+mod map;
+
+pub use image::{DEFAULT_CACHE_BYTES, Image, ImageOptions, Meta, Snapshot, View};
+pub use map::{MapKind, Mapping};

@@ -1,0 +1,829 @@
+//! The qcow2 header in cluster 0: fixed fields, feature bits, header extensions and the
+//! backing file name. `Header::parse` validates everything the format checklist (sections
+//! 1, 3, 4 and 16) asks a strict reader to check at open; `Header::encode` writes cluster 0
+//! back in QEMU's order, keeping unknown fields and extensions.
+
+use super::error::{FormatError, be32, be64};
+
+pub const MAGIC: u32 = 0x5146_49fb;
+pub const V2_HEADER_LEN: usize = 72;
+pub const V3_MIN_HEADER_LEN: usize = 104;
+/// QEMU writes this header length for every v3 image it creates.
+pub const V3_HEADER_LEN: usize = 112;
+
+pub const MIN_CLUSTER_BITS: u32 = 9;
+pub const MAX_CLUSTER_BITS: u32 = 21;
+/// QEMU's limit on an L1 table: 32 MiB.
+pub const MAX_L1_ENTRIES: u64 = 4 * 1024 * 1024;
+/// QEMU's limit on the refcount table: 8 MiB.
+pub const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 * 1024 * 1024;
+pub const MAX_SNAPSHOTS: u32 = 65536;
+pub const MAX_BACKING_NAME: u32 = 1023;
+/// More header extensions than this in one cluster is not something any writer produces.
+pub const MAX_EXTENSIONS: usize = 1024;
+
+pub mod ext {
+    pub const END: u32 = 0;
+    pub const BACKING_FORMAT: u32 = 0xE279_2ACA;
+    pub const FEATURE_TABLE: u32 = 0x6803_F857;
+    pub const BITMAPS: u32 = 0x2385_2875;
+    pub const FDE: u32 = 0x0537_BE77;
+    pub const DATA_FILE: u32 = 0x4441_5441;
+}
+
+pub mod incompat {
+    pub const DIRTY: u64 = 1 << 0;
+    pub const CORRUPT: u64 = 1 << 1;
+    pub const DATA_FILE: u64 = 1 << 2;
+    pub const COMPRESSION: u64 = 1 << 3;
+    pub const EXTENDED_L2: u64 = 1 << 4;
+    pub const KNOWN: u64 = 0x1f;
+}
+
+pub mod compat {
+    pub const LAZY_REFCOUNTS: u64 = 1 << 0;
+}
+
+pub mod autoclear {
+    pub const BITMAPS: u64 = 1 << 0;
+    pub const DATA_FILE_RAW: u64 = 1 << 1;
+    pub const KNOWN: u64 = 0x3;
+}
+
+/// How compressed clusters are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CompressionType {
+    Deflate,
+    Zstd,
+}
+
+impl CompressionType {
+    /// The name qemu-img uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            CompressionType::Deflate => "zlib",
+            CompressionType::Zstd => "zstd",
+        }
+    }
+}
+
+/// The encryption method named by the header (qcow2fs serves only `None`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CryptMethod {
+    None,
+    Aes,
+    Luks,
+}
+
+/// One entry of the feature-name table extension.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FeatureName {
+    /// 0 incompatible, 1 compatible, 2 autoclear.
+    pub kind: u8,
+    pub bit: u8,
+    pub name: String,
+}
+
+/// The bitmaps extension: where the bitmap directory is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
+}
+
+/// An extension qcow2fs does not interpret, kept so a rewrite of cluster 0 preserves it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnknownExtension {
+    pub kind: u32,
+    pub data: Vec<u8>,
+}
+
+/// A validated qcow2 header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub version: u32,
+    pub cluster_bits: u32,
+    /// The size field as stored; see [`Header::virtual_size`].
+    pub size: u64,
+    pub crypt_method: CryptMethod,
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
+    pub incompatible_features: u64,
+    pub compatible_features: u64,
+    pub autoclear_features: u64,
+    pub refcount_order: u32,
+    pub header_length: u32,
+    pub compression_type: CompressionType,
+    /// Header bytes past offset 104 up to `header_length` (compression type, padding and
+    /// fields newer than this implementation), kept verbatim.
+    pub tail: Vec<u8>,
+    pub backing_file: Option<Vec<u8>>,
+    pub backing_format: Option<String>,
+    pub data_file: Option<Vec<u8>>,
+    pub feature_names: Vec<FeatureName>,
+    pub bitmaps: Option<BitmapsExt>,
+    /// Full-disk-encryption header pointer: (offset, length).
+    pub fde: Option<(u64, u64)>,
+    pub unknown_extensions: Vec<UnknownExtension>,
+}
+
+/// Reads the cluster size from the first bytes of an image, so the caller knows how much
+/// of cluster 0 to read before calling [`Header::parse`].
+pub fn peek_cluster_bits(bytes: &[u8]) -> Result<u32, FormatError> {
+    if bytes.len() < V2_HEADER_LEN {
+        return Err(FormatError::invalid(
+            "header",
+            0,
+            format!(
+                "file is {} bytes, too short for a qcow2 header",
+                bytes.len()
+            ),
+        ));
+    }
+    check_magic_version(bytes)?;
+    let cluster_bits = be32(bytes, 20);
+    if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&cluster_bits) {
+        return Err(FormatError::invalid(
+            "cluster_bits",
+            20,
+            format!("{cluster_bits} is outside the supported range 9..21"),
+        ));
+    }
+    Ok(cluster_bits)
+}
+
+fn check_magic_version(bytes: &[u8]) -> Result<(), FormatError> {
+    let magic = be32(bytes, 0);
+    if magic != MAGIC {
+        return Err(FormatError::invalid(
+            "magic",
+            0,
+            format!("{magic:#010x} is not the qcow2 magic QFI\\xfb"),
+        ));
+    }
+    let version = be32(bytes, 4);
+    if version == 1 {
+        return Err(FormatError::unsupported(
+            "version",
+            4,
+            "version 1 is the legacy qcow format, not qcow2",
+        ));
+    }
+    if version != 2 && version != 3 {
+        return Err(FormatError::invalid(
+            "version",
+            4,
+            format!("{version} is not a qcow2 version (2 or 3)"),
+        ));
+    }
+    Ok(())
+}
+
+impl Header {
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// The guest disk size: QEMU counts whole 512-byte sectors.
+    pub fn virtual_size(&self) -> u64 {
+        self.size & !511
+    }
+
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & incompat::EXTENDED_L2 != 0
+    }
+
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & incompat::DATA_FILE != 0
+    }
+
+    pub fn data_file_raw(&self) -> bool {
+        self.autoclear_features & autoclear::DATA_FILE_RAW != 0
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.incompatible_features & incompat::DIRTY != 0
+    }
+
+    pub fn is_corrupt(&self) -> bool {
+        self.incompatible_features & incompat::CORRUPT != 0
+    }
+
+    pub fn lazy_refcounts(&self) -> bool {
+        self.compatible_features & compat::LAZY_REFCOUNTS != 0
+    }
+
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.refcount_order
+    }
+
+    /// Bytes of guest space one L2 table covers.
+    pub fn l2_coverage(&self) -> u64 {
+        let entry = if self.extended_l2() { 16 } else { 8 };
+        (self.cluster_size() / entry) << self.cluster_bits
+    }
+
+    /// Number of L1 entries a disk of `size` bytes needs.
+    pub fn l1_entries_for(&self, size: u64) -> u64 {
+        size.div_ceil(self.l2_coverage())
+    }
+
+    /// Where the header-extension area ends (exclusive).
+    fn extension_end(cs: u64, backing_offset: u64) -> u64 {
+        if backing_offset != 0 {
+            backing_offset.min(cs)
+        } else {
+            cs
+        }
+    }
+
+    /// Parses and validates cluster 0. `bytes` holds the start of the file: at least the
+    /// whole first cluster, zero-filled where the file is shorter.
+    pub fn parse(bytes: &[u8]) -> Result<Header, FormatError> {
+        let cluster_bits = peek_cluster_bits(bytes)?;
+        let cs = 1u64 << cluster_bits;
+        if (bytes.len() as u64) < cs {
+            return Err(FormatError::invalid(
+                "header",
+                0,
+                format!(
+                    "need the whole first cluster ({cs} bytes), got {}",
+                    bytes.len()
+                ),
+            ));
+        }
+        let version = be32(bytes, 4);
+        let backing_file_offset = be64(bytes, 8);
+        let backing_file_size = be32(bytes, 16);
+        let size = be64(bytes, 24);
+        let crypt = be32(bytes, 32);
+        let l1_size = be32(bytes, 36);
+        let l1_table_offset = be64(bytes, 40);
+        let refcount_table_offset = be64(bytes, 48);
+        let refcount_table_clusters = be32(bytes, 56);
+        let nb_snapshots = be32(bytes, 60);
+        let snapshots_offset = be64(bytes, 64);
+
+        let (incompatible, compatible, autoclear, refcount_order, header_length) = if version == 3 {
+            let header_length = be32(bytes, 100);
+            if (header_length as usize) < V3_MIN_HEADER_LEN {
+                return Err(FormatError::invalid(
+                    "header_length",
+                    100,
+                    format!("{header_length} is shorter than the 104 bytes of a v3 header"),
+                ));
+            }
+            if header_length as u64 > cs {
+                return Err(FormatError::invalid(
+                    "header_length",
+                    100,
+                    format!("{header_length} is larger than the cluster size {cs}"),
+                ));
+            }
+            if header_length % 8 != 0 {
+                return Err(FormatError::invalid(
+                    "header_length",
+                    100,
+                    format!("{header_length} is not a multiple of 8"),
+                ));
+            }
+            (
+                be64(bytes, 72),
+                be64(bytes, 80),
+                be64(bytes, 88),
+                be32(bytes, 96),
+                header_length,
+            )
+        } else {
+            (0, 0, 0, 4, V2_HEADER_LEN as u32)
+        };
+
+        let tail = if version == 3 {
+            bytes[V3_MIN_HEADER_LEN..header_length as usize].to_vec()
+        } else {
+            Vec::new()
+        };
+
+        // Extensions come first: the feature-name table names unknown feature bits.
+        if backing_file_offset != 0 {
+            if backing_file_offset > cs {
+                return Err(FormatError::invalid(
+                    "backing_file_offset",
+                    8,
+                    format!("{backing_file_offset:#x} lies outside cluster 0 ({cs} bytes)"),
+                ));
+            }
+            if backing_file_size > MAX_BACKING_NAME {
+                return Err(FormatError::invalid(
+                    "backing_file_size",
+                    16,
+                    format!("{backing_file_size} is longer than the 1023-byte limit"),
+                ));
+            }
+            if backing_file_size as u64 > cs - backing_file_offset {
+                return Err(FormatError::invalid(
+                    "backing_file_size",
+                    16,
+                    format!(
+                        "name of {backing_file_size} bytes at {backing_file_offset:#x} runs past cluster 0"
+                    ),
+                ));
+            }
+            if backing_file_offset < header_length as u64 {
+                return Err(FormatError::invalid(
+                    "backing_file_offset",
+                    8,
+                    format!("{backing_file_offset:#x} overlaps the {header_length}-byte header"),
+                ));
+            }
+        }
+        let ext_end = Self::extension_end(cs, backing_file_offset);
+        let mut h = Header {
+            version,
+            cluster_bits,
+            size,
+            crypt_method: CryptMethod::None,
+            l1_size,
+            l1_table_offset,
+            refcount_table_offset,
+            refcount_table_clusters,
+            nb_snapshots,
+            snapshots_offset,
+            incompatible_features: incompatible,
+            compatible_features: compatible,
+            autoclear_features: autoclear,
+            refcount_order,
+            header_length,
+            compression_type: CompressionType::Deflate,
+            tail,
+            backing_file: None,
+            backing_format: None,
+            data_file: None,
+            feature_names: Vec::new(),
+            bitmaps: None,
+            fde: None,
+            unknown_extensions: Vec::new(),
+        };
+        h.parse_extensions(bytes, header_length as u64, ext_end)?;
+        if backing_file_offset != 0 {
+            let start = backing_file_offset as usize;
+            let name = bytes[start..start + backing_file_size as usize].to_vec();
+            h.backing_file = Some(name);
+        }
+        h.validate_fields(crypt)?;
+        Ok(h)
+    }
+
+    fn parse_extensions(&mut self, bytes: &[u8], start: u64, end: u64) -> Result<(), FormatError> {
+        let mut off = start;
+        let mut seen: Vec<u32> = Vec::new();
+        let mut count = 0usize;
+        while off < end {
+            if end - off < 8 {
+                return Err(FormatError::invalid(
+                    "header extension",
+                    off,
+                    format!(
+                        "{} bytes left before the end of the area, too few for a record",
+                        end - off
+                    ),
+                ));
+            }
+            let kind = be32(bytes, off as usize);
+            let len = be32(bytes, off as usize + 4) as u64;
+            if kind == ext::END {
+                return Ok(());
+            }
+            count += 1;
+            if count > MAX_EXTENSIONS {
+                return Err(FormatError::invalid(
+                    "header extension",
+                    off,
+                    format!("more than {MAX_EXTENSIONS} extensions"),
+                ));
+            }
+            let data_start = off + 8;
+            if len > end - data_start {
+                return Err(FormatError::invalid(
+                    format!("header extension {kind:#010x}"),
+                    off,
+                    format!("length {len} runs past the end of the extension area at {end:#x}"),
+                ));
+            }
+            let data = &bytes[data_start as usize..(data_start + len) as usize];
+            let known = matches!(
+                kind,
+                ext::BACKING_FORMAT | ext::FEATURE_TABLE | ext::BITMAPS | ext::FDE | ext::DATA_FILE
+            );
+            if known {
+                if seen.contains(&kind) {
+                    return Err(FormatError::invalid(
+                        format!("header extension {kind:#010x}"),
+                        off,
+                        "appears twice",
+                    ));
+                }
+                seen.push(kind);
+            }
+            match kind {
+                ext::BACKING_FORMAT => {
+                    if len >= 16 {
+                        return Err(FormatError::invalid(
+                            "backing format extension",
+                            off,
+                            format!("format name of {len} bytes is too long (limit 15)"),
+                        ));
+                    }
+                    self.backing_format = Some(String::from_utf8_lossy(data).into_owned());
+                }
+                ext::FEATURE_TABLE => {
+                    self.feature_names = data
+                        .chunks_exact(48)
+                        .map(|e| {
+                            let raw = &e[2..48];
+                            let n = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
+                            FeatureName {
+                                kind: e[0],
+                                bit: e[1],
+                                name: String::from_utf8_lossy(&raw[..n]).into_owned(),
+                            }
+                        })
+                        .collect();
+                }
+                ext::BITMAPS => {
+                    if len != 24 {
+                        return Err(FormatError::invalid(
+                            "bitmaps extension",
+                            off,
+                            format!("length {len}, expected 24"),
+                        ));
+                    }
+                    self.bitmaps = Some(BitmapsExt {
+                        nb_bitmaps: be32(data, 0),
+                        directory_size: be64(data, 8),
+                        directory_offset: be64(data, 16),
+                    });
+                    if be32(data, 4) != 0 {
+                        return Err(FormatError::invalid(
+                            "bitmaps extension reserved field",
+                            data_start + 4,
+                            "must be zero",
+                        ));
+                    }
+                }
+                ext::FDE => {
+                    if len != 16 {
+                        return Err(FormatError::invalid(
+                            "encryption header extension",
+                            off,
+                            format!("length {len}, expected 16"),
+                        ));
+                    }
+                    self.fde = Some((be64(data, 0), be64(data, 8)));
+                }
+                ext::DATA_FILE => {
+                    self.data_file = Some(data.to_vec());
+                }
+                _ => self.unknown_extensions.push(UnknownExtension {
+                    kind,
+                    data: data.to_vec(),
+                }),
+            }
+            off = data_start + len.next_multiple_of(8);
+        }
+        Ok(())
+    }
+
+    /// The name of a feature bit from the image's feature-name table, if it has one.
+    pub fn feature_name(&self, kind: u8, bit: u8) -> Option<&str> {
+        self.feature_names
+            .iter()
+            .rev()
+            .find(|f| f.kind == kind && f.bit == bit && !f.name.is_empty())
+            .map(|f| f.name.as_str())
+    }
+
+    fn validate_fields(&mut self, crypt: u32) -> Result<(), FormatError> {
+        let cs = self.cluster_size();
+        if self.version == 3 {
+            let unknown = self.incompatible_features & !incompat::KNOWN;
+            if unknown != 0 {
+                let bits: Vec<String> = (0..64u8)
+                    .filter(|b| unknown & (1u64 << b) != 0)
+                    .map(|b| match self.feature_name(0, b) {
+                        Some(n) => format!("bit {b} ({n})"),
+                        None => format!("bit {b}"),
+                    })
+                    .collect();
+                return Err(FormatError::unsupported(
+                    "incompatible_features",
+                    72,
+                    format!("unknown incompatible feature {}", bits.join(", ")),
+                ));
+            }
+            if self.refcount_order > 6 {
+                return Err(FormatError::invalid(
+                    "refcount_order",
+                    96,
+                    format!(
+                        "{} is larger than 6 (64-bit refcounts)",
+                        self.refcount_order
+                    ),
+                ));
+            }
+            let ctype = if self.header_length as usize > V3_MIN_HEADER_LEN {
+                self.tail[0]
+            } else {
+                0
+            };
+            self.compression_type = match ctype {
+                0 => CompressionType::Deflate,
+                1 => CompressionType::Zstd,
+                other => {
+                    return Err(FormatError::unsupported(
+                        "compression_type",
+                        104,
+                        format!("unknown compression type {other}"),
+                    ));
+                }
+            };
+            let bit = self.incompatible_features & incompat::COMPRESSION != 0;
+            if bit != (ctype != 0) {
+                return Err(FormatError::invalid(
+                    "compression_type",
+                    104,
+                    if bit {
+                        "incompatible bit 3 (compression type) is set but the type is zlib"
+                            .to_string()
+                    } else {
+                        format!("type {ctype} needs incompatible bit 3 (compression type)")
+                    },
+                ));
+            }
+        }
+        match crypt {
+            0 => self.crypt_method = CryptMethod::None,
+            1 => self.crypt_method = CryptMethod::Aes,
+            2 => self.crypt_method = CryptMethod::Luks,
+            other => {
+                return Err(FormatError::invalid(
+                    "crypt_method",
+                    32,
+                    format!("unknown encryption method {other}"),
+                ));
+            }
+        }
+        if self.crypt_method == CryptMethod::Luks && self.fde.is_none() {
+            return Err(FormatError::invalid(
+                "crypt_method",
+                32,
+                "LUKS encryption without the full-disk-encryption header extension",
+            ));
+        }
+        if self.crypt_method != CryptMethod::Luks && self.fde.is_some() {
+            return Err(FormatError::invalid(
+                "encryption header extension",
+                self.header_length as u64,
+                "present although crypt_method is not LUKS",
+            ));
+        }
+        if self.crypt_method != CryptMethod::None {
+            let what = match self.crypt_method {
+                CryptMethod::Aes => "legacy AES",
+                _ => "LUKS",
+            };
+            return Err(FormatError::unsupported(
+                "crypt_method",
+                32,
+                format!("image is encrypted ({what}); encryption is not supported yet"),
+            ));
+        }
+        for (field, at, value) in [
+            ("l1_table_offset", 40, self.l1_table_offset),
+            ("refcount_table_offset", 48, self.refcount_table_offset),
+            ("snapshots_offset", 64, self.snapshots_offset),
+        ] {
+            if value % cs != 0 {
+                return Err(FormatError::invalid(
+                    field,
+                    at,
+                    format!("{value:#x} is not aligned to the cluster size {cs}"),
+                ));
+            }
+        }
+        if self.refcount_table_clusters == 0 {
+            return Err(FormatError::invalid("refcount_table_clusters", 56, "is 0"));
+        }
+        if self.refcount_table_clusters as u64 * cs > MAX_REFCOUNT_TABLE_BYTES {
+            return Err(FormatError::invalid(
+                "refcount_table_clusters",
+                56,
+                format!(
+                    "{} clusters exceed the 8 MiB refcount-table limit",
+                    self.refcount_table_clusters
+                ),
+            ));
+        }
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(FormatError::invalid(
+                "nb_snapshots",
+                60,
+                format!(
+                    "{} is more than the limit of {MAX_SNAPSHOTS}",
+                    self.nb_snapshots
+                ),
+            ));
+        }
+        if self.extended_l2() && self.cluster_bits < 14 {
+            return Err(FormatError::invalid(
+                "incompatible_features",
+                72,
+                format!(
+                    "extended L2 entries need clusters of at least 16 KiB, cluster_bits is {}",
+                    self.cluster_bits
+                ),
+            ));
+        }
+        if self.l1_size as u64 > MAX_L1_ENTRIES {
+            return Err(FormatError::invalid(
+                "l1_size",
+                36,
+                format!("{} entries exceed the 32 MiB L1 limit", self.l1_size),
+            ));
+        }
+        let needed = self.l1_entries_for(self.virtual_size());
+        if needed > MAX_L1_ENTRIES {
+            return Err(FormatError::invalid(
+                "size",
+                24,
+                format!(
+                    "{} bytes need {needed} L1 entries, more than the 32 MiB L1 limit",
+                    self.size
+                ),
+            ));
+        }
+        if (self.l1_size as u64) < needed {
+            return Err(FormatError::invalid(
+                "l1_size",
+                36,
+                format!(
+                    "{} entries cannot cover the disk size {} (needs {needed})",
+                    self.l1_size, self.size
+                ),
+            ));
+        }
+        if self.l1_size != 0 && self.l1_table_offset == 0 {
+            return Err(FormatError::invalid(
+                "l1_table_offset",
+                40,
+                "is 0 (the header cluster) although the L1 table has entries",
+            ));
+        }
+        if self.has_data_file() && self.data_file.is_none() {
+            return Err(FormatError::invalid(
+                "incompatible_features",
+                72,
+                "the external data file bit is set but the image does not name a data file",
+            ));
+        }
+        if self.data_file_raw() && !self.has_data_file() {
+            return Err(FormatError::invalid(
+                "autoclear_features",
+                88,
+                "data-file-raw (bit 1) is set without an external data file",
+            ));
+        }
+        if let Some(bm) = self.bitmaps
+            && self.autoclear_features & autoclear::BITMAPS != 0
+        {
+            if bm.nb_bitmaps == 0 {
+                return Err(FormatError::invalid(
+                    "bitmaps extension",
+                    0,
+                    "lists 0 bitmaps",
+                ));
+            }
+            if bm.nb_bitmaps > 65535 {
+                return Err(FormatError::invalid(
+                    "bitmaps extension",
+                    0,
+                    format!("{} bitmaps exceed the limit of 65535", bm.nb_bitmaps),
+                ));
+            }
+            if bm.directory_size > 1024 * 65535 {
+                return Err(FormatError::invalid(
+                    "bitmaps extension",
+                    0,
+                    format!("directory size {} exceeds 64 MiB", bm.directory_size),
+                ));
+            }
+            if bm.directory_offset % cs != 0 || bm.directory_offset == 0 {
+                return Err(FormatError::invalid(
+                    "bitmaps extension",
+                    0,
+                    format!(
+                        "directory offset {:#x} is not a cluster-aligned offset",
+                        bm.directory_offset
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes cluster 0 in QEMU's order: header, backing format, data-file name,
+    /// encryption pointer, feature table, bitmaps, unknown extensions, end marker, backing
+    /// file name. Fails when it does not fit in one cluster.
+    pub fn encode(&self) -> Result<Vec<u8>, FormatError> {
+        let cs = self.cluster_size() as usize;
+        let mut b = vec![0u8; self.header_length as usize];
+        b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&self.version.to_be_bytes());
+        b[20..24].copy_from_slice(&self.cluster_bits.to_be_bytes());
+        b[24..32].copy_from_slice(&self.size.to_be_bytes());
+        let crypt: u32 = match self.crypt_method {
+            CryptMethod::None => 0,
+            CryptMethod::Aes => 1,
+            CryptMethod::Luks => 2,
+        };
+        b[32..36].copy_from_slice(&crypt.to_be_bytes());
+        b[36..40].copy_from_slice(&self.l1_size.to_be_bytes());
+        b[40..48].copy_from_slice(&self.l1_table_offset.to_be_bytes());
+        b[48..56].copy_from_slice(&self.refcount_table_offset.to_be_bytes());
+        b[56..60].copy_from_slice(&self.refcount_table_clusters.to_be_bytes());
+        b[60..64].copy_from_slice(&self.nb_snapshots.to_be_bytes());
+        b[64..72].copy_from_slice(&self.snapshots_offset.to_be_bytes());
+        if self.version == 3 {
+            b[72..80].copy_from_slice(&self.incompatible_features.to_be_bytes());
+            b[80..88].copy_from_slice(&self.compatible_features.to_be_bytes());
+            b[88..96].copy_from_slice(&self.autoclear_features.to_be_bytes());
+            b[96..100].copy_from_slice(&self.refcount_order.to_be_bytes());
+            b[100..104].copy_from_slice(&self.header_length.to_be_bytes());
+            b[V3_MIN_HEADER_LEN..].copy_from_slice(&self.tail);
+        }
+        let push = |b: &mut Vec<u8>, kind: u32, data: &[u8]| {
+            b.extend_from_slice(&kind.to_be_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(data);
+            b.resize(b.len().next_multiple_of(8), 0);
+        };
+        if let Some(f) = &self.backing_format {
+            push(&mut b, ext::BACKING_FORMAT, f.as_bytes());
+        }
+        if let Some(d) = &self.data_file {
+            push(&mut b, ext::DATA_FILE, d);
+        }
+        if let Some((off, len)) = self.fde {
+            let mut d = off.to_be_bytes().to_vec();
+            d.extend_from_slice(&len.to_be_bytes());
+            push(&mut b, ext::FDE, &d);
+        }
+        if !self.feature_names.is_empty() {
+            let mut d = Vec::with_capacity(48 * self.feature_names.len());
+            for f in &self.feature_names {
+                let mut e = [0u8; 48];
+                e[0] = f.kind;
+                e[1] = f.bit;
+                let n = f.name.len().min(46);
+                e[2..2 + n].copy_from_slice(&f.name.as_bytes()[..n]);
+                d.extend_from_slice(&e);
+            }
+            push(&mut b, ext::FEATURE_TABLE, &d);
+        }
+        if let Some(bm) = self.bitmaps {
+            let mut d = Vec::with_capacity(24);
+            d.extend_from_slice(&bm.nb_bitmaps.to_be_bytes());
+            d.extend_from_slice(&0u32.to_be_bytes());
+            d.extend_from_slice(&bm.directory_size.to_be_bytes());
+            d.extend_from_slice(&bm.directory_offset.to_be_bytes());
+            push(&mut b, ext::BITMAPS, &d);
+        }
+        for u in &self.unknown_extensions {
+            push(&mut b, u.kind, &u.data);
+        }
+        b.extend_from_slice(&[0u8; 8]);
+        if let Some(name) = &self.backing_file {
+            let off = b.len() as u64;
+            b[8..16].copy_from_slice(&off.to_be_bytes());
+            b[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
+            b.extend_from_slice(name);
+        }
+        if b.len() > cs {
+            return Err(FormatError::invalid(
+                "header",
+                0,
+                format!(
+                    "header, extensions and backing name need {} bytes, more than one cluster",
+                    b.len()
+                ),
+            ));
+        }
+        b.resize(cs, 0);
+        Ok(b)
+    }
+}

@@ -1,0 +1,64 @@
+//! Byte stores with positional I/O only: `&self`, no seek cursor, safe to share between
+//! threads. A real file for images, and a memory store for tests.
+
+mod file;
+mod memory;
+
+pub use file::FileStorage;
+pub use memory::MemStorage;
+
+use std::io;
+
+/// Where a byte range stands in the store's own allocation (holes of sparse files).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Extent {
+    Data(u64),
+    Hole(u64),
+}
+
+/// A store of bytes addressed by offset.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Reads up to `buf.len()` bytes at `off`; fewer only at the end of the store.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+
+    /// Makes everything written so far durable.
+    fn flush(&self) -> io::Result<()>;
+
+    fn len(&self) -> io::Result<u64>;
+
+    fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Whether `[off, off+len)` starts with data or a hole, and for how long (at most
+    /// `len`). Stores that do not know report data.
+    fn extent(&self, _off: u64, len: u64) -> io::Result<Extent> {
+        Ok(Extent::Data(len))
+    }
+
+    /// Deallocates a range so it reads as zeros. Stores that cannot write zeros.
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64) as usize;
+            self.write_at(&zeros[..n], off + done)?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Fills `buf` from `off`, with zeros past the end of the store.
+    fn read_exact_or_zeros(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.read_at(&mut buf[done..], off + done as u64)?;
+            if n == 0 {
+                buf[done..].fill(0);
+                break;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
