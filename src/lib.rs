@@ -6,6 +6,7 @@ pub mod cli;
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod fuse;
 pub mod storage;
 
 pub use error::{Error, ErrorKind, Result};

@@ -46,7 +46,9 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()>;
 
     /// Status of the extent that starts at `off` (below `size`), at most `len` bytes.
-    fn status(&self, off: u64, len: u64) -> Result<Status>;
+    /// With `probe_host`, data over a hole of the host file is reported as zero, as
+    /// qemu-img map does (one extra system call per extent).
+    fn status(&self, off: u64, len: u64, probe_host: bool) -> Result<Status>;
 
     fn info(&self) -> &LayerInfo;
 

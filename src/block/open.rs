@@ -61,8 +61,14 @@ enum Format {
     Raw,
 }
 
-fn open_file(path: &Path, what: &str) -> Result<File> {
-    File::open(path).map_err(|e| Error::io(path, format!("opening the {what}"), e))
+fn open_file(path: &Path, what: &str, referrer: Option<&Path>) -> Result<File> {
+    File::open(path).map_err(|e| {
+        let what = match referrer {
+            Some(r) => format!("opening the {what} named by {}", r.display()),
+            None => format!("opening the {what}"),
+        };
+        Error::io(path, what, e)
+    })
 }
 
 /// Refuses files an image names that are not plain files (devices, fifos, directories).
@@ -164,7 +170,7 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
             ))
             .in_file(path));
         }
-        let file = open_file(&cur, what)?;
+        let file = open_file(&cur, what, (!top).then_some(referrer.as_path()))?;
         if !top {
             check_regular(&cur, &file, what, &referrer)?;
         }
@@ -195,7 +201,7 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
         let data_file = match &header.data_file {
             Some(name) if header.has_data_file() => {
                 let dp = resolve(&cur, name, "data file", opts)?;
-                let f = open_file(&dp, "data file")?;
+                let f = open_file(&dp, "data file", Some(&cur))?;
                 check_regular(&dp, &f, "data file", &cur)?;
                 Some((dp, Arc::new(FileStorage::new(f)) as Arc<dyn Storage>))
             }
@@ -214,7 +220,7 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
                     .in_file(&cur));
                 }
                 None => {
-                    let f = open_file(&bp, "backing file")?;
+                    let f = open_file(&bp, "backing file", Some(&cur))?;
                     check_regular(&bp, &f, "backing file", &cur)?;
                     if !probe_qcow2(&f) {
                         return Err(Error::unsupported(format!(

@@ -182,7 +182,7 @@ impl BlockDev for Qcow2Layer {
         Ok(())
     }
 
-    fn status(&self, off: u64, len: u64) -> Result<Status> {
+    fn status(&self, off: u64, len: u64, probe_host: bool) -> Result<Status> {
         let m = self.shared.image.map(self.view, off, len)?;
         let allocated = |zero, data, offset| Status {
             len: m.len,
@@ -194,6 +194,10 @@ impl BlockDev for Qcow2Layer {
             offset,
         };
         Ok(match m.kind {
+            // QEMU looks for host holes only in images that look preallocated.
+            MapKind::Data { host } if !probe_host || !self.shared.image.looks_preallocated() => {
+                allocated(false, true, Some(host))
+            }
             MapKind::Data { host } => {
                 // Like qemu-img map: data over a hole of the host file reads as zeros.
                 let (path, store) = self.shared.data_store();
@@ -218,7 +222,7 @@ impl BlockDev for Qcow2Layer {
             MapKind::Zero { host } => allocated(true, false, host),
             MapKind::Unallocated { host } => match &self.shared.backing {
                 Some(b) if off < b.size() => {
-                    let mut s = b.status(off, m.len.min(b.size() - off))?;
+                    let mut s = b.status(off, m.len.min(b.size() - off), probe_host)?;
                     s.depth += 1;
                     s
                 }

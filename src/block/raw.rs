@@ -1,4 +1,5 @@
-//! A raw file as a disk: its length is its size, holes read as zeros.
+//! A raw file as a disk: its length rounded up to whole 512-byte sectors is its size (as
+//! in QEMU), holes and the rounding tail read as zeros.
 
 use super::{BlockDev, LayerInfo, Status};
 use crate::error::{Error, Result};
@@ -9,18 +10,21 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub struct RawLayer {
     storage: Arc<dyn Storage>,
+    /// The file length when opened.
+    file_len: u64,
     size: u64,
     info: LayerInfo,
 }
 
 impl RawLayer {
     pub fn new(path: &Path, storage: Arc<dyn Storage>) -> Result<Self> {
-        let size = storage
+        let file_len = storage
             .len()
             .map_err(|e| Error::io(path, "reading the file size", e))?;
         Ok(RawLayer {
             storage,
-            size,
+            file_len,
+            size: file_len.next_multiple_of(512),
             info: LayerInfo {
                 path: path.to_path_buf(),
                 format: "raw",
@@ -35,7 +39,7 @@ impl BlockDev for RawLayer {
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        let avail = self.size.saturating_sub(off).min(buf.len() as u64) as usize;
+        let avail = self.file_len.saturating_sub(off).min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(avail);
         let mut done = 0;
         while done < head.len() {
@@ -65,7 +69,7 @@ impl BlockDev for RawLayer {
         Ok(())
     }
 
-    fn status(&self, off: u64, len: u64) -> Result<Status> {
+    fn status(&self, off: u64, len: u64, _probe_host: bool) -> Result<Status> {
         let len = len.min(self.size.saturating_sub(off));
         let ext = self
             .storage

@@ -50,10 +50,24 @@ fn file_at_depth(dev: &dyn BlockDev, depth: u32) -> PathBuf {
 /// Every extent of `dev`, merged like qemu-img map.
 pub fn entries(dev: &dyn BlockDev) -> Result<Vec<MapEntry>> {
     let size = dev.size();
+    if size == 0 {
+        // qemu-img map prints one empty extent for an empty disk.
+        return Ok(vec![MapEntry {
+            start: 0,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            file: dev.data_path().to_path_buf(),
+        }]);
+    }
     let mut out: Vec<MapEntry> = Vec::new();
     let mut off = 0;
     while off < size {
-        let s = dev.status(off, size - off)?;
+        let s = dev.status(off, size - off, true)?;
         let len = s.len.max(1).min(size - off);
         let e = MapEntry {
             start: off,

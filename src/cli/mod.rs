@@ -3,7 +3,10 @@
 
 mod cat;
 mod info;
+pub mod logging;
 mod map;
+pub mod mount;
+pub mod options;
 
 use crate::block::{self, Chain, OpenOptions};
 use crate::error::{Error, ErrorKind, Result};
@@ -38,6 +41,20 @@ pub enum Command {
         snapshot: Option<String>,
         image: PathBuf,
     },
+    /// Mount an image: its active disk, snapshots and backing layers appear as raw files.
+    #[command(after_help = options::help_text())]
+    Mount {
+        /// Stay in the foreground instead of running as a daemon.
+        #[arg(short, long)]
+        foreground: bool,
+        /// Mount options, comma-separated (repeatable); see below.
+        #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
+        options: Vec<String>,
+        image: PathBuf,
+        mountpoint: PathBuf,
+    },
+    /// Unmount a qcow2fs mount and wait until its daemon has finished.
+    Umount { mountpoint: PathBuf },
     /// Print the allocation extents of the disk or a snapshot, like qemu-img map.
     Map {
         /// Print JSON in qemu-img map's format.
@@ -82,7 +99,84 @@ pub fn run(cli: Cli) -> Result<()> {
             snapshot,
             image,
         } => map::run(&image, snapshot.as_deref(), json),
+        Command::Mount {
+            foreground,
+            options,
+            image,
+            mountpoint,
+        } => mount::run(mount::MountRequest {
+            image,
+            mountpoint,
+            foreground,
+            options: options::MountOptions::parse(options.iter().map(String::as_str))?,
+        }),
+        Command::Umount { mountpoint } => mount::umount(&mountpoint),
     }
+}
+
+const SUBCOMMANDS: &[&str] = &["info", "cat", "map", "mount", "umount", "help"];
+
+/// The arguments of `mount.qcow2fs SPEC DIR [-sfnv] [-o OPTS] [-t TYPE]`, the calling
+/// convention of mount(8) helpers, as a mount request. `None` for `-f` (fake mount).
+fn helper_request(args: &[std::ffi::OsString]) -> Result<Option<mount::MountRequest>> {
+    let mut positional = Vec::new();
+    let mut lists = Vec::new();
+    let mut fake = false;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let a = arg.to_string_lossy();
+        match a.as_ref() {
+            "-o" => lists.push(
+                it.next()
+                    .ok_or_else(|| Error::invalid("-o needs an option list"))?
+                    .to_string_lossy()
+                    .into_owned(),
+            ),
+            "-t" | "-N" => {
+                it.next();
+            }
+            s if s.starts_with("-o") && s.len() > 2 => lists.push(s[2..].to_string()),
+            s if s.starts_with('-') && s.len() > 1 => {
+                for c in s[1..].chars() {
+                    match c {
+                        'f' => fake = true,
+                        's' | 'n' | 'v' => {}
+                        other => return Err(Error::invalid(format!("unknown flag -{other}"))),
+                    }
+                }
+            }
+            _ => positional.push(PathBuf::from(arg)),
+        }
+    }
+    if positional.len() != 2 {
+        return Err(Error::invalid(
+            "usage: mount.qcow2fs IMAGE MOUNTPOINT [-sfnv] [-o OPTIONS]",
+        ));
+    }
+    let options = options::MountOptions::parse(lists.iter().map(String::as_str))?;
+    if fake {
+        return Ok(None);
+    }
+    let mountpoint = positional.pop().unwrap_or_default();
+    let image = positional.pop().unwrap_or_default();
+    Ok(Some(mount::MountRequest {
+        image,
+        mountpoint,
+        foreground: false,
+        options,
+    }))
+}
+
+/// Rewrites `qcow2fs IMAGE MOUNTPOINT [-o OPTS]` (the form mount.fuse uses) into the
+/// `mount` subcommand.
+fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    if let Some(first) = args.get(1).map(|a| a.to_string_lossy())
+        && !first.starts_with('-')
+        && !SUBCOMMANDS.contains(&first.as_ref())
+    {
+        args.insert(1, "mount".into());
+    }
+    args
 }
 
 /// Entry point for the binary: returns the process exit status.
@@ -92,12 +186,22 @@ pub fn main() -> i32 {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp(None)
-        .format_target(false)
-        .init();
-    let cli = Cli::parse();
-    match run(cli) {
+    logging::init();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let invoked_as = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let result = if invoked_as.starts_with("mount.") {
+        helper_request(&args[1..]).and_then(|r| match r {
+            Some(req) => mount::run(req),
+            None => Ok(()),
+        })
+    } else {
+        run(Cli::parse_from(normalize_args(args)))
+    };
+    match result {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("qcow2fs: {e}");

@@ -66,6 +66,7 @@ pub struct Image {
     snapshot_l1: Mutex<HashMap<usize, Arc<Vec<u64>>>>,
     bitmaps: Vec<BitmapEntry>,
     bitmap_problem: Option<String>,
+    pub(crate) preallocated: std::sync::OnceLock<bool>,
 }
 
 impl std::fmt::Debug for Image {
@@ -139,6 +140,7 @@ impl Image {
             snapshot_l1: Mutex::new(HashMap::new()),
             bitmaps,
             bitmap_problem,
+            preallocated: std::sync::OnceLock::new(),
         })
     }
 

@@ -19,6 +19,7 @@
 pub mod cache;
 mod image;
 mod map;
+mod refcount;
 
 pub use image::{DEFAULT_CACHE_BYTES, Image, ImageOptions, Meta, Snapshot, View};
 pub use map::{MapKind, Mapping};

@@ -87,6 +87,8 @@ pub struct FeatureName {
 /// The bitmaps extension: where the bitmap directory is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BitmapsExt {
+    /// Where the extension record is in cluster 0 (for messages).
+    pub ext_offset: u64,
     pub nb_bitmaps: u32,
     pub directory_size: u64,
     pub directory_offset: u64,
@@ -285,7 +287,7 @@ impl Header {
                     format!("{header_length} is larger than the cluster size {cs}"),
                 ));
             }
-            if header_length % 8 != 0 {
+            if !header_length.is_multiple_of(8) {
                 return Err(FormatError::invalid(
                     "header_length",
                     100,
@@ -464,6 +466,7 @@ impl Header {
                         ));
                     }
                     self.bitmaps = Some(BitmapsExt {
+                        ext_offset: off,
                         nb_bitmaps: be32(data, 0),
                         directory_size: be64(data, 8),
                         directory_offset: be64(data, 16),
@@ -704,28 +707,28 @@ impl Header {
             if bm.nb_bitmaps == 0 {
                 return Err(FormatError::invalid(
                     "bitmaps extension",
-                    0,
+                    bm.ext_offset,
                     "lists 0 bitmaps",
                 ));
             }
             if bm.nb_bitmaps > 65535 {
                 return Err(FormatError::invalid(
                     "bitmaps extension",
-                    0,
+                    bm.ext_offset,
                     format!("{} bitmaps exceed the limit of 65535", bm.nb_bitmaps),
                 ));
             }
             if bm.directory_size > 1024 * 65535 {
                 return Err(FormatError::invalid(
                     "bitmaps extension",
-                    0,
+                    bm.ext_offset,
                     format!("directory size {} exceeds 64 MiB", bm.directory_size),
                 ));
             }
             if bm.directory_offset % cs != 0 || bm.directory_offset == 0 {
                 return Err(FormatError::invalid(
                     "bitmaps extension",
-                    0,
+                    bm.ext_offset,
                     format!(
                         "directory offset {:#x} is not a cluster-aligned offset",
                         bm.directory_offset

@@ -60,6 +60,11 @@ impl Storage for FileStorage {
         self.file.set_len(len)
     }
 
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.blocks() * 512)
+    }
+
     fn extent(&self, off: u64, len: u64) -> io::Result<Extent> {
         let end = self.len()?;
         if off >= end {

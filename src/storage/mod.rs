@@ -17,6 +17,7 @@ pub enum Extent {
 }
 
 /// A store of bytes addressed by offset.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Reads up to `buf.len()` bytes at `off`; fewer only at the end of the store.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
@@ -29,6 +30,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn len(&self) -> io::Result<u64>;
 
     fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Bytes the store really occupies (a sparse file's allocated blocks).
+    fn allocated_bytes(&self) -> io::Result<u64> {
+        self.len()
+    }
 
     /// Whether `[off, off+len)` starts with data or a hole, and for how long (at most
     /// `len`). Stores that do not know report data.

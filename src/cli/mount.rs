@@ -1,0 +1,430 @@
+//! `qcow2fs mount` and `qcow2fs umount`: open the image, mount it, and by default return
+//! only once the mount is ready (or has failed), leaving a daemon in the background.
+
+use super::logging;
+use super::options::MountOptions;
+use crate::block::{self, Chain, OpenOptions};
+use crate::engine::ImageOptions;
+use crate::error::{Error, ErrorKind, Result};
+use crate::fuse::namespace::{LayoutOptions, Namespace};
+use crate::fuse::{FsConfig, Qcow2Fs};
+use fuser::{MountOption, SessionACL};
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A mount to perform.
+#[derive(Debug)]
+pub struct MountRequest {
+    pub image: PathBuf,
+    pub mountpoint: PathBuf,
+    pub foreground: bool,
+    pub options: MountOptions,
+}
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountEntry {
+    pub mountpoint: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+fn unescape_mount_field(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The mounts of this process's namespace.
+pub fn mounts() -> Vec<MountEntry> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let dash = f.iter().position(|&x| x == "-")?;
+            Some(MountEntry {
+                mountpoint: PathBuf::from(unescape_mount_field(f.get(4)?)),
+                fstype: f.get(dash + 1)?.to_string(),
+                source: unescape_mount_field(f.get(dash + 2)?),
+            })
+        })
+        .collect()
+}
+
+/// The mount at exactly `path`, if any (the last one, which is visible).
+pub fn mount_at(path: &Path) -> Option<MountEntry> {
+    mounts().into_iter().rfind(|m| m.mountpoint == path)
+}
+
+fn runtime_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        PathBuf::from("/run/qcow2fs")
+    } else if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        PathBuf::from(d).join("qcow2fs")
+    } else {
+        std::env::temp_dir().join(format!("qcow2fs-{uid}"))
+    }
+}
+
+/// Where the daemon serving `mountpoint` records its pid.
+fn pidfile(mountpoint: &Path) -> PathBuf {
+    let name: String = mountpoint
+        .to_string_lossy()
+        .chars()
+        .map(|c| if c == '/' { '!' } else { c })
+        .collect();
+    runtime_dir().join(format!("{name}.pid"))
+}
+
+fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
+    let md = std::fs::metadata(mountpoint).map_err(|e| Error::io(mountpoint, "mount point", e))?;
+    if !md.is_dir() {
+        return Err(Error::invalid("mount point is not a directory").in_file(mountpoint));
+    }
+    let canon = mountpoint
+        .canonicalize()
+        .map_err(|e| Error::io(mountpoint, "resolving the mount point", e))?;
+    if let Some(m) = mount_at(&canon) {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!("already a mount point ({} of type {})", m.source, m.fstype),
+        )
+        .in_file(mountpoint));
+    }
+    Ok(canon)
+}
+
+fn kernel_option(name: &str) -> Option<MountOption> {
+    Some(match name {
+        "dev" => MountOption::Dev,
+        "nodev" => MountOption::NoDev,
+        "suid" => MountOption::Suid,
+        "nosuid" => MountOption::NoSuid,
+        "exec" => MountOption::Exec,
+        "noexec" => MountOption::NoExec,
+        "atime" => MountOption::Atime,
+        "noatime" => MountOption::NoAtime,
+        "sync" => MountOption::Sync,
+        "async" => MountOption::Async,
+        "dirsync" => MountOption::DirSync,
+        _ => return None,
+    })
+}
+
+/// Blocks the termination signals in this thread (and the threads it starts) and starts
+/// a thread that unmounts when one arrives.
+fn handle_signals(mut unmounter: fuser::SessionUnmounter) {
+    // SAFETY: plain sigset manipulation on a zeroed set owned by this frame.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    let spawned = std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: waits on the set blocked above.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            log::info!("signal {sig}: unmounting");
+            if let Err(e) = unmounter.unmount() {
+                log::error!("unmount after signal {sig} failed: {e}");
+            }
+        });
+    if let Err(e) = spawned {
+        log::error!("cannot start the signal thread: {e}");
+    }
+}
+
+fn write_pidfile(mountpoint: &Path) -> Option<PathBuf> {
+    let p = pidfile(mountpoint);
+    std::fs::create_dir_all(p.parent()?).ok()?;
+    std::fs::write(&p, format!("{}\n", std::process::id())).ok()?;
+    Some(p)
+}
+
+/// Mounts and serves until unmounted. With `ready`, reports success or the error
+/// through that pipe (the parent of a daemon waits on it).
+fn serve(
+    req: &MountRequest,
+    mountpoint: &Path,
+    chain: Chain,
+    ready: Option<OwnedFd>,
+) -> Result<()> {
+    let o = &req.options;
+    let ns = Namespace::build(
+        &chain,
+        &req.image,
+        LayoutOptions {
+            snapshots: o.snapshots,
+            layers: o.layers,
+        },
+    );
+    // SAFETY: getegid/geteuid have no preconditions.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let fs = Qcow2Fs::new(
+        ns,
+        FsConfig {
+            uid: o.uid.unwrap_or(euid),
+            gid: o.gid.unwrap_or(egid),
+            umask: o.umask,
+            readahead: None,
+        },
+    );
+    let image_abs = req
+        .image
+        .canonicalize()
+        .unwrap_or_else(|_| req.image.clone());
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(
+            o.fsname
+                .clone()
+                .unwrap_or_else(|| image_abs.display().to_string()),
+        ),
+        // Passed to the kernel so /proc/mounts shows the type fuse.qcow2fs.
+        MountOption::CUSTOM("subtype=qcow2fs".into()),
+        MountOption::RO,
+    ];
+    config
+        .mount_options
+        .extend(o.kernel_flags.iter().filter_map(|f| kernel_option(f)));
+    if o.default_permissions {
+        config.mount_options.push(MountOption::DefaultPermissions);
+    }
+    config.acl = if o.allow_other {
+        SessionACL::All
+    } else if o.allow_root {
+        SessionACL::RootAndOwner
+    } else {
+        SessionACL::Owner
+    };
+    let threads = o.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    config.n_threads = Some(threads);
+    config.clone_fd = true;
+    let mut session = fuser::Session::new(fs, mountpoint, &config)
+        .map_err(|e| Error::io(mountpoint, "mounting", e))?;
+    let pid_path = write_pidfile(mountpoint);
+    log::info!(
+        "mounted {} on {}",
+        req.image.display(),
+        mountpoint.display()
+    );
+    if let Some(fd) = ready {
+        let mut f = std::fs::File::from(fd);
+        let _ = f.write_all(b"\0");
+        drop(f);
+        detach_stdio();
+    }
+    handle_signals(session.unmount_callable());
+    let result = session.run();
+    if let Some(p) = pid_path {
+        let _ = std::fs::remove_file(p);
+    }
+    log::info!("unmounted {}", mountpoint.display());
+    result.map_err(|e| Error::io(mountpoint, "serving the mount", e))
+}
+
+fn detach_stdio() {
+    // SAFETY: opening /dev/null and duplicating it over the standard descriptors.
+    unsafe {
+        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if fd >= 0 {
+            for t in 0..3 {
+                libc::dup2(fd, t);
+            }
+            if fd > 2 {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+/// Runs a mount: in the foreground, or as a daemon whose parent exits 0 once the mount
+/// is ready and 1 (with the daemon's error) if it fails.
+pub fn run(req: MountRequest) -> Result<()> {
+    logging::init();
+    let mountpoint = check_mountpoint(&req.mountpoint)?;
+    if let Some(log) = &req.options.log {
+        // Fail early if the log file cannot be written.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| Error::io(log, "opening the log file", e))?;
+    }
+    // Open before forking, so errors are reported by the command itself.
+    let mut image_opts = ImageOptions::default();
+    if let Some(c) = req.options.cache_size {
+        image_opts.cache_bytes = c;
+    }
+    let chain = block::open_chain(
+        &req.image,
+        &OpenOptions {
+            image: image_opts,
+            ..Default::default()
+        },
+    )?;
+    if req.foreground {
+        if let Some(log) = &req.options.log {
+            logging::to_file(log).map_err(|e| Error::io(log, "opening the log file", e))?;
+        }
+        return serve(&req, &mountpoint, chain, None);
+    }
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the array with two new descriptors.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::io(
+            Path::new("pipe"),
+            "creating",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: the descriptors were just created and are owned here.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no other threads exist yet in this process.
+    match unsafe { libc::fork() } {
+        -1 => Err(Error::io(
+            Path::new("fork"),
+            "starting the daemon",
+            std::io::Error::last_os_error(),
+        )),
+        0 => {
+            drop(rd);
+            // SAFETY: setsid has no preconditions in a fresh child; a daemon must not die
+            // of SIGPIPE when its parent has gone.
+            unsafe {
+                libc::setsid();
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+            }
+            match &req.options.log {
+                Some(log) => {
+                    let _ = logging::to_file(log);
+                }
+                None => logging::to_syslog(),
+            }
+            let mut status = std::fs::File::from(
+                wr.try_clone()
+                    .map_err(|e| Error::io(Path::new("pipe"), "dup", e))?,
+            );
+            let code = match serve(&req, &mountpoint, chain, Some(wr)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    log::error!("{e}");
+                    let _ = status.write_all(e.to_string().as_bytes());
+                    1
+                }
+            };
+            std::process::exit(code);
+        }
+        child => {
+            drop(wr);
+            // The daemon writes one NUL byte once the mount is ready (it keeps the pipe
+            // open), or an error message and exits.
+            let mut pipe = std::fs::File::from(rd);
+            let mut first = [0u8; 1];
+            let mut msg = Vec::new();
+            if let Ok(1) = pipe.read(&mut first) {
+                if first[0] == 0 {
+                    return Ok(());
+                }
+                msg.push(first[0]);
+                let _ = pipe.read_to_end(&mut msg);
+            }
+            let mut st = 0;
+            // SAFETY: reaping our own child.
+            unsafe { libc::waitpid(child, &mut st, 0) };
+            if msg.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    "the mount daemon exited before the mount was ready",
+                ));
+            }
+            Err(Error::new(
+                ErrorKind::Io,
+                String::from_utf8_lossy(&msg).into_owned(),
+            ))
+        }
+    }
+}
+
+/// Unmounts a qcow2fs mount and waits for its daemon to finish writing back.
+pub fn umount(mountpoint: &Path) -> Result<()> {
+    let canon = mountpoint
+        .canonicalize()
+        .map_err(|e| Error::io(mountpoint, "resolving the mount point", e))?;
+    let Some(m) = mount_at(&canon) else {
+        return Err(Error::invalid("not a mount point").in_file(mountpoint));
+    };
+    if m.fstype != "fuse.qcow2fs" {
+        return Err(
+            Error::invalid(format!("not a qcow2fs mount (type {})", m.fstype)).in_file(mountpoint),
+        );
+    }
+    let pid: Option<i32> = std::fs::read_to_string(pidfile(&canon))
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let c = std::ffi::CString::new(canon.as_os_str().as_encoded_bytes())
+            .map_err(|_| Error::invalid("mount point path contains NUL"))?;
+        // SAFETY: c is a valid path string.
+        if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
+            return Err(Error::io(
+                mountpoint,
+                "unmounting",
+                std::io::Error::last_os_error(),
+            ));
+        }
+    } else {
+        let status = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg(&canon)
+            .status()
+            .or_else(|_| {
+                std::process::Command::new("fusermount")
+                    .arg("-u")
+                    .arg(&canon)
+                    .status()
+            })
+            .map_err(|e| Error::io(Path::new("fusermount3"), "running", e))?;
+        if !status.success() {
+            return Err(Error::new(ErrorKind::Io, "fusermount3 -u failed").in_file(mountpoint));
+        }
+    }
+    if let Some(pid) = pid {
+        let start = Instant::now();
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        while unsafe { libc::kill(pid, 0) } == 0 && start.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}

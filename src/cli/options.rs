@@ -1,0 +1,339 @@
+//! Mount options (`-o a,b=c`), defined once: the table below drives parsing, the `--help`
+//! text and the man-page check.
+
+use crate::error::{Error, Result};
+use std::path::PathBuf;
+
+/// One `-o` option qcow2fs understands.
+pub struct OptSpec {
+    pub name: &'static str,
+    /// Placeholder for the value (`None`: a flag).
+    pub value: Option<&'static str>,
+    pub help: &'static str,
+}
+
+pub const MOUNT_OPTIONS: &[OptSpec] = &[
+    OptSpec {
+        name: "ro",
+        value: None,
+        help: "Mount read-only (the default).",
+    },
+    OptSpec {
+        name: "allow_other",
+        value: None,
+        help: "Let all users access the mount (needs user_allow_other in /etc/fuse.conf for non-root).",
+    },
+    OptSpec {
+        name: "allow_root",
+        value: None,
+        help: "Let the mounting user and root access the mount.",
+    },
+    OptSpec {
+        name: "default_permissions",
+        value: None,
+        help: "Let the kernel check file modes against the caller.",
+    },
+    OptSpec {
+        name: "uid",
+        value: Some("N"),
+        help: "Owner of the files (default: the mounting user).",
+    },
+    OptSpec {
+        name: "gid",
+        value: Some("N"),
+        help: "Group of the files (default: the mounting user's group).",
+    },
+    OptSpec {
+        name: "umask",
+        value: Some("OCTAL"),
+        help: "Permission bits to clear from the file modes (default 022).",
+    },
+    OptSpec {
+        name: "fsname",
+        value: Some("NAME"),
+        help: "Source name shown in /proc/mounts (default: the image path).",
+    },
+    OptSpec {
+        name: "cache_size",
+        value: Some("SIZE"),
+        help: "L2 table cache per image, e.g. 32M (default 32M).",
+    },
+    OptSpec {
+        name: "threads",
+        value: Some("N"),
+        help: "Request threads (default: number of CPUs).",
+    },
+    OptSpec {
+        name: "snapshots",
+        value: Some("on|off"),
+        help: "Show the snapshots/ directory (default on).",
+    },
+    OptSpec {
+        name: "layers",
+        value: Some("on|off"),
+        help: "Show the layers/ directory (default on).",
+    },
+    OptSpec {
+        name: "log",
+        value: Some("FILE"),
+        help: "Append the daemon's messages to FILE instead of syslog.",
+    },
+];
+
+/// Options mount(8) and fstab pass that qcow2fs accepts: kernel flags it forwards and
+/// userspace-only ones it ignores.
+pub const GENERIC_OPTIONS: &[&str] = &[
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "noexec",
+    "atime",
+    "noatime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "diratime",
+    "nodiratime",
+    "lazytime",
+    "nolazytime",
+    "sync",
+    "async",
+    "dirsync",
+    "_netdev",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "defaults",
+    "nofail",
+];
+
+fn is_generic(name: &str) -> bool {
+    GENERIC_OPTIONS.contains(&name) || name.starts_with("x-") || name.starts_with("comment=")
+}
+
+/// Parsed `-o` options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountOptions {
+    pub allow_other: bool,
+    pub allow_root: bool,
+    pub default_permissions: bool,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub umask: u32,
+    pub fsname: Option<String>,
+    pub cache_size: Option<u64>,
+    pub threads: Option<usize>,
+    pub snapshots: bool,
+    pub layers: bool,
+    pub log: Option<PathBuf>,
+    /// Kernel mount flags to forward (nodev, nosuid, noexec, noatime, ...).
+    pub kernel_flags: Vec<String>,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            allow_other: false,
+            allow_root: false,
+            default_permissions: false,
+            uid: None,
+            gid: None,
+            umask: 0o022,
+            fsname: None,
+            cache_size: None,
+            threads: None,
+            snapshots: true,
+            layers: true,
+            log: None,
+            kernel_flags: Vec::new(),
+        }
+    }
+}
+
+/// Parses a size such as `4096`, `64k`, `32M`, `1G`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last()? {
+        (i, 'k' | 'K') => (&s[..i], 1u64 << 10),
+        (i, 'm' | 'M') => (&s[..i], 1 << 20),
+        (i, 'g' | 'G') => (&s[..i], 1 << 30),
+        (i, 't' | 'T') => (&s[..i], 1 << 40),
+        (i, 'b' | 'B') => (&s[..i], 1),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+fn on_off(name: &str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "yes" | "true" | "1" => Ok(true),
+        "off" | "no" | "false" | "0" => Ok(false),
+        _ => Err(Error::invalid(format!(
+            "option {name}={v}: expected on or off"
+        ))),
+    }
+}
+
+fn number<T: std::str::FromStr>(name: &str, v: &str) -> Result<T> {
+    v.parse()
+        .map_err(|_| Error::invalid(format!("option {name}={v}: not a valid number")))
+}
+
+impl MountOptions {
+    /// Parses comma-separated option lists (each `-o` argument is one list).
+    pub fn parse<'a>(lists: impl IntoIterator<Item = &'a str>) -> Result<MountOptions> {
+        let mut o = MountOptions::default();
+        for list in lists {
+            for opt in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                o.apply(opt)?;
+            }
+        }
+        if o.allow_other && o.allow_root {
+            return Err(Error::invalid(
+                "options allow_other and allow_root exclude each other",
+            ));
+        }
+        Ok(o)
+    }
+
+    fn apply(&mut self, opt: &str) -> Result<()> {
+        let (name, value) = match opt.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (opt, None),
+        };
+        let need = |v: Option<&str>| -> Result<String> {
+            v.map(str::to_string)
+                .ok_or_else(|| Error::invalid(format!("option {name} needs a value ({name}=...)")))
+        };
+        match name {
+            "ro" => {}
+            "rw" => {
+                return Err(Error::new(
+                    crate::error::ErrorKind::Unsupported,
+                    "option rw: read-write mounts are not supported yet; mount read-only",
+                ));
+            }
+            "allow_other" => self.allow_other = true,
+            "allow_root" => self.allow_root = true,
+            "default_permissions" => self.default_permissions = true,
+            "uid" => self.uid = Some(number(name, &need(value)?)?),
+            "gid" => self.gid = Some(number(name, &need(value)?)?),
+            "umask" => {
+                let v = need(value)?;
+                self.umask = u32::from_str_radix(&v, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o777)
+                    .ok_or_else(|| {
+                        Error::invalid(format!("option umask={v}: expected an octal mask like 022"))
+                    })?;
+            }
+            "fsname" => self.fsname = Some(need(value)?),
+            "cache_size" => {
+                let v = need(value)?;
+                self.cache_size = Some(parse_size(&v).ok_or_else(|| {
+                    Error::invalid(format!("option cache_size={v}: not a size like 32M"))
+                })?);
+            }
+            "threads" => {
+                let n: usize = number(name, &need(value)?)?;
+                if n == 0 || n > 256 {
+                    return Err(Error::invalid(format!(
+                        "option threads={n}: expected 1 to 256"
+                    )));
+                }
+                self.threads = Some(n);
+            }
+            "snapshots" => self.snapshots = on_off(name, &need(value)?)?,
+            "layers" => self.layers = on_off(name, &need(value)?)?,
+            "log" => self.log = Some(PathBuf::from(need(value)?)),
+            _ if is_generic(opt) => {
+                if matches!(
+                    name,
+                    "dev"
+                        | "nodev"
+                        | "suid"
+                        | "nosuid"
+                        | "exec"
+                        | "noexec"
+                        | "atime"
+                        | "noatime"
+                        | "sync"
+                        | "async"
+                        | "dirsync"
+                ) {
+                    self.kernel_flags.push(name.to_string());
+                }
+            }
+            _ => {
+                return Err(Error::invalid(format!(
+                    "unknown mount option '{opt}' (see qcow2fs mount --help)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The option list for `--help`.
+pub fn help_text() -> String {
+    let mut s = String::from("Mount options (-o, comma-separated):\n");
+    for o in MOUNT_OPTIONS {
+        let left = match o.value {
+            Some(v) => format!("{}={}", o.name, v),
+            None => o.name.to_string(),
+        };
+        s.push_str(&format!("  {left:<22} {}\n", o.help));
+    }
+    s.push_str(
+        "  Also accepted: the generic mount(8) options (dev, nodev, suid, nosuid, exec, noexec,\n",
+    );
+    s.push_str(
+        "  atime, noatime, sync, async, dirsync, _netdev, auto, noauto, user, users, defaults,\n",
+    );
+    s.push_str("  nofail, x-*).\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_values_and_generic_options() {
+        let o = MountOptions::parse([
+            "ro,uid=1000,umask=077,cache_size=64M",
+            "snapshots=off,noatime,_netdev,x-systemd.automount",
+        ])
+        .unwrap();
+        assert_eq!(o.uid, Some(1000));
+        assert_eq!(o.umask, 0o077);
+        assert_eq!(o.cache_size, Some(64 << 20));
+        assert!(!o.snapshots);
+        assert_eq!(o.kernel_flags, ["noatime"]);
+    }
+
+    #[test]
+    fn rejects_unknown_and_malformed() {
+        assert!(MountOptions::parse(["bogus"]).is_err());
+        assert!(MountOptions::parse(["uid=abc"]).is_err());
+        assert!(MountOptions::parse(["snapshots=maybe"]).is_err());
+        assert!(MountOptions::parse(["threads=0"]).is_err());
+        assert!(MountOptions::parse(["allow_other,allow_root"]).is_err());
+        assert!(MountOptions::parse(["uid"]).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("x"), None);
+    }
+}
