@@ -21,7 +21,7 @@ pub const MOUNT_OPTIONS: &[OptSpec] = &[
     OptSpec {
         name: "allow_other",
         value: None,
-        help: "Let all users access the mount (needs user_allow_other in /etc/fuse.conf for non-root).",
+        help: "Let all users access the mount.",
     },
     OptSpec {
         name: "allow_root",
