@@ -5,6 +5,7 @@
 mod open;
 mod qcow2;
 mod raw;
+mod write;
 
 pub use open::{BackingPolicy, Chain, OpenOptions, open_chain};
 pub use qcow2::Qcow2Layer;
@@ -61,6 +62,41 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     fn backing(&self) -> Option<&std::sync::Arc<dyn BlockDev>> {
         None
     }
+
+    /// Whether writes are accepted.
+    fn writable(&self) -> bool {
+        false
+    }
+
+    /// Writes `buf` at `off`; the range must lie within the disk.
+    fn write_at(&self, _buf: &[u8], _off: u64) -> Result<()> {
+        Err(read_only(self.info()))
+    }
+
+    /// Makes `[off, off + len)` read as zeros; with `unmap`, frees the space where the
+    /// format allows it.
+    fn write_zeroes(&self, _off: u64, _len: u64, _unmap: bool) -> Result<()> {
+        Err(read_only(self.info()))
+    }
+
+    /// Grows the disk to `size` bytes.
+    fn resize(&self, _size: u64) -> Result<()> {
+        Err(read_only(self.info()))
+    }
+
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Flushes and closes cleanly (end of a mount).
+    fn close(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn read_only(info: &LayerInfo) -> crate::Error {
+    crate::Error::read_only("this disk is read-only").in_file(&info.path)
 }
 
 /// The path of a layer for messages.

@@ -62,13 +62,21 @@ enum Format {
 }
 
 fn open_file(path: &Path, what: &str, referrer: Option<&Path>) -> Result<File> {
-    File::open(path).map_err(|e| {
-        let what = match referrer {
-            Some(r) => format!("opening the {what} named by {}", r.display()),
-            None => format!("opening the {what}"),
-        };
-        Error::io(path, what, e)
-    })
+    open_file_mode(path, what, referrer, false)
+}
+
+fn open_file_mode(path: &Path, what: &str, referrer: Option<&Path>, write: bool) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|e| {
+            let what = match referrer {
+                Some(r) => format!("opening the {what} named by {}", r.display()),
+                None => format!("opening the {what}"),
+            };
+            Error::io(path, what, e)
+        })
 }
 
 /// Refuses files an image names that are not plain files (devices, fifos, directories).
@@ -170,7 +178,8 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
             ))
             .in_file(path));
         }
-        let file = open_file(&cur, what, (!top).then_some(referrer.as_path()))?;
+        let writable = top && opts.image.writable;
+        let file = open_file_mode(&cur, what, (!top).then_some(referrer.as_path()), writable)?;
         if !top {
             check_regular(&cur, &file, what, &referrer)?;
         }
@@ -195,15 +204,20 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
         let mut image_opts = opts.image.clone();
         if !top {
             image_opts.cache_bytes = (image_opts.cache_bytes / 4).max(1 << 20);
+            image_opts.writable = false;
         }
         let image = Arc::new(Image::open(&cur, storage, &image_opts)?);
         let header = image.header();
         let data_file = match &header.data_file {
             Some(name) if header.has_data_file() => {
                 let dp = resolve(&cur, name, "data file", opts)?;
-                let f = open_file(&dp, "data file", Some(&cur))?;
+                let f = open_file_mode(&dp, "data file", Some(&cur), writable)?;
                 check_regular(&dp, &f, "data file", &cur)?;
-                Some((dp, Arc::new(FileStorage::new(f)) as Arc<dyn Storage>))
+                let store: Arc<dyn Storage> = Arc::new(FileStorage::new(f));
+                if writable {
+                    image.set_data_store(dp.clone(), store.clone());
+                }
+                Some((dp, store))
             }
             _ => None,
         };

@@ -20,6 +20,7 @@ const COMPRESSED_CACHE_CLUSTERS: usize = 16;
 /// What every view of one image shares.
 #[derive(Debug)]
 pub(crate) struct Shared {
+    // (see `write` for the write path)
     pub(crate) image: Arc<Image>,
     pub(crate) data_file: Option<(PathBuf, Arc<dyn Storage>)>,
     pub(crate) backing: Option<Arc<dyn BlockDev>>,
@@ -28,6 +29,13 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    pub(crate) fn write_data(&self, buf: &[u8], host: u64) -> Result<()> {
+        let (path, store) = self.data_store();
+        store
+            .write_at(buf, host)
+            .map_err(|e| Error::io(path, format!("writing data at {host:#x}"), e))
+    }
+
     pub(crate) fn new(
         image: Arc<Image>,
         data_file: Option<(PathBuf, Arc<dyn Storage>)>,
@@ -114,7 +122,7 @@ impl Shared {
 /// One view (active disk or snapshot) of a qcow2 image.
 #[derive(Debug)]
 pub struct Qcow2Layer {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
     view: View,
     info: LayerInfo,
 }
@@ -152,36 +160,40 @@ impl BlockDev for Qcow2Layer {
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        let size = self.size();
-        let avail = size.saturating_sub(off).min(buf.len() as u64) as usize;
-        let (head, tail) = buf.split_at_mut(avail);
-        tail.fill(0);
-        let mut pos = 0usize;
-        while pos < head.len() {
-            let at = off + pos as u64;
-            let m = self
-                .shared
-                .image
-                .map(self.view, at, (head.len() - pos) as u64)?;
-            let dst = &mut head[pos..pos + m.len as usize];
-            match m.kind {
-                MapKind::Data { host } => self.shared.read_data(dst, host)?,
-                MapKind::Zero { .. } => dst.fill(0),
-                MapKind::Unallocated { .. } => match &self.shared.backing {
-                    Some(b) => b.read_at(dst, at)?,
-                    None => dst.fill(0),
-                },
-                MapKind::Compressed { desc, in_cluster } => {
-                    let c = self.shared.decompressed(desc)?;
-                    let start = in_cluster as usize;
-                    dst.copy_from_slice(&c[start..start + dst.len()]);
-                }
-            }
-            pos += m.len as usize;
+        let image = &self.shared.image;
+        if image.is_writable() && self.view == View::Active && !buf.is_empty() {
+            let cs = image.cluster_size();
+            let start = off & !(cs - 1);
+            let end = (off + buf.len() as u64).next_multiple_of(cs);
+            let _g = image.ranges.lock(start, end, false);
+            return self.read_unlocked(buf, off);
         }
-        Ok(())
+        self.read_unlocked(buf, off)
     }
 
+    fn writable(&self) -> bool {
+        self.view == View::Active && self.shared.image.is_writable()
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.write_locked(buf, off)
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
+        self.zero_locked(off, len, unmap)
+    }
+
+    fn resize(&self, size: u64) -> Result<()> {
+        self.resize_locked(size)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.shared.image.flush()
+    }
+
+    fn close(&self) -> Result<()> {
+        self.shared.image.close()
+    }
     fn status(&self, off: u64, len: u64, probe_host: bool) -> Result<Status> {
         let m = self.shared.image.map(self.view, off, len)?;
         let allocated = |zero, data, offset| Status {
@@ -249,5 +261,40 @@ impl BlockDev for Qcow2Layer {
 
     fn data_path(&self) -> &Path {
         self.shared.data_store().0
+    }
+}
+
+impl Qcow2Layer {
+    /// Reads without taking guest range locks (the caller holds them, or none are
+    /// needed).
+    pub(crate) fn read_unlocked(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let size = self.size();
+        let avail = size.saturating_sub(off).min(buf.len() as u64) as usize;
+        let (head, tail) = buf.split_at_mut(avail);
+        tail.fill(0);
+        let mut pos = 0usize;
+        while pos < head.len() {
+            let at = off + pos as u64;
+            let m = self
+                .shared
+                .image
+                .map(self.view, at, (head.len() - pos) as u64)?;
+            let dst = &mut head[pos..pos + m.len as usize];
+            match m.kind {
+                MapKind::Data { host } => self.shared.read_data(dst, host)?,
+                MapKind::Zero { .. } => dst.fill(0),
+                MapKind::Unallocated { .. } => match &self.shared.backing {
+                    Some(b) => b.read_at(dst, at)?,
+                    None => dst.fill(0),
+                },
+                MapKind::Compressed { desc, in_cluster } => {
+                    let c = self.shared.decompressed(desc)?;
+                    let start = in_cluster as usize;
+                    dst.copy_from_slice(&c[start..start + dst.len()]);
+                }
+            }
+            pos += m.len as usize;
+        }
+        Ok(())
     }
 }

@@ -198,6 +198,28 @@ impl<T> Cache<T> {
             .collect()
     }
 
+    /// Drops values `evictable` allows, least recently referenced first, until the cache
+    /// is back within its capacity.
+    pub fn shrink_to_capacity(&self, evictable: impl Fn(&T) -> bool) {
+        let mut inner = self.inner.write();
+        let mut i = 0;
+        while inner.slots.len() > self.capacity && i < inner.slots.len() {
+            if evictable(&inner.slots[i].value) {
+                let slot = inner.slots.swap_remove(i);
+                inner.index.remove(&slot.key);
+                if i < inner.slots.len() {
+                    let moved = inner.slots[i].key;
+                    inner.index.insert(moved, i);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if inner.hand >= inner.slots.len() {
+            inner.hand = 0;
+        }
+    }
+
     /// Whether the cache holds more than its capacity.
     pub fn over_capacity(&self) -> bool {
         self.inner.read().slots.len() > self.capacity

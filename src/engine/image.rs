@@ -2,16 +2,20 @@
 //! with the open-time checks of checklist section 16.
 
 use super::cache::{Cache, L2Table};
+use super::refcount::RefState;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::{self, BitmapEntry};
 use crate::format::entry::EntryLayout;
 use crate::format::header::{self, Header, MAX_L1_ENTRIES};
+use crate::format::refcount::RefcountLayout;
 use crate::format::snapshot::{self, SnapshotEntry, TableError};
 use crate::storage::Storage;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::AtomicBool;
 
 /// Default size of the L2 cache in bytes.
 pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
@@ -21,12 +25,15 @@ pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 pub struct ImageOptions {
     /// Bytes of L2 tables to keep cached.
     pub cache_bytes: u64,
+    /// Open for writing (the storage must be writable).
+    pub writable: bool,
 }
 
 impl Default for ImageOptions {
     fn default() -> Self {
         ImageOptions {
             cache_bytes: DEFAULT_CACHE_BYTES,
+            writable: false,
         }
     }
 }
@@ -49,10 +56,28 @@ pub struct Snapshot {
 }
 
 /// The metadata that writes change; lookups hold it shared (rule 1 in `engine`).
-#[derive(Debug)]
 pub struct Meta {
     pub header: Header,
     pub l1: Vec<u64>,
+    /// The L1 table differs from the file.
+    pub(crate) l1_dirty: bool,
+    /// Refcount state (writable images only).
+    pub(crate) rc: Option<RefState>,
+    /// Host clusters whose references were dropped from cached tables; their refcounts
+    /// are decremented once those tables are on disk.
+    pub(crate) deferred: Vec<u64>,
+    /// The first-write duties are done.
+    pub(crate) prepared: bool,
+    /// qcow2fs set the dirty bit (lazy refcounts) and clears it at a clean close.
+    pub(crate) we_set_dirty: bool,
+}
+
+impl std::fmt::Debug for Meta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meta")
+            .field("header", &self.header)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One open qcow2 image.
@@ -67,6 +92,13 @@ pub struct Image {
     bitmaps: Vec<BitmapEntry>,
     bitmap_problem: Option<String>,
     pub(crate) preallocated: std::sync::OnceLock<bool>,
+    pub(crate) writable: bool,
+    /// A metadata write failed: refuse further writes.
+    pub(crate) failed: AtomicBool,
+    /// The external data file, flushed before metadata that points into it.
+    pub(crate) data_store: OnceLock<(PathBuf, Arc<dyn Storage>)>,
+    /// Guest range locks (writable images).
+    pub ranges: super::ranges::RangeLocks,
 }
 
 impl std::fmt::Debug for Image {
@@ -130,18 +162,86 @@ impl Image {
             }
         };
         let tables = (opts.cache_bytes / cs).max(4) as usize;
-        Ok(Image {
+        let rc = if opts.writable {
+            Self::check_writable_open(path, &header, &bitmaps)?;
+            let table_bytes = read_meta(
+                &*file,
+                path,
+                "the refcount table",
+                header.refcount_table_offset,
+                (header.refcount_table_clusters as u64 * cs) as usize,
+            )?;
+            Some(RefState::new(
+                decode_words(&table_bytes),
+                header.refcount_table_offset,
+                header.refcount_table_clusters,
+                RefcountLayout {
+                    order: header.refcount_order,
+                    cluster_bits,
+                },
+                (tables / 4).max(16),
+            ))
+        } else {
+            None
+        };
+        let dirty = header.is_dirty();
+        let image = Image {
             path: path.to_path_buf(),
             file,
             layout,
-            meta: RwLock::new(Meta { header, l1 }),
+            meta: RwLock::new(Meta {
+                header,
+                l1,
+                l1_dirty: false,
+                rc,
+                deferred: Vec::new(),
+                prepared: false,
+                we_set_dirty: false,
+            }),
             l2_cache: Cache::new(tables),
             snapshots,
             snapshot_l1: Mutex::new(HashMap::new()),
             bitmaps,
             bitmap_problem,
             preallocated: std::sync::OnceLock::new(),
-        })
+            writable: opts.writable,
+            failed: AtomicBool::new(false),
+            data_store: OnceLock::new(),
+            ranges: Default::default(),
+        };
+        if opts.writable && dirty {
+            eprintln!(
+                "qcow2fs: {} was not closed cleanly (dirty bit set); rebuilding its refcounts before writing",
+                path.display()
+            );
+            image.rebuild_refcounts()?;
+        }
+        Ok(image)
+    }
+
+    /// The rules for opening read-write: no corrupt bit, no persistent bitmaps that
+    /// writes would leave stale.
+    fn check_writable_open(path: &Path, header: &Header, bitmaps: &[BitmapEntry]) -> Result<()> {
+        if header.is_corrupt() {
+            return Err(Error::unsupported(
+                "the image is marked corrupt (incompatible bit 1); refusing to open it read-write (repair it with `qemu-img check -r all`, or mount it read-only)",
+            )
+            .in_file(path));
+        }
+        if !bitmaps.is_empty() {
+            let names: Vec<&str> = bitmaps.iter().map(|b| b.name.as_str()).collect();
+            return Err(Error::unsupported(format!(
+                "the image has persistent dirty bitmaps ({}), which writes would leave stale; refusing to open it read-write (remove them with `qemu-img bitmap --remove`, or mount read-only)",
+                names.join(", ")
+            ))
+            .in_file(path));
+        }
+        Ok(())
+    }
+
+    /// Tells the engine which store holds guest data, so flushes sync it first.
+    pub fn set_data_store(&self, path: PathBuf, store: Arc<dyn Storage>) {
+        let _ = self.data_store.set((path, store));
     }
 
     fn read_snapshots(

@@ -1,0 +1,323 @@
+//! The write engine through the library API: random writes, zeroing and discards into
+//! images of every kind, checked against a raw model with qemu-img compare, and with
+//! `qemu-img check` clean afterwards; snapshots and backing files must not change.
+
+mod common;
+
+use common::{qemu_img, qemu_io, qemu_raw, qemu_snapshot_ids, qemu_snapshot_raw};
+use qcow2fs::block::{BlockDev, OpenOptions, open_chain};
+use qcow2fs::engine::ImageOptions;
+use std::path::{Path, PathBuf};
+
+/// A small deterministic generator (xorshift), so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+fn open_rw(image: &Path) -> qcow2fs::block::Chain {
+    open_chain(
+        image,
+        &OpenOptions {
+            image: ImageOptions {
+                writable: true,
+                cache_bytes: 256 << 10,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("opening {} read-write: {e}", image.display()))
+}
+
+/// `qemu-img check` must find neither errors nor leaks.
+fn assert_check_clean(image: &Path) {
+    let dir = image.parent().unwrap();
+    let out = common::run_raw(
+        dir,
+        "qemu-img",
+        &["check", "--output=json", image.to_str().unwrap()],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| {
+        panic!(
+            "qemu-img check printed no JSON: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    for field in [
+        "corruptions",
+        "leaks",
+        "check-errors",
+        "corruptions-fixed",
+        "leaks-fixed",
+    ] {
+        let n = v.get(field).and_then(|x| x.as_u64()).unwrap_or(0);
+        assert_eq!(
+            n,
+            0,
+            "qemu-img check reports {field} = {n} for {}: {text}",
+            image.display()
+        );
+    }
+    assert!(out.status.success(), "qemu-img check failed: {text}");
+}
+
+struct Case {
+    name: &'static str,
+    create: &'static str,
+    size: u64,
+    snapshot: bool,
+    backing: bool,
+    compressed: bool,
+}
+
+fn build(dir: &Path, c: &Case) -> PathBuf {
+    let img = dir.join("img.qcow2");
+    let size = c.size.to_string();
+    let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
+    if c.backing {
+        let base = dir.join("base.qcow2");
+        qemu_img(
+            dir,
+            &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), &size],
+        );
+        qemu_io(dir, &base, &[format!("write -P 0x5b 0 {}", c.size)]);
+        args.extend([
+            "-b".into(),
+            "base.qcow2".into(),
+            "-F".into(),
+            "qcow2".into(),
+        ]);
+    }
+    if !c.create.is_empty() {
+        args.extend(["-o".into(), c.create.into()]);
+    }
+    args.extend([img.to_str().unwrap().to_string(), size]);
+    qemu_img(dir, &args);
+    if c.compressed {
+        // QEMU compresses only into unallocated clusters: do it first.
+        qemu_io(
+            dir,
+            &img,
+            &[format!("write -c -P 0x33 {} {}", 1u64 << 20, 1u64 << 16)],
+        );
+    }
+    let cs_third = c.size / 3;
+    qemu_io(
+        dir,
+        &img,
+        &[
+            format!("write -P 0x11 4096 {cs_third}"),
+            format!("write -P 0x22 {} 70000", c.size / 2),
+        ],
+    );
+    if c.snapshot {
+        qemu_img(dir, &["snapshot", "-c", "before", img.to_str().unwrap()]);
+        qemu_io(dir, &img, &[format!("write -P 0x44 {} 10000", c.size / 4)]);
+    }
+    img
+}
+
+fn run_case(c: &Case, seed: u64) {
+    let dir = common::tempdir();
+    let img = build(dir.path(), c);
+    let snaps_before: Vec<(String, Vec<u8>)> = qemu_snapshot_ids(&img)
+        .into_iter()
+        .map(|id| {
+            let raw = qemu_snapshot_raw(&img, &id);
+            (id, raw)
+        })
+        .collect();
+    let base_before = c
+        .backing
+        .then(|| std::fs::read(dir.path().join("base.qcow2")).unwrap());
+    let mut model = qemu_raw(&img);
+    {
+        let chain = open_rw(&img);
+        let dev = &chain.top;
+        let size = dev.size();
+        let mut rng = Rng(seed);
+        for step in 0..120 {
+            let op = rng.below(10);
+            let off = rng.below(size);
+            let big = rng.below(4) == 0;
+            let len = (1 + rng.below(if big { 300_000 } else { 9000 })).min(size - off);
+            match op {
+                0 => {
+                    dev.write_zeroes(off, len, false)
+                        .unwrap_or_else(|e| panic!("{}: step {step}: zero: {e}", c.name));
+                    model[off as usize..(off + len) as usize].fill(0);
+                }
+                1 => {
+                    dev.write_zeroes(off, len, true)
+                        .unwrap_or_else(|e| panic!("{}: step {step}: discard: {e}", c.name));
+                    model[off as usize..(off + len) as usize].fill(0);
+                }
+                _ => {
+                    let data: Vec<u8> = (0..len).map(|i| (i as u8) ^ (step as u8) ^ 0xa5).collect();
+                    dev.write_at(&data, off)
+                        .unwrap_or_else(|e| panic!("{}: step {step}: write: {e}", c.name));
+                    model[off as usize..(off + len) as usize].copy_from_slice(&data);
+                }
+            }
+            if step % 40 == 39 {
+                dev.flush().unwrap();
+            }
+            if step % 17 == 0 {
+                // Reads through the engine see the writes at once.
+                let mut got = vec![0u8; len as usize];
+                dev.read_at(&mut got, off).unwrap();
+                common::assert_same_bytes(
+                    &format!("{}: read back at step {step}", c.name),
+                    &model[off as usize..(off + len) as usize],
+                    &got,
+                );
+            }
+        }
+        dev.close().unwrap();
+    }
+    assert_check_clean(&img);
+    common::assert_same_bytes(
+        &format!("{}: qemu-img convert after writes", c.name),
+        &model,
+        &qemu_raw(&img),
+    );
+    for (id, before) in snaps_before {
+        common::assert_same_bytes(
+            &format!("{}: snapshot {id} after writes", c.name),
+            &before,
+            &qemu_snapshot_raw(&img, &id),
+        );
+    }
+    if let Some(before) = base_before {
+        assert!(
+            std::fs::read(dir.path().join("base.qcow2")).unwrap() == before,
+            "{}: the backing file changed",
+            c.name
+        );
+    }
+}
+
+macro_rules! cases {
+    ($($name:ident: $create:expr, $size:expr, $snap:expr, $backing:expr, $comp:expr;)*) => {
+        $(
+            #[test]
+            fn $name() {
+                let c = Case { name: stringify!($name), create: $create, size: $size, snapshot: $snap, backing: $backing, compressed: $comp };
+                run_case(&c, 0x9e3779b97f4a7c15 ^ stringify!($name).len() as u64);
+            }
+        )*
+    };
+}
+
+cases! {
+    plain_64k: "", 4 << 20, false, false, false;
+    snapshot_64k: "", 4 << 20, true, false, false;
+    backing_64k: "", 4 << 20, false, true, false;
+    compressed_snapshot_64k: "", 4 << 20, true, false, true;
+    clusters_512: "cluster_size=512", 2 << 20, true, false, false;
+    clusters_512_refcount64: "cluster_size=512,refcount_bits=64", 3 << 20, false, false, false;
+    clusters_4k_refcount2: "cluster_size=4096,refcount_bits=2", 2 << 20, true, false, false;
+    clusters_2m: "cluster_size=2M", 8 << 20, true, true, false;
+    refcount_1: "refcount_bits=1", 4 << 20, false, true, false;
+    refcount_4: "refcount_bits=4", 4 << 20, true, false, false;
+    refcount_8: "refcount_bits=8", 4 << 20, true, false, false;
+    refcount_32: "refcount_bits=32", 4 << 20, true, false, true;
+    v2: "compat=0.10", 4 << 20, true, false, false;
+    v2_backing: "compat=0.10", 4 << 20, false, true, false;
+    extended_l2: "extended_l2=on", 4 << 20, true, false, false;
+    extended_l2_backing: "extended_l2=on,cluster_size=128k", 4 << 20, false, true, false;
+    extended_l2_compressed: "extended_l2=on", 4 << 20, false, false, true;
+    lazy_refcounts: "lazy_refcounts=on", 4 << 20, true, false, false;
+    zstd_compressed: "compression_type=zstd", 4 << 20, true, true, true;
+    prealloc_metadata: "preallocation=metadata", 4 << 20, false, false, false;
+    data_file: "data_file=img.data", 4 << 20, false, false, false;
+}
+
+#[test]
+fn grow_then_write_past_the_old_end() {
+    let dir = common::tempdir();
+    let img = dir.path().join("g.qcow2");
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            img.to_str().unwrap(),
+            "1M",
+        ],
+    );
+    qemu_io(dir.path(), &img, &["write -P 7 0 1M"]);
+    {
+        let chain = open_rw(&img);
+        // 1 MiB -> 40 MiB needs a larger L1 table with 512-byte clusters.
+        chain.top.resize(40 << 20).unwrap();
+        chain.top.write_at(&[9u8; 5000], (40 << 20) - 5000).unwrap();
+        assert!(
+            chain.top.resize(1 << 20).is_err(),
+            "shrinking must be refused"
+        );
+        chain.top.close().unwrap();
+    }
+    assert_check_clean(&img);
+    let raw = qemu_raw(&img);
+    assert_eq!(raw.len(), 40 << 20);
+    assert!(raw[..1 << 20].iter().all(|&b| b == 7));
+    assert!(raw[1 << 20..(40 << 20) - 5000].iter().all(|&b| b == 0));
+    assert!(raw[(40 << 20) - 5000..].iter().all(|&b| b == 9));
+}
+
+#[test]
+fn grow_over_a_larger_backing_file_reads_zeros() {
+    let dir = common::tempdir();
+    let base = dir.path().join("base.qcow2");
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"],
+    );
+    qemu_io(dir.path(), &base, &["write -P 0x66 0 8M"]);
+    let img = dir.path().join("top.qcow2");
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            img.to_str().unwrap(),
+            "1000K",
+        ],
+    );
+    {
+        let chain = open_rw(&img);
+        chain.top.resize(6 << 20).unwrap();
+        chain.top.close().unwrap();
+    }
+    assert_check_clean(&img);
+    let raw = qemu_raw(&img);
+    assert!(raw[..1000 << 10].iter().all(|&b| b == 0x66));
+    assert!(
+        raw[1000 << 10..].iter().all(|&b| b == 0),
+        "the grown range must not show the backing file"
+    );
+}
