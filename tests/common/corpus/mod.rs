@@ -68,6 +68,7 @@ pub fn assert_listed(listed: &[&str]) {
 
 /// Generates one `#[test]` per scenario, each calling `$check(name)`, plus a test that the
 /// list covers the whole corpus. Attributes (e.g. `#[ignore = "..."]`) may precede a name.
+#[allow(unused_macros)]
 macro_rules! scenario_tests {
     ($check:path; $($(#[$attr:meta])* $name:ident),* $(,)?) => {
         $(
