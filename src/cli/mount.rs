@@ -192,6 +192,7 @@ fn serve(
             gid: o.gid.unwrap_or(egid),
             umask: o.umask,
             readahead: None,
+            writable: o.rw,
         },
     );
     let image_abs = req
@@ -207,7 +208,11 @@ fn serve(
         ),
         // Passed to the kernel so /proc/mounts shows the type fuse.qcow2fs.
         MountOption::CUSTOM("subtype=qcow2fs".into()),
-        MountOption::RO,
+        if o.rw {
+            MountOption::RW
+        } else {
+            MountOption::RO
+        },
     ];
     config
         .mount_options
@@ -281,7 +286,10 @@ pub fn run(req: MountRequest) -> Result<()> {
             .map_err(|e| Error::io(log, "opening the log file", e))?;
     }
     // Open before forking, so errors are reported by the command itself.
-    let mut image_opts = ImageOptions::default();
+    let mut image_opts = ImageOptions {
+        writable: req.options.rw,
+        ..Default::default()
+    };
     if let Some(c) = req.options.cache_size {
         image_opts.cache_bytes = c;
     }

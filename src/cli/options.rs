@@ -121,6 +121,7 @@ fn is_generic(name: &str) -> bool {
 /// Parsed `-o` options.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MountOptions {
+    pub rw: bool,
     pub allow_other: bool,
     pub allow_root: bool,
     pub default_permissions: bool,
@@ -140,6 +141,7 @@ pub struct MountOptions {
 impl Default for MountOptions {
     fn default() -> Self {
         MountOptions {
+            rw: false,
             allow_other: false,
             allow_root: false,
             default_permissions: false,
@@ -213,13 +215,8 @@ impl MountOptions {
                 .ok_or_else(|| Error::invalid(format!("option {name} needs a value ({name}=...)")))
         };
         match name {
-            "ro" => {}
-            "rw" => {
-                return Err(Error::new(
-                    crate::error::ErrorKind::Unsupported,
-                    "option rw: read-write mounts are not supported yet; mount read-only",
-                ));
-            }
+            "ro" => self.rw = false,
+            "rw" => self.rw = true,
             "allow_other" => self.allow_other = true,
             "allow_root" => self.allow_root = true,
             "default_permissions" => self.default_permissions = true,

@@ -11,16 +11,20 @@ use fuser::{
     ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, Request,
 };
 use namespace::{FileRole, Namespace, Node, NodeKind};
+use parking_lot::Mutex;
 use std::cell::RefCell;
 use std::ffi::OsStr;
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Largest request the kernel may send (with FUSE_MAX_PAGES).
 pub const MAX_REQUEST: u32 = 1 << 20;
 
-/// Attribute and entry cache lifetime: nothing in a read-only mount ever changes.
+/// Attribute and entry cache lifetime: files change only through this mount, and the
+/// kernel learns of size changes from the replies.
 const TTL: Duration = Duration::from_secs(3600);
+
+/// File handle given to opens that may write (their close flushes).
+const FH_WRITER: u64 = 1;
 
 /// Ownership, modes and kernel settings for the mount.
 #[derive(Clone, Debug)]
@@ -30,13 +34,18 @@ pub struct FsConfig {
     pub umask: u32,
     /// Kernel readahead window in bytes, if set.
     pub readahead: Option<u32>,
+    /// The active disk is writable (`-o rw`).
+    pub writable: bool,
 }
 
 /// The filesystem: the namespace plus per-file lazily computed allocation sizes.
 pub struct Qcow2Fs {
     ns: Namespace,
     cfg: FsConfig,
-    allocated: Vec<OnceLock<u64>>,
+    /// Per inode: allocated bytes (for st_blocks), computed on demand and forgotten when
+    /// the file is written; and the modification time of files that can change.
+    allocated: Vec<Mutex<Option<u64>>>,
+    mtime: Vec<Mutex<Option<SystemTime>>>,
 }
 
 thread_local! {
@@ -84,14 +93,94 @@ fn errno(e: &Error) -> Errno {
     Errno::from_i32(e.errno())
 }
 
+/// `fallocate` on a disk file: punching holes and zeroing ranges become qcow2 zero
+/// clusters or deallocation; plain allocation grows the disk if asked to.
+pub fn fallocate(dev: &dyn BlockDev, offset: u64, length: u64, mode: i32) -> Result<(), Errno> {
+    let end = offset.checked_add(length).ok_or(Errno::EINVAL)?;
+    let size = dev.size();
+    let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+    let known = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+    if mode & !known != 0 {
+        return Err(Errno::EOPNOTSUPP);
+    }
+    let log = |e: Error| {
+        log::error!("fallocate({mode:#x}) of {length} bytes at {offset:#x}: {e}");
+        errno(&e)
+    };
+    if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+        if !keep_size {
+            return Err(Errno::EINVAL);
+        }
+        let end = end.min(size);
+        if offset < end {
+            dev.write_zeroes(offset, end - offset, true).map_err(log)?;
+        }
+        return Ok(());
+    }
+    if end > size && !keep_size {
+        dev.resize(end).map_err(log)?;
+    }
+    if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+        let end = end.min(dev.size());
+        if offset < end {
+            dev.write_zeroes(offset, end - offset, false).map_err(log)?;
+        }
+    }
+    Ok(())
+}
+
 impl Qcow2Fs {
     pub fn new(ns: Namespace, cfg: FsConfig) -> Self {
-        let allocated = (0..ns.nodes().len()).map(|_| OnceLock::new()).collect();
-        Qcow2Fs { ns, cfg, allocated }
+        let n = ns.nodes().len();
+        Qcow2Fs {
+            ns,
+            cfg,
+            allocated: (0..n).map(|_| Mutex::new(None)).collect(),
+            mtime: (0..n).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    /// Whether a file accepts writes.
+    fn is_writable(&self, dev: &dyn BlockDev) -> bool {
+        self.cfg.writable && dev.writable()
+    }
+
+    /// Records a change to a file: new mtime, st_blocks to be recomputed.
+    fn touched(&self, ino: u64) {
+        let i = (ino - 1) as usize;
+        *self.allocated[i].lock() = None;
+        *self.mtime[i].lock() = Some(SystemTime::now());
     }
 
     pub fn namespace(&self) -> &Namespace {
         &self.ns
+    }
+
+    fn sync(&self, ino: INodeNo, reply: fuser::ReplyEmpty) {
+        match self.file(ino) {
+            Err(e) => reply.error(e),
+            Ok((_, dev, _)) => match dev.flush() {
+                Ok(()) => reply.ok(),
+                Err(e) => {
+                    log::error!("flush: {e}");
+                    reply.error(errno(&e))
+                }
+            },
+        }
+    }
+
+    /// Writes everything back and closes the writable disks cleanly (at unmount).
+    pub fn close_all(&self) {
+        for n in self.ns.nodes() {
+            if let NodeKind::File { dev, .. } = &n.kind
+                && self.is_writable(&**dev)
+            {
+                match dev.close() {
+                    Ok(()) => log::info!("{}: written back and closed", dev.info().path.display()),
+                    Err(e) => log::error!("closing {}: {e}", dev.info().path.display()),
+                }
+            }
+        }
     }
 
     /// The attributes of a node.
@@ -105,28 +194,37 @@ impl Qcow2Fs {
                 (FileType::Directory, 0, 0o555, 2 + subdirs, 0)
             }
             NodeKind::File { dev, .. } => {
-                let blocks = self.allocated[(node.ino - 1) as usize].get_or_init(|| {
+                let mut cached = self.allocated[(node.ino - 1) as usize].lock();
+                let blocks = *cached.get_or_insert_with(|| {
                     allocated_bytes(&**dev).unwrap_or_else(|e| {
                         log::warn!("{e}");
                         dev.size()
                     })
                 });
+                let perm = if self.is_writable(&**dev) {
+                    0o644
+                } else {
+                    0o444
+                };
                 (
                     FileType::RegularFile,
                     dev.size(),
-                    0o444,
+                    perm,
                     1,
                     blocks.div_ceil(512),
                 )
             }
         };
+        let mtime = self.mtime[(node.ino - 1) as usize]
+            .lock()
+            .unwrap_or(node.mtime);
         FileAttr {
             ino: INodeNo(node.ino),
             size,
             blocks,
-            atime: node.mtime,
-            mtime: node.mtime,
-            ctime: node.mtime,
+            atime: mtime,
+            mtime,
+            ctime: mtime,
             crtime: node.mtime,
             kind,
             perm: (perm & !self.cfg.umask) as u16,
@@ -203,12 +301,148 @@ impl Filesystem for Qcow2Fs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Files change only through this mount, which keeps the kernel's page cache up to
+        // date: cached pages stay valid across opens.
         match self.file(ino) {
             Err(e) => reply.error(e),
-            Ok(_) if flags.acc_mode() != OpenAccMode::O_RDONLY => reply.error(Errno::EROFS),
-            // Nothing in a read-only mount changes: keep cached pages across opens.
+            Ok((_, dev, _)) if flags.acc_mode() != OpenAccMode::O_RDONLY => {
+                if self.is_writable(dev) {
+                    reply.opened(FileHandle(FH_WRITER), FopenFlags::FOPEN_KEEP_CACHE)
+                } else {
+                    reply.error(Errno::EROFS)
+                }
+            }
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
         }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        let (_, dev, _) = match self.file(ino) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        if !self.is_writable(dev) {
+            return reply.error(Errno::EROFS);
+        }
+        match dev.write_at(data, offset) {
+            Ok(()) => {
+                self.touched(ino.0);
+                reply.written(data.len() as u32)
+            }
+            Err(e) => {
+                log::error!("write of {} bytes at {offset:#x}: {e}", data.len());
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: fuser::ReplyEmpty,
+    ) {
+        if fh.0 != FH_WRITER {
+            return reply.ok();
+        }
+        self.sync(ino, reply)
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        self.sync(ino, reply)
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let Some(node) = self.ns.node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if mode.is_some() || uid.is_some() || gid.is_some() {
+            return reply.error(Errno::EPERM);
+        }
+        if let Some(size) = size {
+            let NodeKind::File { dev, .. } = &node.kind else {
+                return reply.error(Errno::EISDIR);
+            };
+            if !self.is_writable(&**dev) {
+                return reply.error(Errno::EROFS);
+            }
+            if size != dev.size() {
+                if let Err(e) = dev.resize(size) {
+                    log::error!("truncate to {size} bytes: {e}");
+                    return reply.error(errno(&e));
+                }
+                self.touched(ino.0);
+            }
+        }
+        // Time changes are accepted and forgotten: a file's times come from the image.
+        reply.attr(&TTL, &self.attr(node))
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: fuser::ReplyEmpty,
+    ) {
+        let (_, dev, _) = match self.file(ino) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
+        };
+        if !self.is_writable(dev) {
+            return reply.error(Errno::EROFS);
+        }
+        match fallocate(dev, offset, length, mode) {
+            Ok(()) => {
+                self.touched(ino.0);
+                reply.ok()
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn destroy(&mut self) {
+        self.close_all();
     }
 
     fn read(
