@@ -19,6 +19,11 @@ pub const MOUNT_OPTIONS: &[OptSpec] = &[
         help: "Mount read-only (the default).",
     },
     OptSpec {
+        name: "rw",
+        value: None,
+        help: "Make the active disk writable; snapshots and layers stay read-only.",
+    },
+    OptSpec {
         name: "allow_other",
         value: None,
         help: "Let all users access the mount.",
