@@ -6,7 +6,7 @@ use super::{BlockDev, Qcow2Layer, RawLayer};
 use crate::engine::{Image, ImageOptions, View};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::MAGIC;
-use crate::storage::{FileStorage, Storage};
+use crate::storage::{FileStorage, Storage, lock};
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
@@ -33,6 +33,8 @@ pub struct OpenOptions {
     pub backing: BackingPolicy,
     /// When set, backing and data files must lie under this directory.
     pub backing_dir: Option<PathBuf>,
+    /// Take no locks (like qemu-img -U): for reading an image that is in use.
+    pub force_share: bool,
 }
 
 /// An opened image: its active disk and the backing layers below it.
@@ -143,6 +145,18 @@ fn resolve(referrer: &Path, name: &[u8], what: &str, opts: &OpenOptions) -> Resu
     Ok(full)
 }
 
+/// Locks a file the way QEMU would for this use, unless told to share everything.
+fn take_lock(file: &File, path: &Path, writable: bool, opts: &OpenOptions) -> Result<()> {
+    if opts.force_share {
+        return Ok(());
+    }
+    if writable {
+        lock::lock_writer(file, path)
+    } else {
+        lock::lock_reader(file, path)
+    }
+}
+
 fn probe_qcow2(file: &File) -> bool {
     use std::os::unix::fs::FileExt;
     let mut magic = [0u8; 4];
@@ -183,6 +197,7 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
         if !top {
             check_regular(&cur, &file, what, &referrer)?;
         }
+        take_lock(&file, &cur, writable, opts)?;
         let canon = cur.canonicalize().unwrap_or_else(|_| cur.clone());
         if seen.contains(&canon) {
             return Err(Error::corrupt(format!(
@@ -213,6 +228,7 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
                 let dp = resolve(&cur, name, "data file", opts)?;
                 let f = open_file_mode(&dp, "data file", Some(&cur), writable)?;
                 check_regular(&dp, &f, "data file", &cur)?;
+                take_lock(&f, &dp, writable, opts)?;
                 let store: Arc<dyn Storage> = Arc::new(FileStorage::new(f));
                 if writable {
                     image.set_data_store(dp.clone(), store.clone());

@@ -6,8 +6,8 @@ use std::path::Path;
 
 const CHUNK: usize = 4 << 20;
 
-pub fn run(image: &Path, snapshot: Option<&str>) -> Result<()> {
-    let chain = super::open(image)?;
+pub fn run(image: &Path, snapshot: Option<&str>, force_share: bool) -> Result<()> {
+    let chain = super::open(image, force_share)?;
     let dev = super::pick_view(&chain, snapshot)?;
     let size = dev.size();
     let stdout = std::io::stdout();

@@ -283,8 +283,8 @@ pub fn info_text(path: &Path, chain: &Chain) -> String {
     s
 }
 
-pub fn run(image: &Path, json: bool) -> Result<()> {
-    let chain = super::open(image)?;
+pub fn run(image: &Path, json: bool, force_share: bool) -> Result<()> {
+    let chain = super::open(image, force_share)?;
     if json {
         let text = serde_json::to_string_pretty(&info_json(image, &chain)).unwrap_or_default();
         println!("{text}");

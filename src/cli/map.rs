@@ -142,8 +142,8 @@ pub fn format_human(entries: &[MapEntry]) -> Result<String> {
     Ok(s)
 }
 
-pub fn run(image: &Path, snapshot: Option<&str>, json: bool) -> Result<()> {
-    let chain = super::open(image)?;
+pub fn run(image: &Path, snapshot: Option<&str>, json: bool, force_share: bool) -> Result<()> {
+    let chain = super::open(image, force_share)?;
     let dev = super::pick_view(&chain, snapshot)?;
     let entries = entries(&*dev)?;
     let text = if json {

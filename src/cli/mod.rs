@@ -32,6 +32,9 @@ pub enum Command {
         /// Print JSON with qemu-img's field names.
         #[arg(long)]
         json: bool,
+        /// Open the image even if another process is writing to it (like qemu-img -U).
+        #[arg(short = 'U', long)]
+        force_share: bool,
         image: PathBuf,
     },
     /// Write the raw disk, or one snapshot at its own disk size, to standard output.
@@ -39,6 +42,9 @@ pub enum Command {
         /// Snapshot ID or name (IDs are tried first, as in qemu-img).
         #[arg(short, long, value_name = "ID|NAME")]
         snapshot: Option<String>,
+        /// Open the image even if another process is writing to it (like qemu-img -U).
+        #[arg(short = 'U', long)]
+        force_share: bool,
         image: PathBuf,
     },
     /// Mount an image: its active disk, snapshots and backing layers appear as raw files.
@@ -63,13 +69,22 @@ pub enum Command {
         /// Snapshot ID or name.
         #[arg(short, long, value_name = "ID|NAME")]
         snapshot: Option<String>,
+        /// Open the image even if another process is writing to it (like qemu-img -U).
+        #[arg(short = 'U', long)]
+        force_share: bool,
         image: PathBuf,
     },
 }
 
-/// Opens `image` with its chain, or fails with a one-line error.
-pub(crate) fn open(image: &Path) -> Result<Chain> {
-    block::open_chain(image, &OpenOptions::default())
+/// Opens `image` with its chain for reading, or fails with a one-line error.
+pub(crate) fn open(image: &Path, force_share: bool) -> Result<Chain> {
+    block::open_chain(
+        image,
+        &OpenOptions {
+            force_share,
+            ..Default::default()
+        },
+    )
 }
 
 /// The active disk, or the snapshot `key` names.
@@ -92,13 +107,22 @@ pub(crate) fn pick_view(chain: &Chain, key: Option<&str>) -> Result<Arc<dyn bloc
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Info { json, image } => info::run(&image, json),
-        Command::Cat { snapshot, image } => cat::run(&image, snapshot.as_deref()),
+        Command::Info {
+            json,
+            force_share,
+            image,
+        } => info::run(&image, json, force_share),
+        Command::Cat {
+            snapshot,
+            force_share,
+            image,
+        } => cat::run(&image, snapshot.as_deref(), force_share),
         Command::Map {
             json,
             snapshot,
+            force_share,
             image,
-        } => map::run(&image, snapshot.as_deref(), json),
+        } => map::run(&image, snapshot.as_deref(), json, force_share),
         Command::Mount {
             foreground,
             options,

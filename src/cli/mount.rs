@@ -297,6 +297,7 @@ pub fn run(req: MountRequest) -> Result<()> {
         &req.image,
         &OpenOptions {
             image: image_opts,
+            force_share: req.options.force_share,
             ..Default::default()
         },
     )?;

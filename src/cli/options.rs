@@ -83,6 +83,11 @@ pub const MOUNT_OPTIONS: &[OptSpec] = &[
         value: Some("FILE"),
         help: "Append the daemon's messages to FILE instead of syslog.",
     },
+    OptSpec {
+        name: "force_share",
+        value: None,
+        help: "Take no image locks (like qemu-img -U), to read an image another process writes.",
+    },
 ];
 
 /// Options mount(8) and fstab pass that qcow2fs accepts: kernel flags it forwards and
@@ -139,6 +144,7 @@ pub struct MountOptions {
     pub snapshots: bool,
     pub layers: bool,
     pub log: Option<PathBuf>,
+    pub force_share: bool,
     /// Kernel mount flags to forward (nodev, nosuid, noexec, noatime, ...).
     pub kernel_flags: Vec<String>,
 }
@@ -159,6 +165,7 @@ impl Default for MountOptions {
             snapshots: true,
             layers: true,
             log: None,
+            force_share: false,
             kernel_flags: Vec::new(),
         }
     }
@@ -201,6 +208,11 @@ impl MountOptions {
             for opt in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 o.apply(opt)?;
             }
+        }
+        if o.rw && o.force_share {
+            return Err(Error::invalid(
+                "options rw and force_share exclude each other: writing needs the image lock",
+            ));
         }
         if o.allow_other && o.allow_root {
             return Err(Error::invalid(
@@ -255,6 +267,7 @@ impl MountOptions {
             "snapshots" => self.snapshots = on_off(name, &need(value)?)?,
             "layers" => self.layers = on_off(name, &need(value)?)?,
             "log" => self.log = Some(PathBuf::from(need(value)?)),
+            "force_share" => self.force_share = true,
             _ if is_generic(opt) => {
                 if matches!(
                     name,

@@ -2,6 +2,7 @@
 //! threads. A real file for images, and a memory store for tests.
 
 mod file;
+pub mod lock;
 mod memory;
 
 pub use file::FileStorage;

@@ -1,0 +1,141 @@
+//! QEMU-compatible image locking: the open-file-description byte-range locks QEMU's
+//! file-posix driver takes, so qcow2fs and QEMU processes refuse to change an image the
+//! other is using. Byte 100 + n is held while using permission n, byte 200 + n while not
+//! sharing it; every lock is a shared (read) lock.
+
+use crate::error::{Error, ErrorKind, Result};
+use std::fs::File;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+pub const PERM_BASE: i64 = 100;
+pub const SHARED_BASE: i64 = 200;
+
+pub const PERM_CONSISTENT_READ: u32 = 1 << 0;
+pub const PERM_WRITE: u32 = 1 << 1;
+pub const PERM_WRITE_UNCHANGED: u32 = 1 << 2;
+pub const PERM_RESIZE: u32 = 1 << 3;
+const PERM_COUNT: u32 = 4;
+
+fn perm_name(bit: u32) -> &'static str {
+    match bit {
+        0 => "consistent read",
+        1 => "write",
+        2 => "write unchanged",
+        _ => "resize",
+    }
+}
+
+fn flock(kind: libc::c_short, start: i64) -> libc::flock {
+    // SAFETY: flock is plain data; every field qcow2fs relies on is set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = start;
+    fl.l_len = 1;
+    fl
+}
+
+fn set_lock(file: &File, byte: i64) -> std::io::Result<()> {
+    let fl = flock(libc::F_RDLCK as libc::c_short, byte);
+    // SAFETY: F_OFD_SETLK with a valid flock on a descriptor we own.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether another open file description holds a lock on `byte`.
+fn someone_else_locks(file: &File, byte: i64) -> std::io::Result<bool> {
+    let mut fl = flock(libc::F_WRLCK as libc::c_short, byte);
+    // SAFETY: F_OFD_GETLK fills the flock we pass.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+}
+
+/// Takes the locks for using `perm` while not sharing `unshared`, then checks that no
+/// other process conflicts (as QEMU does). On conflict the caller drops the file, which
+/// releases what was taken.
+pub fn lock_image(file: &File, path: &Path, perm: u32, unshared: u32) -> Result<()> {
+    let io = |e| Error::io(path, "taking the image lock", e);
+    for i in 0..PERM_COUNT {
+        if perm & (1 << i) != 0 {
+            set_lock(file, PERM_BASE + i as i64).map_err(io)?;
+        }
+        if unshared & (1 << i) != 0 {
+            set_lock(file, SHARED_BASE + i as i64).map_err(io)?;
+        }
+    }
+    for i in 0..PERM_COUNT {
+        if perm & (1 << i) != 0 && someone_else_locks(file, SHARED_BASE + i as i64).map_err(io)? {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "Failed to get \"{}\" lock: another process (such as QEMU) is using the image and does not allow it (use -o force_share to read it anyway)",
+                    perm_name(i)
+                ),
+            )
+            .in_file(path));
+        }
+        if unshared & (1 << i) != 0 && someone_else_locks(file, PERM_BASE + i as i64).map_err(io)? {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "Failed to get shared \"{}\" lock: another process (such as QEMU) is writing to the image (use -o force_share to read it anyway)",
+                    perm_name(i)
+                ),
+            )
+            .in_file(path));
+        }
+    }
+    Ok(())
+}
+
+/// The locks of a reader that does not let others change the file: QEMU's read-only
+/// users (and backing files) take the same.
+pub fn lock_reader(file: &File, path: &Path) -> Result<()> {
+    lock_image(file, path, PERM_CONSISTENT_READ, PERM_WRITE | PERM_RESIZE)
+}
+
+/// The locks of the writer of an image.
+pub fn lock_writer(file: &File, path: &Path) -> Result<()> {
+    lock_image(
+        file,
+        path,
+        PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
+        PERM_WRITE | PERM_RESIZE,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writer_excludes_reader_and_writer_but_readers_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        let open = || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .unwrap()
+        };
+        let r1 = open();
+        lock_reader(&r1, &p).unwrap();
+        let r2 = open();
+        lock_reader(&r2, &p).unwrap();
+        let w = open();
+        assert_eq!(lock_writer(&w, &p).unwrap_err().kind(), ErrorKind::Busy);
+        drop((r1, r2, w));
+        let w = open();
+        lock_writer(&w, &p).unwrap();
+        let r = open();
+        let e = lock_reader(&r, &p).unwrap_err();
+        assert!(e.to_string().contains("shared \"write\""), "{e}");
+    }
+}
