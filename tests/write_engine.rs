@@ -321,3 +321,128 @@ fn grow_over_a_larger_backing_file_reads_zeros() {
         "the grown range must not show the backing file"
     );
 }
+
+#[test]
+fn dirty_lazy_refcount_image_is_rebuilt_before_writing() {
+    let dir = common::tempdir();
+    let img = dir.path().join("dirty.qcow2");
+    qemu_img(
+        dir.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on,cluster_size=4096",
+            img.to_str().unwrap(),
+            "8M",
+        ],
+    );
+    qemu_io(dir.path(), &img, &["write -P 1 0 1M"]);
+    qemu_img(dir.path(), &["snapshot", "-c", "s", img.to_str().unwrap()]);
+    common::qemu_io_crash(
+        dir.path(),
+        &img,
+        &["write -P 2 512k 2M", "write -P 3 6M 100k", "abort"],
+    );
+    let info = common::qemu_info_json(&img);
+    assert_eq!(
+        info["dirty-flag"], true,
+        "the crash should leave the image dirty"
+    );
+    let mut model = qemu_raw(&img);
+    let snap = qemu_snapshot_raw(&img, "1");
+    {
+        let chain = open_rw(&img);
+        let data = vec![0x77u8; 300_000];
+        chain.top.write_at(&data, 5 << 20).unwrap();
+        model[5 << 20..(5 << 20) + 300_000].copy_from_slice(&data);
+        chain.top.close().unwrap();
+    }
+    assert_check_clean(&img);
+    assert_eq!(common::qemu_info_json(&img)["dirty-flag"], false);
+    common::assert_same_bytes("rebuilt image", &model, &qemu_raw(&img));
+    common::assert_same_bytes(
+        "snapshot of the rebuilt image",
+        &snap,
+        &qemu_snapshot_raw(&img, "1"),
+    );
+}
+
+#[test]
+fn corrupt_or_bitmap_images_are_refused_read_write() {
+    let dir = common::tempdir();
+    let img = dir.path().join("bm.qcow2");
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"],
+    );
+    qemu_img(
+        dir.path(),
+        &["bitmap", "--add", img.to_str().unwrap(), "backup-0"],
+    );
+    let opts = OpenOptions {
+        image: ImageOptions {
+            writable: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let e = open_chain(&img, &opts).unwrap_err().to_string();
+    assert!(e.contains("backup-0") && e.contains("bitmap"), "{e}");
+    // Read-only is fine.
+    open_chain(&img, &OpenOptions::default()).unwrap();
+    let img2 = dir.path().join("corrupt.qcow2");
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", img2.to_str().unwrap(), "1M"],
+    );
+    let f = std::fs::OpenOptions::new().write(true).open(&img2).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[2u8], 79).unwrap();
+    let e = open_chain(&img2, &opts).unwrap_err().to_string();
+    assert!(e.contains("corrupt"), "{e}");
+    open_chain(&img2, &OpenOptions::default()).unwrap();
+}
+
+#[test]
+fn unknown_autoclear_bits_are_cleared_and_extensions_kept() {
+    let dir = common::tempdir();
+    let img = dir.path().join("ac.qcow2");
+    qemu_img(
+        dir.path(),
+        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"],
+    );
+    // Autoclear bit 7 (unknown) and an unknown header extension before the end marker.
+    let mut c0 = std::fs::read(&img).unwrap()[..65536].to_vec();
+    c0[95] |= 0x80;
+    let hl = u32::from_be_bytes(c0[100..104].try_into().unwrap()) as usize;
+    // Find the end marker and put an unknown extension there.
+    let mut off = hl;
+    while u32::from_be_bytes(c0[off..off + 4].try_into().unwrap()) != 0 {
+        let len = u32::from_be_bytes(c0[off + 4..off + 8].try_into().unwrap()) as usize;
+        off += 8 + len.next_multiple_of(8);
+    }
+    c0[off..off + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+    c0[off + 4..off + 8].copy_from_slice(&5u32.to_be_bytes());
+    c0[off + 8..off + 13].copy_from_slice(b"hello");
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &c0, 0).unwrap();
+    {
+        let chain = open_rw(&img);
+        chain.top.write_at(&[1u8; 4096], 0).unwrap();
+        chain.top.close().unwrap();
+    }
+    assert_check_clean(&img);
+    let c0 = std::fs::read(&img).unwrap();
+    assert_eq!(
+        c0[95] & 0x80,
+        0,
+        "the unknown autoclear bit must be cleared before writing"
+    );
+    let hay = &c0[..65536];
+    assert!(
+        hay.windows(5).any(|w| w == b"hello"),
+        "the unknown extension must be kept"
+    );
+}
