@@ -29,7 +29,7 @@ fn help_options() -> BTreeSet<String> {
             let (word, after) = rest.split_once(' ')?;
             after.starts_with(' ').then_some(word)
         })
-        .map(|w| w.split('=').next().unwrap().to_string())
+        .map(|w| w.split(['=', '[']).next().unwrap().to_string())
         .collect()
 }
 
@@ -53,7 +53,7 @@ fn man_options() -> BTreeSet<String> {
         .filter(|w| w[0] == ".TP")
         .map(|w| {
             let item = w[1].split_whitespace().nth(1).unwrap_or_default();
-            item.split('=').next().unwrap().to_string()
+            item.split(['=', '[']).next().unwrap().to_string()
         })
         .collect()
 }
@@ -93,6 +93,8 @@ fn man_page_describes_every_command() {
         .lines()
         .skip(1)
         .take_while(|l| !l.trim().is_empty())
+        // A command line starts with two spaces; wrapped descriptions are indented more.
+        .filter(|l| l.starts_with("  ") && !l[2..].starts_with(' '))
         .filter_map(|l| l.split_whitespace().next())
         .filter(|c| *c != "help")
         .collect();

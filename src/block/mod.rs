@@ -2,12 +2,16 @@
 //! image wraps its backing file). This is the one place guest data is read, following the
 //! engine's mappings.
 
+mod cor;
 mod open;
+mod overlay;
 mod qcow2;
 mod raw;
 mod write;
 
+pub use cor::CopyOnRead;
 pub use open::{BackingPolicy, Chain, OpenOptions, open_chain};
+pub use overlay::{Overlay, OverlayOptions};
 pub use qcow2::Qcow2Layer;
 pub use raw::RawLayer;
 

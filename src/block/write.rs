@@ -51,7 +51,7 @@ impl Qcow2Layer {
     }
 
     /// The write protocol, with the range lock already held.
-    fn write_unlocked(&self, buf: &[u8], off: u64) -> Result<()> {
+    pub(crate) fn write_unlocked(&self, buf: &[u8], off: u64) -> Result<()> {
         let image = self.image();
         let plans = image.plan_write(off, buf.len() as u64)?;
         let written = self.write_planned(&plans, buf, off);
@@ -126,7 +126,7 @@ impl Qcow2Layer {
         self.zero_unlocked(off, len, unmap)
     }
 
-    fn zero_unlocked(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
+    pub(crate) fn zero_unlocked(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
         let has_backing = self.backing().is_some();
         let rest = self.image().zero_range(off, len, unmap, has_backing)?;
         let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];

@@ -39,36 +39,41 @@ impl Write for SwitchWriter {
     }
 }
 
-/// Installs the logger (once per process). `RUST_LOG` overrides the default level.
-pub fn init() {
-    let _ = env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("warn,fuser=error"),
-    )
-    .format(|buf, record| {
-        let ts = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let to_file = matches!(&*SINK.lock(), Sink::File(_));
-        if to_file {
-            writeln!(
-                buf,
-                "[{ts}] qcow2fs[{}] {}: {}",
-                std::process::id(),
-                record.level(),
-                record.args()
-            )
-        } else {
-            writeln!(
-                buf,
-                "qcow2fs: {}: {}",
-                record.level().as_str().to_lowercase(),
-                record.args()
-            )
-        }
-    })
-    .target(env_logger::Target::Pipe(Box::new(SwitchWriter)))
-    .try_init();
+/// Installs the logger (once per process). `RUST_LOG` overrides the default level:
+/// warnings for commands, and also informational messages (mounts, overlays) for the
+/// mount daemon when `daemon`.
+pub fn init(daemon: bool) {
+    let level = if daemon {
+        "info,fuser=error"
+    } else {
+        "warn,fuser=error"
+    };
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
+        .format(|buf, record| {
+            let ts = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let to_file = matches!(&*SINK.lock(), Sink::File(_));
+            if to_file {
+                writeln!(
+                    buf,
+                    "[{ts}] qcow2fs[{}] {}: {}",
+                    std::process::id(),
+                    record.level(),
+                    record.args()
+                )
+            } else {
+                writeln!(
+                    buf,
+                    "qcow2fs: {}: {}",
+                    record.level().as_str().to_lowercase(),
+                    record.args()
+                )
+            }
+        })
+        .target(env_logger::Target::Pipe(Box::new(SwitchWriter)))
+        .try_init();
 }
 
 /// Sends further messages to `path` (appending).

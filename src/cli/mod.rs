@@ -7,6 +7,7 @@ pub mod logging;
 mod map;
 pub mod mount;
 pub mod options;
+mod stream;
 
 use crate::block::{self, Chain, OpenOptions};
 use crate::error::{Error, ErrorKind, Result};
@@ -61,6 +62,19 @@ pub enum Command {
     },
     /// Unmount a qcow2fs mount and wait until its daemon has finished.
     Umount { mountpoint: PathBuf },
+    /// Copy the data the backing chain provides into the image (offline), like QEMU's
+    /// block-stream; safe to interrupt and run again.
+    Stream {
+        /// Deepest layer to copy from: its depth N (as in layers/N-...) or its file name
+        /// (default: the whole chain).
+        #[arg(long, value_name = "LAYER")]
+        bottom: Option<String>,
+        /// Afterwards, make the layer below the bottom the backing file (none when the
+        /// whole chain was streamed).
+        #[arg(long)]
+        drop_backing: bool,
+        image: PathBuf,
+    },
     /// Print the allocation extents of the disk or a snapshot, like qemu-img map.
     Map {
         /// Print JSON in qemu-img map's format.
@@ -135,10 +149,43 @@ pub fn run(cli: Cli) -> Result<()> {
             options: options::MountOptions::parse(options.iter().map(String::as_str))?,
         }),
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
+        Command::Stream {
+            bottom,
+            drop_backing,
+            image,
+        } => stream::run(&image, bottom.as_deref(), drop_backing),
     }
 }
 
-const SUBCOMMANDS: &[&str] = &["info", "cat", "map", "mount", "umount", "help"];
+const SUBCOMMANDS: &[&str] = &["info", "cat", "map", "mount", "umount", "stream", "help"];
+
+/// A backing layer named by depth (1 = the direct backing file) or by file name.
+pub(crate) fn resolve_layer(chain: &Chain, spec: &str) -> Result<u32> {
+    let n = chain.layers.len();
+    if let Ok(d) = spec.parse::<usize>() {
+        if (1..=n).contains(&d) {
+            return Ok(d as u32);
+        }
+        return Err(Error::invalid(format!(
+            "layer {d} does not exist: the backing chain has {n} layer(s)"
+        ))
+        .in_file(chain.image().path()));
+    }
+    let want = Path::new(spec);
+    for (i, l) in chain.layers.iter().enumerate() {
+        let p = &l.info().path;
+        if p == want
+            || p.file_name() == Some(want.as_os_str())
+            || (want.is_absolute() && p.canonicalize().ok().as_deref() == Some(want))
+        {
+            return Ok(i as u32 + 1);
+        }
+    }
+    Err(Error::invalid(format!(
+        "no backing layer named '{spec}' (give its depth or file name)"
+    ))
+    .in_file(chain.image().path()))
+}
 
 /// The arguments of `mount.qcow2fs SPEC DIR [-sfnv] [-o OPTS] [-t TYPE]`, the calling
 /// convention of mount(8) helpers, as a mount request. `None` for `-f` (fake mount).
@@ -210,20 +257,23 @@ pub fn main() -> i32 {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    logging::init();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let invoked_as = args
         .first()
         .and_then(|a| Path::new(a).file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let result = if invoked_as.starts_with("mount.") {
+    let helper = invoked_as.starts_with("mount.");
+    let args = if helper { args } else { normalize_args(args) };
+    let mounting = helper || args.get(1).is_some_and(|a| a == "mount");
+    logging::init(mounting);
+    let result = if helper {
         helper_request(&args[1..]).and_then(|r| match r {
             Some(req) => mount::run(req),
             None => Ok(()),
         })
     } else {
-        run(Cli::parse_from(normalize_args(args)))
+        run(Cli::parse_from(args))
     };
     match result {
         Ok(()) => 0,

@@ -3,15 +3,16 @@
 
 use super::logging;
 use super::options::MountOptions;
-use crate::block::{self, Chain, OpenOptions};
+use crate::block::{self, BlockDev, Chain, CopyOnRead, OpenOptions, Overlay, OverlayOptions};
 use crate::engine::ImageOptions;
 use crate::error::{Error, ErrorKind, Result};
-use crate::fuse::namespace::{LayoutOptions, Namespace};
+use crate::fuse::namespace::{FileRole, LayoutOptions, Namespace};
 use crate::fuse::{FsConfig, Qcow2Fs};
 use fuser::{MountOption, SessionACL};
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A mount to perform.
@@ -175,14 +176,56 @@ fn serve(
     ready: Option<OwnedFd>,
 ) -> Result<()> {
     let o = &req.options;
-    let ns = Namespace::build(
-        &chain,
-        &req.image,
-        LayoutOptions {
-            snapshots: o.snapshots,
-            layers: o.layers,
-        },
-    );
+    let layout = LayoutOptions {
+        snapshots: o.snapshots,
+        layers: o.layers,
+    };
+    let ns = if let Some(dir) = &o.overlay {
+        let opts = OverlayOptions {
+            dir: dir
+                .canonicalize()
+                .map_err(|e| Error::io(dir, "the overlay directory", e))?,
+            keep: o.keep_overlay,
+            cache_bytes: o.cache_size.unwrap_or(crate::engine::DEFAULT_CACHE_BYTES) / 4,
+        };
+        let image_abs = req
+            .image
+            .canonicalize()
+            .unwrap_or_else(|_| req.image.clone());
+        Namespace::build_with(&chain, &req.image, layout, &mut |role, name, dev| {
+            let backing = match role {
+                FileRole::Active => Some((image_abs.clone(), "qcow2")),
+                FileRole::Layer(_) => Some((
+                    dev.info()
+                        .path
+                        .canonicalize()
+                        .unwrap_or_else(|_| dev.info().path.clone()),
+                    dev.info().format,
+                )),
+                FileRole::Snapshot(_) => None,
+            };
+            let ov = Overlay::create(dev, name, backing, &opts)?;
+            log::info!("{name}: writes go to the overlay {}", ov.path().display());
+            Ok(Arc::new(ov) as Arc<dyn BlockDev>)
+        })?
+    } else if o.copy_on_read {
+        let bottom = match &o.cor_bottom {
+            Some(spec) => super::resolve_layer(&chain, spec)?,
+            None => chain.layers.len() as u32,
+        };
+        let top = chain.top.clone();
+        Namespace::build_with(&chain, &req.image, layout, &mut |role, _, dev| {
+            Ok(match role {
+                FileRole::Active => {
+                    Arc::new(CopyOnRead::new(top.clone(), bottom)) as Arc<dyn BlockDev>
+                }
+                _ => dev,
+            })
+        })?
+    } else {
+        Namespace::build(&chain, &req.image, layout)
+    };
+    let writable = o.rw || o.overlay.is_some();
     // SAFETY: getegid/geteuid have no preconditions.
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let fs = Qcow2Fs::new(
@@ -192,7 +235,7 @@ fn serve(
             gid: o.gid.unwrap_or(egid),
             umask: o.umask,
             readahead: None,
-            writable: o.rw,
+            writable,
         },
     );
     let image_abs = req
@@ -208,7 +251,7 @@ fn serve(
         ),
         // Passed to the kernel so /proc/mounts shows the type fuse.qcow2fs.
         MountOption::CUSTOM("subtype=qcow2fs".into()),
-        if o.rw {
+        if writable {
             MountOption::RW
         } else {
             MountOption::RO
@@ -275,7 +318,7 @@ fn detach_stdio() {
 /// Runs a mount: in the foreground, or as a daemon whose parent exits 0 once the mount
 /// is ready and 1 (with the daemon's error) if it fails.
 pub fn run(req: MountRequest) -> Result<()> {
-    logging::init();
+    logging::init(true);
     let mountpoint = check_mountpoint(&req.mountpoint)?;
     if let Some(log) = &req.options.log {
         // Fail early if the log file cannot be written.

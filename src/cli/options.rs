@@ -88,6 +88,26 @@ pub const MOUNT_OPTIONS: &[OptSpec] = &[
         value: None,
         help: "Take no image locks (like qemu-img -U), to read an image another process writes.",
     },
+    OptSpec {
+        name: "copy-on-read",
+        value: None,
+        help: "With rw: copy data that reads get from backing files into the image.",
+    },
+    OptSpec {
+        name: "cor_bottom",
+        value: Some("LAYER"),
+        help: "Copy on read only from layers down to LAYER (a depth N or a file name).",
+    },
+    OptSpec {
+        name: "overlay",
+        value: Some("[DIR]"),
+        help: "Make every file writable through a throwaway qcow2 overlay in DIR ($TMPDIR).",
+    },
+    OptSpec {
+        name: "keep_overlay",
+        value: None,
+        help: "Keep the overlay files at unmount instead of deleting them.",
+    },
 ];
 
 /// Options mount(8) and fstab pass that qcow2fs accepts: kernel flags it forwards and
@@ -145,6 +165,11 @@ pub struct MountOptions {
     pub layers: bool,
     pub log: Option<PathBuf>,
     pub force_share: bool,
+    pub copy_on_read: bool,
+    pub cor_bottom: Option<String>,
+    /// Throwaway overlays, in this directory.
+    pub overlay: Option<PathBuf>,
+    pub keep_overlay: bool,
     /// Kernel mount flags to forward (nodev, nosuid, noexec, noatime, ...).
     pub kernel_flags: Vec<String>,
 }
@@ -166,6 +191,10 @@ impl Default for MountOptions {
             layers: true,
             log: None,
             force_share: false,
+            copy_on_read: false,
+            cor_bottom: None,
+            overlay: None,
+            keep_overlay: false,
             kernel_flags: Vec::new(),
         }
     }
@@ -208,6 +237,22 @@ impl MountOptions {
             for opt in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                 o.apply(opt)?;
             }
+        }
+        if o.copy_on_read && !o.rw {
+            return Err(Error::invalid(
+                "option copy-on-read writes into the image: it needs -o rw (use -o overlay to leave the image untouched)",
+            ));
+        }
+        if o.cor_bottom.is_some() && !o.copy_on_read {
+            return Err(Error::invalid("option cor_bottom needs -o copy-on-read"));
+        }
+        if o.overlay.is_some() && (o.rw || o.copy_on_read) {
+            return Err(Error::invalid(
+                "option overlay leaves the image untouched: it excludes rw and copy-on-read",
+            ));
+        }
+        if o.keep_overlay && o.overlay.is_none() {
+            return Err(Error::invalid("option keep_overlay needs -o overlay"));
         }
         if o.rw && o.force_share {
             return Err(Error::invalid(
@@ -268,6 +313,15 @@ impl MountOptions {
             "layers" => self.layers = on_off(name, &need(value)?)?,
             "log" => self.log = Some(PathBuf::from(need(value)?)),
             "force_share" => self.force_share = true,
+            "copy-on-read" | "copy_on_read" => self.copy_on_read = true,
+            "cor_bottom" => self.cor_bottom = Some(need(value)?),
+            "overlay" => {
+                self.overlay = Some(match value {
+                    Some(d) if !d.is_empty() => PathBuf::from(d),
+                    _ => std::env::temp_dir(),
+                })
+            }
+            "keep_overlay" => self.keep_overlay = true,
             _ if is_generic(opt) => {
                 if matches!(
                     name,
@@ -301,6 +355,7 @@ pub fn help_text() -> String {
     let mut s = String::from("Mount options (-o, comma-separated):\n");
     for o in MOUNT_OPTIONS {
         let left = match o.value {
+            Some(v) if v.starts_with('[') => format!("{}[={}", o.name, &v[1..]),
             Some(v) => format!("{}={}", o.name, v),
             None => o.name.to_string(),
         };

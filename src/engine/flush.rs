@@ -163,7 +163,7 @@ impl Image {
         let cur = m.header.virtual_size();
         if new_size < cur {
             return Err(Error::new(
-                ErrorKind::Unsupported,
+                ErrorKind::InvalidInput,
                 format!("shrinking the disk from {cur} to {new_size} bytes is not supported"),
             )
             .in_file(&self.path));
@@ -217,6 +217,36 @@ impl Image {
             self.write_header(m)?;
         }
         Ok(())
+    }
+
+    /// Points the header at another backing file (name and format), or none. Everything
+    /// is written back first.
+    pub fn set_backing(&self, backing: Option<(Vec<u8>, String)>) -> Result<()> {
+        if !self.writable {
+            return Err(Error::read_only("the image is open read-only").in_file(&self.path));
+        }
+        let mut m = self.meta.write();
+        self.prepare_for_write(&mut m)?;
+        self.flush_locked(&mut m)?;
+        let old = (
+            m.header.backing_file.clone(),
+            m.header.backing_format.clone(),
+        );
+        match backing {
+            Some((name, fmt)) => {
+                m.header.backing_file = Some(name);
+                m.header.backing_format = Some(fmt);
+            }
+            None => {
+                m.header.backing_file = None;
+                m.header.backing_format = None;
+            }
+        }
+        if let Err(e) = m.header.encode() {
+            (m.header.backing_file, m.header.backing_format) = old;
+            return Err(Error::from(e).in_file(&self.path));
+        }
+        self.write_header(&m)
     }
 
     /// Writes everything back and, where qcow2fs set the dirty bit, clears it: a clean

@@ -27,6 +27,7 @@
 //!    fail (EIO) instead of carrying on.
 
 pub mod cache;
+pub mod create;
 mod flush;
 mod image;
 mod map;

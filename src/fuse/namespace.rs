@@ -52,6 +52,10 @@ impl Node {
     }
 }
 
+/// Chooses the disk a file shows: `(role, file name, plain disk) -> disk`.
+pub type Wrap<'a> =
+    dyn FnMut(FileRole, &str, Arc<dyn BlockDev>) -> crate::Result<Arc<dyn BlockDev>> + 'a;
+
 /// Which directories to show.
 #[derive(Clone, Copy, Debug)]
 pub struct LayoutOptions {
@@ -149,6 +153,19 @@ impl Namespace {
     /// Builds the tree for `chain`, the image opened from `image_path`. Snapshots whose
     /// L1 table is broken are left out (with a warning): they fail alone.
     pub fn build(chain: &Chain, image_path: &Path, opts: LayoutOptions) -> Namespace {
+        Self::build_with(chain, image_path, opts, &mut |_, _, dev| Ok(dev))
+            .expect("the identity wrapper cannot fail")
+    }
+
+    /// Like [`Namespace::build`], with `wrap` choosing the disk each file shows (a
+    /// copy-on-read filter or a throwaway overlay over the plain one), given the file's
+    /// role and name.
+    pub fn build_with(
+        chain: &Chain,
+        image_path: &Path,
+        opts: LayoutOptions,
+        wrap: &mut Wrap,
+    ) -> crate::Result<Namespace> {
         let mut ns = Namespace {
             nodes: Vec::new(),
             index: HashMap::new(),
@@ -164,11 +181,16 @@ impl Namespace {
         );
         let mut active = stem(image_path);
         active.push(".raw");
+        let dev = wrap(
+            FileRole::Active,
+            &active.to_string_lossy(),
+            chain.top.clone(),
+        )?;
         ns.push(
             ROOT_INO,
             active,
             NodeKind::File {
-                dev: chain.top.clone(),
+                dev,
                 role: FileRole::Active,
             },
             image_mtime,
@@ -205,11 +227,17 @@ impl Namespace {
                     let e = &image.snapshots()[i].entry;
                     let mtime =
                         UNIX_EPOCH + Duration::new(e.date_sec as u64, e.date_nsec.min(999_999_999));
+                    let name = raw_name(&stem);
+                    let dev = wrap(
+                        FileRole::Snapshot(i),
+                        &name.to_string_lossy(),
+                        chain.snapshot(i),
+                    )?;
                     ns.push(
                         dir,
-                        raw_name(&stem),
+                        name,
                         NodeKind::File {
-                            dev: chain.snapshot(i),
+                            dev,
                             role: FileRole::Snapshot(i),
                         },
                         mtime,
@@ -230,18 +258,24 @@ impl Namespace {
                 let path = &layer.info().path;
                 let mut name = format!("{}-", i + 1).into_bytes();
                 name.extend_from_slice(stem(path).as_bytes());
+                let name = raw_name(&name);
+                let dev = wrap(
+                    FileRole::Layer(i + 1),
+                    &name.to_string_lossy(),
+                    layer.clone(),
+                )?;
                 ns.push(
                     dir,
-                    raw_name(&name),
+                    name,
                     NodeKind::File {
-                        dev: layer.clone(),
+                        dev,
                         role: FileRole::Layer(i + 1),
                     },
                     file_mtime(path),
                 );
             }
         }
-        ns
+        Ok(ns)
     }
 
     fn push(&mut self, parent: u64, name: OsString, kind: NodeKind, mtime: SystemTime) -> u64 {
