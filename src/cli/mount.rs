@@ -427,6 +427,18 @@ pub fn run(req: MountRequest) -> Result<()> {
     }
 }
 
+/// Whether `pid` runs (an exited process its parent has not reaped yet does not).
+fn process_running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
 /// Unmounts a qcow2fs mount and waits for its daemon to finish writing back.
 pub fn umount(mountpoint: &Path) -> Result<()> {
     let canon = mountpoint
@@ -473,8 +485,7 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     }
     if let Some(pid) = pid {
         let start = Instant::now();
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        while unsafe { libc::kill(pid, 0) } == 0 && start.elapsed() < Duration::from_secs(120) {
+        while process_running(pid) && start.elapsed() < Duration::from_secs(120) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -144,6 +144,24 @@ pub const GENERIC_OPTIONS: &[&str] = &[
     "nofail",
 ];
 
+/// The flag that undoes a kernel mount flag, for the flags qcow2fs forwards.
+fn opposite_flag(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "dev" => "nodev",
+        "nodev" => "dev",
+        "suid" => "nosuid",
+        "nosuid" => "suid",
+        "exec" => "noexec",
+        "noexec" => "exec",
+        "atime" => "noatime",
+        "noatime" => "atime",
+        "sync" => "async",
+        "async" => "sync",
+        "dirsync" => "dirsync",
+        _ => return None,
+    })
+}
+
 fn is_generic(name: &str) -> bool {
     GENERIC_OPTIONS.contains(&name) || name.starts_with("x-") || name.starts_with("comment=")
 }
@@ -323,20 +341,9 @@ impl MountOptions {
             }
             "keep_overlay" => self.keep_overlay = true,
             _ if is_generic(opt) => {
-                if matches!(
-                    name,
-                    "dev"
-                        | "nodev"
-                        | "suid"
-                        | "nosuid"
-                        | "exec"
-                        | "noexec"
-                        | "atime"
-                        | "noatime"
-                        | "sync"
-                        | "async"
-                        | "dirsync"
-                ) {
+                if let Some(opposite) = opposite_flag(name) {
+                    // mount(8) semantics: of two opposite flags, the later one wins.
+                    self.kernel_flags.retain(|f| f != opposite && f != name);
                     self.kernel_flags.push(name.to_string());
                 }
             }
@@ -387,6 +394,8 @@ mod tests {
         assert_eq!(o.cache_size, Some(64 << 20));
         assert!(!o.snapshots);
         assert_eq!(o.kernel_flags, ["noatime"]);
+        let o = MountOptions::parse(["nosuid,noexec,suid", "exec"]).unwrap();
+        assert_eq!(o.kernel_flags, ["suid", "exec"]);
     }
 
     #[test]

@@ -102,18 +102,26 @@ impl Image {
                         .in_file(&self.path)
                 })?,
             };
-            let table = if l2_off == 0 {
-                None
-            } else {
-                Some(self.l2_table(l2_off)?)
-            };
+            if l2_off == 0 {
+                // The whole range of this L1 entry is unallocated: no need to look at it
+                // cluster by cluster.
+                let next = MapKind::Unallocated { host: None };
+                match &first {
+                    None => first = Some(next),
+                    Some(f) if continues(f, &next, cur - off) => {}
+                    Some(_) => break 'tables,
+                }
+                cur = ((l1i + 1) * l2_entries << cb).min(end);
+                continue;
+            }
+            let table = self.l2_table(l2_off)?;
             loop {
                 let cluster = cur >> cb;
                 let l2i = (cluster % l2_entries) as usize;
-                let (entry, bitmap) = match &table {
-                    None => (0, 0),
-                    Some(t) if layout.extended_l2 => (t.word(2 * l2i), t.word(2 * l2i + 1)),
-                    Some(t) => (t.word(l2i), 0),
+                let (entry, bitmap) = if layout.extended_l2 {
+                    (table.word(2 * l2i), table.word(2 * l2i + 1))
+                } else {
+                    (table.word(l2i), 0)
                 };
                 let in_cluster = cur & (cs - 1);
                 let sc = if layout.extended_l2 {

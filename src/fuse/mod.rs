@@ -77,7 +77,9 @@ pub fn seek(dev: &dyn BlockDev, off: u64, want_data: bool) -> crate::Result<Opti
     }
     let mut cur = off;
     while cur < size {
-        let s = dev.status(cur, size - cur, false)?;
+        // Probing the host file only costs anything in preallocated images, whose data
+        // clusters may be holes (as qemu-img map reports them).
+        let s = dev.status(cur, size - cur, true)?;
         let len = s.len.max(1).min(size - cur);
         let is_data = !s.zero;
         if is_data == want_data {

@@ -413,3 +413,677 @@ pub fn open(image: &Path) -> qcow2fs::block::Chain {
     qcow2fs::block::open_chain(image, &qcow2fs::block::OpenOptions::default())
         .unwrap_or_else(|e| panic!("open_chain({}) failed: {e}", image.display()))
 }
+
+// ==========================================================================================
+// Real mounts (used by tests/mount.rs)
+//
+// Commands run with a time limit, `/proc/self/mountinfo`, finding the daemon that serves a
+// mount, and RAII guards that unmount whatever a test mounted (also when it panics):
+// [`Mount`] for qcow2fs mounts, [`LoopMount`] for `mount -o loop` of a file inside one.
+// Nothing here decides what is correct; the tests compare with QEMU.
+// ==========================================================================================
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long a mount command may take before it counts as a hang.
+pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A mount still up this long after it was made is torn down by its watchdog (daemon
+/// killed, lazy unmount), so a hung daemon fails the test instead of hanging the suite.
+pub const MOUNT_WATCHDOG: Duration = Duration::from_secs(300);
+
+/// What a command run with [`run_timeout`] did.
+#[derive(Debug)]
+pub struct Finished {
+    /// What ran, for messages.
+    pub command: String,
+    /// `None`: it was still running at the time limit and was killed.
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Finished {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+
+    /// The exit code; `None` when killed by a signal or by the time limit.
+    pub fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+
+    /// Everything known about the run, for a failure message.
+    pub fn describe(&self) -> String {
+        let status = match self.status {
+            None => format!("still running after {:?}, killed", self.elapsed),
+            Some(s) => match (s.code(), s.signal()) {
+                (Some(c), _) => format!("exit status {c}"),
+                (None, Some(sig)) => format!("killed by signal {sig}"),
+                _ => s.to_string(),
+            },
+        };
+        format!(
+            "`{}`: {status}\n  stderr: {:?}\n  stdout: {:?}",
+            self.command,
+            tail(self.stderr.as_bytes(), 2000),
+            tail(self.stdout.as_bytes(), 1000)
+        )
+    }
+
+    /// Panics with [`Finished::describe`] unless the command exited 0.
+    pub fn expect_success(self) -> Finished {
+        assert!(self.success(), "{}", self.describe());
+        self
+    }
+}
+
+/// Runs `cmd` (stdin from /dev/null) and waits at most `limit` for it to exit; kills it
+/// after that. Output goes to anonymous files, not pipes, so a background process that
+/// inherits them (a daemon that forgot to detach) cannot make this wait.
+pub fn run_timeout(cmd: &mut Command, limit: Duration) -> Finished {
+    use std::io::{Read, Seek};
+    let command = format!(
+        "{} {}",
+        cmd.get_program().to_string_lossy(),
+        shown(&cmd.get_args().collect::<Vec<_>>())
+    );
+    let out = tempfile::tempfile().expect("creating a temporary file");
+    let err = tempfile::tempfile().expect("creating a temporary file");
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(err.try_clone().unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{command}`: {e}"));
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for a child") {
+            break Some(s);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let elapsed = start.elapsed();
+    let read = |mut f: File| {
+        let mut v = Vec::new();
+        f.rewind().unwrap();
+        f.read_to_end(&mut v).unwrap();
+        String::from_utf8_lossy(&v).into_owned()
+    };
+    Finished {
+        command,
+        status,
+        stdout: read(out),
+        stderr: read(err),
+        elapsed,
+    }
+}
+
+/// `program args` run in `dir` with [`run_timeout`].
+pub fn run_in<S: AsRef<OsStr>>(dir: &Path, program: &str, args: &[S], limit: Duration) -> Finished {
+    run_timeout(Command::new(program).args(args).current_dir(dir), limit)
+}
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Clone, Debug)]
+pub struct MountInfo {
+    pub mountpoint: PathBuf,
+    pub fstype: String,
+    pub source: String,
+    /// Per-mount options (`ro,nosuid,...`).
+    pub mount_options: String,
+    /// Superblock options (`ro,user_id=0,...`).
+    pub super_options: String,
+}
+
+impl MountInfo {
+    /// Whether `opt` is one of the per-mount or superblock options.
+    pub fn has_option(&self, opt: &str) -> bool {
+        self.mount_options
+            .split(',')
+            .chain(self.super_options.split(','))
+            .any(|o| o == opt)
+    }
+}
+
+/// Undoes the `\ooo` octal escapes of mountinfo fields.
+fn unescape_octal(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        {
+            out.push(v);
+            i += 4;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every mount of this process's mount namespace, in mount order.
+pub fn mount_table() -> Vec<MountInfo> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("reading mountinfo");
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let dash = f.iter().position(|&x| x == "-")?;
+            Some(MountInfo {
+                mountpoint: PathBuf::from(unescape_octal(f.get(4)?)),
+                mount_options: f.get(5)?.to_string(),
+                fstype: f.get(dash + 1)?.to_string(),
+                source: unescape_octal(f.get(dash + 2)?),
+                super_options: f.get(dash + 3).unwrap_or(&"").to_string(),
+            })
+        })
+        .collect()
+}
+
+/// `path` with symlinks resolved when it exists (mount tables hold resolved paths).
+pub fn canonical_or_same(path: &Path) -> PathBuf {
+    path.canonicalize().unwrap_or_else(|_| absolute(path))
+}
+
+/// All mounts stacked at exactly `mountpoint`, bottom first.
+pub fn mounts_at(mountpoint: &Path) -> Vec<MountInfo> {
+    let mp = canonical_or_same(mountpoint);
+    mount_table()
+        .into_iter()
+        .filter(|m| m.mountpoint == mp)
+        .collect()
+}
+
+/// The visible (topmost) mount at exactly `mountpoint`.
+pub fn mount_info(mountpoint: &Path) -> Option<MountInfo> {
+    mounts_at(mountpoint).pop()
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesized command name, which may hold spaces.
+        Ok(s) => s
+            .rfind(')')
+            .and_then(|i| s[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Waits up to `limit` for `pid` to be gone; true if it is.
+pub fn wait_pid_gone(pid: i32, limit: Duration) -> bool {
+    let start = Instant::now();
+    while pid_alive(pid) {
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// Waits up to `limit` until `cond()` holds; returns whether it did.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The live processes running the qcow2fs binary under test with `mountpoint` among their
+/// arguments (as given or resolved): the daemon serving that mount point, found the way
+/// an administrator would, without relying on pid files.
+pub fn daemon_pids(mountpoint: &Path) -> Vec<i32> {
+    let bin = canonical_or_same(Path::new(qcow2fs_bin()));
+    let wanted = [absolute(mountpoint), canonical_or_same(mountpoint)];
+    let mut pids = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(exe) = std::fs::read_link(e.path().join("exe")) else {
+            continue;
+        };
+        // A binary rebuilt while its process runs shows as "PATH (deleted)".
+        let exe = exe
+            .to_string_lossy()
+            .trim_end_matches(" (deleted)")
+            .to_string();
+        if Path::new(&exe) != bin {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let hit = cmdline
+            .split(|&b| b == 0)
+            .any(|a| wanted.iter().any(|w| w.as_os_str().as_encoded_bytes() == a));
+        if hit && pid_alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: sending a signal has no memory-safety preconditions.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// Kills `pid` (SIGKILL) after it keeps running past a grace period.
+fn ensure_gone(pid: i32, what: &str) {
+    if !wait_pid_gone(pid, Duration::from_secs(10)) {
+        eprintln!("cleanup: {what} (pid {pid}) still running after unmount; killing it");
+        signal(pid, libc::SIGKILL);
+        wait_pid_gone(pid, Duration::from_secs(5));
+    }
+}
+
+/// Unmounts every mount at `mountpoint` whose type is `fstype` (or any type when
+/// `None`): `umount`, falling back to `umount -l`. Returns a description of what failed.
+pub fn force_unmount(mountpoint: &Path, fstype: Option<&str>) -> Option<String> {
+    let ours = |m: &MountInfo| fstype.is_none_or(|t| m.fstype == t);
+    let mut problems = Vec::new();
+    for _ in 0..8 {
+        match mount_info(mountpoint) {
+            Some(m) if ours(&m) => {}
+            _ => break,
+        }
+        let r = run_timeout(
+            Command::new("umount").arg(mountpoint),
+            Duration::from_secs(30),
+        );
+        if !r.success() {
+            problems.push(r.describe());
+            let r = run_timeout(
+                Command::new("umount").arg("-l").arg(mountpoint),
+                Duration::from_secs(30),
+            );
+            if !r.success() {
+                problems.push(r.describe());
+            }
+        }
+    }
+    match mount_info(mountpoint) {
+        Some(m) if ours(&m) => {
+            problems.push(format!("{} is still mounted", mountpoint.display()));
+            Some(problems.join("\n"))
+        }
+        _ if problems.is_empty() => None,
+        _ => Some(problems.join("\n")),
+    }
+}
+
+/// Tears a mount down when its time is up, unless cancelled first (by dropping `cancel`).
+struct Watchdog {
+    cancel: Option<mpsc::Sender<()>>,
+}
+
+impl Watchdog {
+    fn start(mountpoint: PathBuf, daemon: Option<i32>, limit: Duration) -> Watchdog {
+        let (tx, rx) = mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+                eprintln!(
+                    "watchdog: the mount at {} is still up after {limit:?}; killing its \
+                     daemon {daemon:?} and unmounting it lazily",
+                    mountpoint.display()
+                );
+                if let Some(pid) = daemon {
+                    signal(pid, libc::SIGKILL);
+                }
+                let _ = run_timeout(
+                    Command::new("umount").arg("-l").arg(&mountpoint),
+                    Duration::from_secs(30),
+                );
+            }
+        });
+        Watchdog { cancel: Some(tx) }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.cancel.take());
+    }
+}
+
+/// A qcow2fs mount that is torn down on drop: unmounted (`umount`, then `umount -l`), its
+/// daemon waited for and killed if it lingers. Made by running `qcow2fs mount` (daemon
+/// mode), `qcow2fs mount -f` (foreground, the child is kept), or by adopting a mount made
+/// some other way (`mount -t ...`).
+pub struct Mount {
+    /// The mount point, resolved.
+    pub mountpoint: PathBuf,
+    /// The process serving the mount (the daemon, or the foreground child).
+    pub daemon: Option<i32>,
+    /// The foreground `qcow2fs mount -f` process.
+    pub child: Option<Child>,
+    /// Output files of the foreground process.
+    fg_output: Option<(File, File)>,
+    watchdog: Option<Watchdog>,
+}
+
+impl Mount {
+    /// `qcow2fs mount [-o OPTS] IMAGE MOUNTPOINT` (run in the image's directory); panics
+    /// with the command's stderr if it fails or the mount does not appear.
+    pub fn new(image: &Path, mountpoint: &Path, options: &[&str]) -> Mount {
+        Mount::try_new(image, mountpoint, options).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Like [`Mount::new`], returning the reason instead of panicking.
+    pub fn try_new(image: &Path, mountpoint: &Path, options: &[&str]) -> Result<Mount, String> {
+        let mut args: Vec<&OsStr> = vec![OsStr::new("mount")];
+        for o in options {
+            args.extend([OsStr::new("-o"), OsStr::new(*o)]);
+        }
+        args.extend([image.as_os_str(), mountpoint.as_os_str()]);
+        Mount::try_command(&image_dir(image), &args, mountpoint)
+    }
+
+    /// Runs `qcow2fs ARGS` in `dir`, which must mount something at `mountpoint` and exit 0.
+    pub fn try_command<S: AsRef<OsStr>>(
+        dir: &Path,
+        args: &[S],
+        mountpoint: &Path,
+    ) -> Result<Mount, String> {
+        let r = run_in(dir, qcow2fs_bin(), args, MOUNT_TIMEOUT);
+        // Whatever happened, whatever got mounted is cleaned up by the guard.
+        let guard = Mount::adopt(mountpoint);
+        if !r.success() {
+            return Err(format!("mounting failed: {}", r.describe()));
+        }
+        match mount_info(mountpoint) {
+            Some(m) if m.fstype == "fuse.qcow2fs" => Ok(guard),
+            other => Err(format!(
+                "{} exited 0 but {} is not a qcow2fs mount (mount table: {other:?})",
+                r.command,
+                mountpoint.display()
+            )),
+        }
+    }
+
+    /// `qcow2fs mount -f [-o OPTS] IMAGE MOUNTPOINT` as a child process; returns once the
+    /// mount appears (or with the reason it did not).
+    pub fn try_foreground(
+        image: &Path,
+        mountpoint: &Path,
+        options: &[&str],
+    ) -> Result<Mount, String> {
+        let mut cmd = Command::new(qcow2fs_bin());
+        cmd.arg("mount").arg("-f");
+        for o in options {
+            cmd.arg("-o").arg(o);
+        }
+        let out = tempfile::tempfile().expect("creating a temporary file");
+        let err = tempfile::tempfile().expect("creating a temporary file");
+        cmd.arg(image)
+            .arg(mountpoint)
+            .current_dir(image_dir(image))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(err.try_clone().unwrap());
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run qcow2fs mount -f: {e}"))?;
+        let pid = child.id() as i32;
+        let mut guard = Mount {
+            mountpoint: canonical_or_same(mountpoint),
+            daemon: Some(pid),
+            child: Some(child),
+            fg_output: Some((out, err)),
+            watchdog: Some(Watchdog::start(
+                canonical_or_same(mountpoint),
+                Some(pid),
+                MOUNT_WATCHDOG,
+            )),
+        };
+        let mut exited = None;
+        let up = wait_until(MOUNT_TIMEOUT, || {
+            if let Some(s) = guard
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                exited = Some(s);
+                return true;
+            }
+            mount_info(mountpoint).is_some_and(|m| m.fstype == "fuse.qcow2fs")
+        });
+        if let Some(s) = exited {
+            guard.child = None;
+            return Err(format!(
+                "qcow2fs mount -f exited ({s}) without mounting; stderr: {:?}",
+                guard.foreground_stderr()
+            ));
+        }
+        if !up {
+            return Err(format!(
+                "qcow2fs mount -f: no mount at {} after {MOUNT_TIMEOUT:?}; stderr: {:?}",
+                mountpoint.display(),
+                guard.foreground_stderr()
+            ));
+        }
+        Ok(guard)
+    }
+
+    /// A guard for whatever is (or will be) mounted at `mountpoint` by other means,
+    /// served by a qcow2fs daemon found by [`daemon_pids`].
+    pub fn adopt(mountpoint: &Path) -> Mount {
+        let daemon = daemon_pids(mountpoint).first().copied();
+        let mountpoint = canonical_or_same(mountpoint);
+        Mount {
+            watchdog: Some(Watchdog::start(mountpoint.clone(), daemon, MOUNT_WATCHDOG)),
+            mountpoint,
+            daemon,
+            child: None,
+            fg_output: None,
+        }
+    }
+
+    /// `rel` inside the mount.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mountpoint.join(rel)
+    }
+
+    /// Whether the mount is still up.
+    pub fn is_mounted(&self) -> bool {
+        mount_info(&self.mountpoint).is_some_and(|m| m.fstype == "fuse.qcow2fs")
+    }
+
+    /// The daemon's pid; panics if none was found.
+    pub fn daemon_pid(&self) -> i32 {
+        self.daemon.unwrap_or_else(|| {
+            panic!(
+                "no qcow2fs process with {} in its arguments was found",
+                self.mountpoint.display()
+            )
+        })
+    }
+
+    /// What the foreground process wrote to stderr so far.
+    pub fn foreground_stderr(&self) -> String {
+        use std::io::{Read, Seek};
+        match &self.fg_output {
+            Some((_, err)) => {
+                let mut f = err.try_clone().unwrap();
+                let mut s = Vec::new();
+                f.rewind().unwrap();
+                f.read_to_end(&mut s).unwrap();
+                String::from_utf8_lossy(&s).into_owned()
+            }
+            None => String::new(),
+        }
+    }
+
+    /// Waits up to `limit` for the foreground process to exit and returns its status.
+    pub fn wait_foreground(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("not a foreground mount");
+        let start = Instant::now();
+        loop {
+            if let Some(s) = child.try_wait().expect("waiting for qcow2fs") {
+                return Some(s);
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        drop(self.watchdog.take());
+        if let Some(problem) = force_unmount(&self.mountpoint, Some("fuse.qcow2fs")) {
+            eprintln!("cleanup of {}: {problem}", self.mountpoint.display());
+        }
+        if let Some(mut child) = self.child.take() {
+            let start = Instant::now();
+            while child.try_wait().ok().flatten().is_none() {
+                if start.elapsed() > Duration::from_secs(10) {
+                    eprintln!("cleanup: qcow2fs mount -f still running after unmount; killing it");
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        } else if let Some(pid) = self.daemon {
+            ensure_gone(pid, "qcow2fs daemon");
+        }
+        // Any other daemon for this mount point (e.g. one started after adopt()).
+        for pid in daemon_pids(&self.mountpoint) {
+            ensure_gone(pid, "qcow2fs process");
+        }
+    }
+}
+
+/// A file inside a mount, mounted read-only through a loop device (`mount -o loop,ro`);
+/// on drop it is unmounted (`umount`, then `umount -l`) and the loop device detached.
+pub struct LoopMount {
+    pub mountpoint: PathBuf,
+    /// The loop device, e.g. `/dev/loop3`.
+    pub device: Option<String>,
+    file: PathBuf,
+}
+
+impl LoopMount {
+    /// `mount -o loop,ro[,EXTRA] FILE MOUNTPOINT`; panics with mount's stderr on failure.
+    pub fn new(file: &Path, mountpoint: &Path, extra_options: &str) -> LoopMount {
+        let mut opts = String::from("loop,ro");
+        if !extra_options.is_empty() {
+            opts.push(',');
+            opts.push_str(extra_options);
+        }
+        let r = run_timeout(
+            Command::new("mount")
+                .arg("-o")
+                .arg(&opts)
+                .arg(file)
+                .arg(mountpoint),
+            MOUNT_TIMEOUT,
+        );
+        let device = mount_info(mountpoint)
+            .map(|m| m.source)
+            .filter(|s| s.starts_with("/dev/loop"));
+        let guard = LoopMount {
+            mountpoint: canonical_or_same(mountpoint),
+            device,
+            file: canonical_or_same(file),
+        };
+        assert!(r.success(), "loop mount failed: {}", r.describe());
+        assert!(
+            guard.device.is_some(),
+            "after {}, no loop device is mounted at {}: {:?}",
+            r.command,
+            mountpoint.display(),
+            mount_info(mountpoint)
+        );
+        guard
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        if let Some(problem) = force_unmount(&self.mountpoint, None) {
+            eprintln!("cleanup of {}: {problem}", self.mountpoint.display());
+        }
+        let Some(dev) = self.device.clone() else {
+            return;
+        };
+        // Detach the device if it still shows our file (autoclear may have done it).
+        let r = run_timeout(
+            Command::new("losetup")
+                .args(["--noheadings", "--output", "BACK-FILE"])
+                .arg(&dev),
+            Duration::from_secs(30),
+        );
+        if r.success() && r.stdout.trim() == self.file.to_string_lossy() {
+            let d = run_timeout(
+                Command::new("losetup").arg("-d").arg(&dev),
+                Duration::from_secs(30),
+            );
+            if !d.success() {
+                eprintln!("cleanup: {}", d.describe());
+            }
+        }
+    }
+}
+
+/// A symlink made for the duration of a test (e.g. `/sbin/mount.qcow2fs` to the binary
+/// under test), removed on drop if it still points where it was made to point.
+pub struct TempSymlink {
+    pub link: PathBuf,
+    target: PathBuf,
+}
+
+impl TempSymlink {
+    /// Creates `link` → `target`; fails if `link` already exists (nothing is replaced).
+    pub fn new(link: &Path, target: &Path) -> Result<TempSymlink, String> {
+        std::os::unix::fs::symlink(target, link).map_err(|e| {
+            format!(
+                "cannot create the symlink {} -> {}: {e}",
+                link.display(),
+                target.display()
+            )
+        })?;
+        Ok(TempSymlink {
+            link: link.to_path_buf(),
+            target: target.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for TempSymlink {
+    fn drop(&mut self) {
+        if std::fs::read_link(&self.link).is_ok_and(|t| t == self.target) {
+            let _ = std::fs::remove_file(&self.link);
+        }
+    }
+}
