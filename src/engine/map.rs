@@ -111,7 +111,7 @@ impl Image {
                     Some(f) if continues(f, &next, cur - off) => {}
                     Some(_) => break 'tables,
                 }
-                cur = ((l1i + 1) * l2_entries << cb).min(end);
+                cur = (((l1i + 1) * l2_entries) << cb).min(end);
                 continue;
             }
             let table = self.l2_table(l2_off)?;
