@@ -113,7 +113,7 @@ pub(crate) fn pick_view(chain: &Chain, key: Option<&str>) -> Result<Arc<dyn bloc
                 )
                 .in_file(chain.image().path())
             })?;
-            chain.image().snapshot_l1(i)?;
+            chain.image().check_snapshot(i)?;
             Ok(chain.snapshot(i))
         }
     }

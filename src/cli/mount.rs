@@ -341,7 +341,12 @@ pub fn run(req: MountRequest) -> Result<()> {
         &OpenOptions {
             image: image_opts,
             force_share: req.options.force_share,
-            ..Default::default()
+            backing: if req.options.deny_backing {
+                block::BackingPolicy::Deny
+            } else {
+                block::BackingPolicy::Follow
+            },
+            backing_dir: req.options.backing_dir.clone(),
         },
     )?;
     if req.foreground {

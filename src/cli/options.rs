@@ -108,6 +108,16 @@ pub const MOUNT_OPTIONS: &[OptSpec] = &[
         value: None,
         help: "Keep the overlay files at unmount instead of deleting them.",
     },
+    OptSpec {
+        name: "backing",
+        value: Some("follow|deny"),
+        help: "deny: show the top image alone, unallocated ranges as zeros (default follow).",
+    },
+    OptSpec {
+        name: "backing_dir",
+        value: Some("DIR"),
+        help: "Open backing and data files only if they lie under DIR.",
+    },
 ];
 
 /// Options mount(8) and fstab pass that qcow2fs accepts: kernel flags it forwards and
@@ -188,6 +198,8 @@ pub struct MountOptions {
     /// Throwaway overlays, in this directory.
     pub overlay: Option<PathBuf>,
     pub keep_overlay: bool,
+    pub deny_backing: bool,
+    pub backing_dir: Option<PathBuf>,
     /// Kernel mount flags to forward (nodev, nosuid, noexec, noatime, ...).
     pub kernel_flags: Vec<String>,
 }
@@ -213,6 +225,8 @@ impl Default for MountOptions {
             cor_bottom: None,
             overlay: None,
             keep_overlay: false,
+            deny_backing: false,
+            backing_dir: None,
             kernel_flags: Vec::new(),
         }
     }
@@ -340,6 +354,18 @@ impl MountOptions {
                 })
             }
             "keep_overlay" => self.keep_overlay = true,
+            "backing" => {
+                self.deny_backing = match need(value)?.as_str() {
+                    "deny" => true,
+                    "follow" => false,
+                    v => {
+                        return Err(Error::invalid(format!(
+                            "option backing={v}: expected follow or deny"
+                        )));
+                    }
+                }
+            }
+            "backing_dir" => self.backing_dir = Some(PathBuf::from(need(value)?)),
             _ if is_generic(opt) => {
                 if let Some(opposite) = opposite_flag(name) {
                     // mount(8) semantics: of two opposite flags, the later one wins.

@@ -17,6 +17,10 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::AtomicBool;
 
+/// Bytes of snapshot L1 tables kept cached (a table larger than this is still used, it
+/// is just not kept alongside others).
+const SNAPSHOT_L1_CACHE_BYTES: usize = 32 << 20;
+
 /// Default size of the L2 cache in bytes.
 pub const DEFAULT_CACHE_BYTES: u64 = 32 << 20;
 
@@ -371,10 +375,9 @@ impl Image {
 
     /// A snapshot's L1 table, validated and loaded on first use. A broken entry fails
     /// only its own snapshot.
-    pub fn snapshot_l1(&self, i: usize) -> Result<Arc<Vec<u64>>> {
-        if let Some(l1) = self.snapshot_l1.lock().get(&i) {
-            return Ok(l1.clone());
-        }
+    /// Checks where a snapshot's L1 table lies (alignment, size limit, inside the file)
+    /// without reading it. A broken entry fails only its own snapshot.
+    pub fn check_snapshot(&self, i: usize) -> Result<()> {
         let s = self
             .snapshots
             .get(i)
@@ -408,15 +411,34 @@ impl Image {
             ))
             .in_file(&self.path));
         }
+        Ok(())
+    }
+
+    /// A snapshot's L1 table, validated and loaded on first use, and cached within a
+    /// bound on the bytes all cached snapshot tables take.
+    pub fn snapshot_l1(&self, i: usize) -> Result<Arc<Vec<u64>>> {
+        if let Some(l1) = self.snapshot_l1.lock().get(&i) {
+            return Ok(l1.clone());
+        }
+        self.check_snapshot(i)?;
+        let e = &self.snapshots[i].entry;
         let raw = read_meta(
             &*self.file,
             &self.path,
             "a snapshot L1 table",
             e.l1_table_offset,
-            bytes as usize,
+            e.l1_size as usize * 8,
         )?;
         let l1 = Arc::new(decode_words(&raw));
-        self.snapshot_l1.lock().insert(i, l1.clone());
+        let mut cache = self.snapshot_l1.lock();
+        let mut total: usize = cache.values().map(|t| t.len() * 8).sum();
+        while total + l1.len() * 8 > SNAPSHOT_L1_CACHE_BYTES && !cache.is_empty() {
+            let k = *cache.keys().next().expect("not empty");
+            if let Some(t) = cache.remove(&k) {
+                total -= t.len() * 8;
+            }
+        }
+        cache.insert(i, l1.clone());
         Ok(l1)
     }
 

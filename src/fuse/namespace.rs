@@ -198,7 +198,7 @@ impl Namespace {
         let image = chain.image();
         if opts.snapshots && !image.snapshots().is_empty() {
             let usable: Vec<usize> = (0..image.snapshots().len())
-                .filter(|&i| match image.snapshot_l1(i) {
+                .filter(|&i| match image.check_snapshot(i) {
                     Ok(_) => true,
                     Err(e) => {
                         log::warn!("{e}; leaving this snapshot out of the mount");
