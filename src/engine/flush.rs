@@ -34,12 +34,12 @@ impl Image {
             return Ok(());
         }
         let mut changed = false;
-        // Unknown bits, data-file-raw (not maintained) and a bitmaps bit without bitmaps.
-        let keep = if m.header.bitmaps.is_some() {
-            autoclear::BITMAPS
-        } else {
-            0
-        };
+        // Unknown bits and a bitmaps bit without bitmaps. data-file-raw stays: writes to a
+        // data file go to the guest offset, and zeroing writes real zeros there.
+        let mut keep = autoclear::DATA_FILE_RAW;
+        if m.header.bitmaps.is_some() {
+            keep |= autoclear::BITMAPS;
+        }
         if m.header.autoclear_features & !keep != 0 {
             m.header.autoclear_features &= keep;
             changed = true;
@@ -172,6 +172,23 @@ impl Image {
             return Ok(());
         }
         self.prepare_for_write(m)?;
+        if m.header.data_file_raw()
+            && let Some((path, store)) = self.data_store.get()
+        {
+            // A raw data file stays a raw image of the whole disk.
+            let len = store
+                .len()
+                .map_err(|e| Error::io(path, "reading the data file's size", e))?;
+            if len < new_size {
+                store.set_len(new_size).map_err(|e| {
+                    Error::io(
+                        path,
+                        format!("growing the data file to {new_size} bytes"),
+                        e,
+                    )
+                })?;
+            }
+        }
         let needed = m.header.l1_entries_for(new_size);
         if needed > crate::format::header::MAX_L1_ENTRIES {
             return Err(Error::invalid(format!(

@@ -408,6 +408,10 @@ impl Image {
         unmap: bool,
         has_backing: bool,
     ) -> Result<Vec<(u64, u64)>> {
+        if m.header.data_file_raw() {
+            // The data file must stay a valid raw image of the disk: write real zeros.
+            return Ok(vec![(off, len)]);
+        }
         self.prepare_for_write(m)?;
         let cs = self.cluster_size();
         let l2_entries = self.layout.l2_entries();
