@@ -2253,3 +2253,170 @@ fn mount8_and_fstab_integration() {
         wrong.join("\n\n")
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// 7. Readahead and the backing-file policy options
+// ---------------------------------------------------------------------------------------
+
+/// The kernel readahead window of the mount at `mnt`, from its backing device info.
+fn bdi_read_ahead_kb(mnt: &Path) -> Option<u32> {
+    let dev = fs::metadata(mnt).ok()?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[test]
+fn readahead_option_sets_the_kernel_window() {
+    let (dir, top) = corpus::build("cluster_bits_9");
+    let mnt = mountpoint(dir.path(), "mnt");
+    let expected = qemu_raw(&top);
+    let default_kb = {
+        let m = Mount::new(&top, &mnt, &[]);
+        let kb = bdi_read_ahead_kb(&m.mountpoint).expect("the mount has a bdi entry");
+        drop(m);
+        kb
+    };
+    let want = if default_kb == 2048 { 4096 } else { 2048 };
+    let m = Mount::new(&top, &mnt, &[&format!("readahead={want}")]);
+    let mut seen = None;
+    wait_until(Duration::from_secs(5), || {
+        seen = bdi_read_ahead_kb(&m.mountpoint);
+        seen == Some(want)
+    });
+    assert_eq!(
+        seen,
+        Some(want),
+        "readahead={want}: the kernel window (default {default_kb} KiB) was not set"
+    );
+    assert_same_bytes(
+        "disk.raw with a larger readahead",
+        &expected,
+        &fs::read(m.path("disk.raw")).unwrap(),
+    );
+    drop(m);
+    for bad in ["readahead=0", "readahead=lots", "readahead=1000000"] {
+        assert_mount_fails(
+            bad,
+            dir.path(),
+            &mount_args(&[bad], &top, &mnt),
+            &mnt,
+            &["readahead"],
+        );
+    }
+}
+
+/// A top image over a base in `base-dir/`, each with its own data.
+fn two_layers(dir: &Path) -> PathBuf {
+    let mut ctx = Ctx::new(dir, "policy");
+    ctx.mkdir("base-dir");
+    ctx.create("base-dir/base.qcow2", 2 * M, "");
+    let c = vec![ctx.w(0, 2 * M)];
+    ctx.io("base-dir/base.qcow2", &c);
+    let top = ctx.overlay("top.qcow2", "base-dir/base.qcow2", "qcow2", None, "");
+    let c = vec![
+        ctx.w(64 * K, 100 * K),
+        ctx.w(M + 3000, 5000),
+        z(1536 * K, 64 * K),
+    ];
+    ctx.io("top.qcow2", &c);
+    top
+}
+
+#[test]
+fn backing_deny_shows_the_top_layer_alone() {
+    let dir = common::tempdir();
+    let top = two_layers(dir.path());
+    // QEMU's rendering of the top image with its backing link cut.
+    let spec = format!(
+        r#"json:{{"driver":"qcow2","backing":null,"file":{{"driver":"file","filename":"{}"}}}}"#,
+        absolute(&top).display()
+    );
+    let alone = dir.path().join("alone.raw");
+    qemu_img(
+        dir.path(),
+        &["convert", "-O", "raw", &spec, alone.to_str().unwrap()],
+    );
+    let expected = fs::read(&alone).unwrap();
+    let whole = qemu_raw(&top);
+    assert_ne!(
+        expected, whole,
+        "test setup: the base must show through the top"
+    );
+    let mnt = mountpoint(dir.path(), "mnt");
+    {
+        let m = Mount::new(&top, &mnt, &["backing=deny"]);
+        assert_same_bytes(
+            "top.raw with backing=deny",
+            &expected,
+            &fs::read(m.path("top.raw")).unwrap(),
+        );
+        assert!(
+            !m.path("layers").exists(),
+            "backing=deny still shows layers/: {:?}",
+            listing(&m.mountpoint)
+        );
+    }
+    {
+        let m = Mount::new(&top, &mnt, &["backing=follow"]);
+        assert_same_bytes(
+            "top.raw with backing=follow",
+            &whole,
+            &fs::read(m.path("top.raw")).unwrap(),
+        );
+    }
+    assert_mount_fails(
+        "backing=maybe",
+        dir.path(),
+        &mount_args(&["backing=maybe"], &top, &mnt),
+        &mnt,
+        &["backing"],
+    );
+}
+
+#[test]
+fn backing_dir_allows_only_files_under_it() {
+    let dir = common::tempdir();
+    let top = two_layers(dir.path());
+    let mnt = mountpoint(dir.path(), "mnt");
+    let base_dir = dir.path().join("base-dir");
+    {
+        let opt = format!("backing_dir={}", base_dir.display());
+        let m = Mount::new(&top, &mnt, &[&opt]);
+        assert_same_bytes(
+            "top.raw with its base under backing_dir",
+            &qemu_raw(&top),
+            &fs::read(m.path("top.raw")).unwrap(),
+        );
+    }
+    let elsewhere = dir.path().join("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    let opt = format!("backing_dir={}", elsewhere.display());
+    assert_mount_fails(
+        "a base outside backing_dir",
+        dir.path(),
+        &mount_args(&[&opt], &top, &mnt),
+        &mnt,
+        &["base.qcow2", "backing_dir"],
+    );
+    // A symlink under backing_dir that leads outside it does not count as under it.
+    let mut ctx = Ctx::new(dir.path(), "policy-link");
+    ctx.create("elsewhere/real.qcow2", M, "");
+    let c = vec![ctx.w(0, M)];
+    ctx.io("elsewhere/real.qcow2", &c);
+    let jail = dir.path().join("jail");
+    fs::create_dir(&jail).unwrap();
+    std::os::unix::fs::symlink(elsewhere.join("real.qcow2"), jail.join("link.qcow2")).unwrap();
+    let linked = ctx.overlay("jail/top2.qcow2", "link.qcow2", "qcow2", None, "");
+    let opt = format!("backing_dir={}", jail.display());
+    assert_mount_fails(
+        "a symlink leading outside backing_dir",
+        dir.path(),
+        &mount_args(&[&opt], &linked, &mnt),
+        &mnt,
+        &["link.qcow2", "backing_dir"],
+    );
+}

@@ -167,6 +167,28 @@ fn write_pidfile(mountpoint: &Path) -> Option<PathBuf> {
     Some(p)
 }
 
+/// Sets the mount's kernel readahead window once the kernel finished its handshake with
+/// the session (the handshake sets the window to at most the kernel's default, so a
+/// larger one can only be set afterwards, through the mount's backing device info).
+fn set_readahead(mountpoint: PathBuf, kb: u32) {
+    std::thread::spawn(move || {
+        // stat waits for the handshake, which the session answers once it runs.
+        let dev = match std::fs::metadata(&mountpoint) {
+            Ok(m) => std::os::unix::fs::MetadataExt::dev(&m),
+            Err(e) => {
+                log::warn!("readahead: cannot stat {}: {e}", mountpoint.display());
+                return;
+            }
+        };
+        let (major, minor) = (libc::major(dev), libc::minor(dev));
+        let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+        match std::fs::write(&knob, kb.to_string()) {
+            Ok(()) => log::info!("readahead window set to {kb} KiB ({knob})"),
+            Err(e) => log::warn!("readahead={kb}: cannot write {knob}: {e}"),
+        }
+    });
+}
+
 /// Mounts and serves until unmounted. With `ready`, reports success or the error
 /// through that pipe (the parent of a daemon waits on it).
 fn serve(
@@ -234,7 +256,7 @@ fn serve(
             uid: o.uid.unwrap_or(euid),
             gid: o.gid.unwrap_or(egid),
             umask: o.umask,
-            readahead: None,
+            readahead: o.readahead_kb.map(|kb| kb.saturating_mul(1024)),
             writable,
         },
     );
@@ -292,6 +314,9 @@ fn serve(
         detach_stdio();
     }
     handle_signals(session.unmount_callable());
+    if let Some(kb) = o.readahead_kb {
+        set_readahead(mountpoint.to_path_buf(), kb);
+    }
     let result = session.run();
     if let Some(p) = pid_path {
         let _ = std::fs::remove_file(p);

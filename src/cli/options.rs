@@ -69,6 +69,11 @@ pub const MOUNT_OPTIONS: &[OptSpec] = &[
         help: "Request threads (default: number of CPUs).",
     },
     OptSpec {
+        name: "readahead",
+        value: Some("KB"),
+        help: "Kernel readahead window for the mount's files, in KiB (default: the kernel's).",
+    },
+    OptSpec {
         name: "snapshots",
         value: Some("on|off"),
         help: "Show the snapshots/ directory (default on).",
@@ -189,6 +194,8 @@ pub struct MountOptions {
     pub fsname: Option<String>,
     pub cache_size: Option<u64>,
     pub threads: Option<usize>,
+    /// Kernel readahead window in KiB.
+    pub readahead_kb: Option<u32>,
     pub snapshots: bool,
     pub layers: bool,
     pub log: Option<PathBuf>,
@@ -217,6 +224,7 @@ impl Default for MountOptions {
             fsname: None,
             cache_size: None,
             threads: None,
+            readahead_kb: None,
             snapshots: true,
             layers: true,
             log: None,
@@ -331,6 +339,15 @@ impl MountOptions {
                 self.cache_size = Some(parse_size(&v).ok_or_else(|| {
                     Error::invalid(format!("option cache_size={v}: not a size like 32M"))
                 })?);
+            }
+            "readahead" => {
+                let kb: u32 = number(name, &need(value)?)?;
+                if !(4..=65536).contains(&kb) {
+                    return Err(Error::invalid(format!(
+                        "option readahead={kb}: expected 4 to 65536 (KiB)"
+                    )));
+                }
+                self.readahead_kb = Some(kb);
             }
             "threads" => {
                 let n: usize = number(name, &need(value)?)?;
