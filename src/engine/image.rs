@@ -130,7 +130,8 @@ impl Image {
         let cs = 1u64 << cluster_bits;
         let c0 = read_meta(&*file, path, "the header cluster", 0, cs as usize)?;
         let header = Header::parse(&c0).map_err(|e| in_file(e.into()))?;
-        if header.is_corrupt() {
+        // A read-write open is refused below, without this warning.
+        if header.is_corrupt() && !opts.writable {
             log::warn!(
                 "{}: the image is marked corrupt (incompatible bit 1); reading it anyway, read-only",
                 path.display()
