@@ -26,8 +26,8 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------
@@ -988,4 +988,893 @@ fn ext4_made_filled_and_checked_through_a_loop_device() {
     );
     g.unmount();
     lo.detach();
+}
+
+// ---------------------------------------------------------------------------------------
+// kill -9 in the middle of fsync'd writes
+// ---------------------------------------------------------------------------------------
+
+/// Granularity of the crash checks: a sector holds one of the states it went through.
+const SECTOR: u64 = 512;
+
+/// One step of the crash workload, logged by the writer before it is issued.
+enum Step {
+    /// `data` written at `off` (zeros for a punched or zeroed range); `what` names it.
+    Data {
+        off: u64,
+        data: Vec<u8>,
+        what: &'static str,
+    },
+    /// An fsync that returned success: every step logged before it is durable.
+    Synced,
+}
+
+/// Writes, punches and zero ranges on `path` until an operation fails (the daemon was
+/// killed) or `max_ops` are done; about one operation in eight is followed by fsync.
+/// Every step is logged before it is issued and every completed fsync after it returns.
+/// Returns the error that stopped it.
+fn crash_writer(
+    path: PathBuf,
+    seed: u64,
+    cluster: u64,
+    log: Arc<Mutex<Vec<Step>>>,
+    synced: Arc<AtomicUsize>,
+    max_ops: usize,
+) -> Option<std::io::Error> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("opening {} read-write: {e}", path.display()));
+    let size = f.metadata().unwrap().len();
+    let mut rng = Rng::new(seed);
+    for _ in 0..max_ops {
+        let (off, len, what) = match rng.below(100) {
+            0..45 => {
+                let len = rng.range(1, 5) * 4096;
+                (rng.below((size - len) / 4096) * 4096, len, "write")
+            }
+            45..70 => {
+                let len = rng.range(1, 5000);
+                (rng.below(size - len), len, "write")
+            }
+            // Across cluster boundaries.
+            70..85 => {
+                let len = rng.range(cluster, 3 * cluster);
+                (rng.below(size - len), len, "write")
+            }
+            85..93 => {
+                let len = rng.range(1, 3 * cluster);
+                (rng.below(size - len), len, "punch")
+            }
+            _ => {
+                let len = rng.range(1, 3 * cluster);
+                (rng.below(size - len), len, "zero range")
+            }
+        };
+        let data = if what == "write" {
+            rng.bytes(len as usize)
+        } else {
+            vec![0; len as usize]
+        };
+        log.lock().unwrap().push(Step::Data {
+            off,
+            data: data.clone(),
+            what,
+        });
+        let r = match what {
+            "write" => f.write_all_at(&data, off),
+            "punch" => fallocate(
+                &f,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            ),
+            _ => fallocate(&f, libc::FALLOC_FL_ZERO_RANGE, off, len),
+        };
+        if let Err(e) = r {
+            return Some(e);
+        }
+        if rng.chance(12) {
+            if let Err(e) = f.sync_all() {
+                return Some(e);
+            }
+            log.lock().unwrap().push(Step::Synced);
+            synced.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    None
+}
+
+/// What a crash may leave: `durable` is the disk after every step before the last
+/// completed fsync; `later` the steps after it, each of which may or may not have reached
+/// the image.
+struct CrashModel {
+    durable: Vec<u8>,
+    later: Vec<Step>,
+    fsyncs: usize,
+}
+
+impl CrashModel {
+    fn new(before: Vec<u8>, log: Vec<Step>) -> CrashModel {
+        let last = log.iter().rposition(|s| matches!(s, Step::Synced));
+        let fsyncs = log.iter().filter(|s| matches!(s, Step::Synced)).count();
+        let mut durable = before;
+        let mut later = Vec::new();
+        for (i, s) in log.into_iter().enumerate() {
+            if last.is_some_and(|l| i < l) {
+                if let Step::Data { off, data, .. } = &s {
+                    durable[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+                }
+            } else if matches!(s, Step::Data { .. }) {
+                later.push(s);
+            }
+        }
+        CrashModel {
+            durable,
+            later,
+            fsyncs,
+        }
+    }
+
+    /// Every sector of `got` must hold a state it went through: a sector no step after the
+    /// last fsync touched holds exactly its fsync'd bytes; a touched one its fsync'd bytes
+    /// or its bytes after one of the later steps.
+    fn assert_consistent(&self, what: &str, got: &[u8]) {
+        assert_eq!(
+            got.len(),
+            self.durable.len(),
+            "{what}: the disk size changed"
+        );
+        let mut states: BTreeMap<u64, Vec<(usize, Vec<u8>)>> = BTreeMap::new();
+        let mut cur = self.durable.clone();
+        for (k, s) in self.later.iter().enumerate() {
+            let Step::Data { off, data, .. } = s else {
+                continue;
+            };
+            cur[*off as usize..*off as usize + data.len()].copy_from_slice(data);
+            for sector in off / SECTOR..(off + data.len() as u64).div_ceil(SECTOR) {
+                let r = (sector * SECTOR) as usize..((sector + 1) * SECTOR) as usize;
+                states
+                    .entry(sector)
+                    .or_default()
+                    .push((k + 1, cur[r].to_vec()));
+            }
+        }
+        for sector in 0..got.len() as u64 / SECTOR {
+            let r = (sector * SECTOR) as usize..((sector + 1) * SECTOR) as usize;
+            let want = &self.durable[r.clone()];
+            if got[r.clone()] == *want {
+                continue;
+            }
+            let Some(list) = states.get(&sector) else {
+                let d = common::first_difference(want, &got[r]).unwrap();
+                panic!(
+                    "{what}: sector {sector} (byte {:#x}), written and fsync'd before the \
+                     kill and not touched after, changed: {d}",
+                    sector * SECTOR
+                );
+            };
+            if !list.iter().any(|(_, v)| got[r.clone()] == **v) {
+                let steps: Vec<String> = list
+                    .iter()
+                    .map(|(k, _)| match &self.later[k - 1] {
+                        Step::Data { off, data, what } => {
+                            format!("#{k} {what} {} at {off:#x}", data.len())
+                        }
+                        Step::Synced => unreachable!(),
+                    })
+                    .collect();
+                panic!(
+                    "{what}: sector {sector} (byte {:#x}) holds neither its fsync'd bytes nor \
+                     the bytes of any later step touching it ({}); first difference from the \
+                     fsync'd bytes: {}",
+                    sector * SECTOR,
+                    steps.join(", "),
+                    common::first_difference(want, &got[r]).unwrap()
+                );
+            }
+        }
+    }
+}
+
+/// One crash: mount rw, run [`crash_writer`], SIGKILL the daemon once `fsyncs` fsyncs
+/// have returned and a few milliseconds more have passed (the writer still writing),
+/// remove the dead mount. Returns the model of what the image may now hold, and the
+/// mount's stderr.
+fn write_and_kill(
+    image: &Path,
+    mnt: &Path,
+    options: &[&str],
+    before: Vec<u8>,
+    seed: u64,
+    cluster: u64,
+) -> (CrashModel, String) {
+    let m = RwMount::mount(image, mnt, options);
+    let stderr = m.stderr.clone();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let synced = Arc::new(AtomicUsize::new(0));
+    let mut rng = Rng::new(seed ^ 0xc4a5);
+    let fsyncs = rng.range(2, 8) as usize;
+    let linger = Duration::from_millis(rng.below(30));
+    let writer = {
+        let (path, log, synced) = (m.disk(), log.clone(), synced.clone());
+        std::thread::spawn(move || crash_writer(path, seed, cluster, log, synced, 20_000))
+    };
+    let reached = common::wait_until(Duration::from_secs(60), || {
+        synced.load(Ordering::SeqCst) >= fsyncs || writer.is_finished()
+    });
+    std::thread::sleep(linger);
+    let running = !writer.is_finished();
+    m.kill9();
+    let stopped = match writer.join() {
+        Ok(e) => e,
+        Err(p) => std::panic::resume_unwind(p),
+    };
+    assert!(
+        reached && running,
+        "the writer stopped before the kill ({stopped:?}) or made no {fsyncs} fsyncs in 60 s"
+    );
+    let e = stopped.expect("the writer finished every operation although the daemon was killed");
+    assert!(
+        matches!(
+            e.raw_os_error(),
+            Some(libc::ENOTCONN | libc::ECONNABORTED | libc::EIO)
+        ),
+        "after the kill, the writer's operation failed with an unexpected error: {e}"
+    );
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    (CrashModel::new(before, log), stderr)
+}
+
+/// The image that crash tests write: `size` bytes with data everywhere QEMU put it.
+fn crash_image(dir: &Path, size: u64, opts: &str, cluster: u64) -> PathBuf {
+    let image = create(dir, "img.qcow2", size, opts, None);
+    populate(&image, size, cluster);
+    image
+}
+
+/// Rounds of write-and-kill on one image; after each kill `qemu-img check` finds no
+/// corruption (leaks allowed) and QEMU's rendering holds every fsync'd block. With lazy
+/// refcounts the image is dirty after a kill instead, and the next read-write mount
+/// rebuilds it (saying so); the last one unmounts cleanly and the check is clean.
+fn crash_rounds(name: &str, image: &Path, options: &[&str], cluster: u64, lazy: bool) {
+    let dir = dir_of(image);
+    let mnt = mountpoint(&dir, "mnt");
+    let snapshots: Vec<(String, Vec<u8>)> = snapshot_list(image)
+        .into_iter()
+        .map(|(_, n)| {
+            let data = qemu_render_snapshot_named(image, &n);
+            (n, data)
+        })
+        .collect();
+    let mut model = qemu_render(image, None);
+    let mut options = options.to_vec();
+    options.insert(0, "rw");
+    for round in 0..3u64 {
+        let seed = seed_of(name) ^ round.wrapping_mul(0x9e37_79b9);
+        let (crash, stderr) = write_and_kill(image, &mnt, &options, model, seed, cluster);
+        let what = format!(
+            "{name} round {round} (seed {seed:#x}, {} fsyncs)",
+            crash.fsyncs
+        );
+        if lazy && round > 0 {
+            assert!(
+                stderr.contains("rebuilding its refcounts"),
+                "{what}: the read-write mount of the dirty image did not say it rebuilt the \
+                 refcounts; stderr: {stderr:?}"
+            );
+        }
+        if lazy {
+            assert!(
+                dirty_flag(image),
+                "{what}: a lazy_refcounts image written and killed must be left dirty"
+            );
+        } else {
+            assert_no_corruption(image);
+        }
+        let got = qemu_render(image, None);
+        crash.assert_consistent(&format!("{what}: qemu-img convert after the kill"), &got);
+        for (n, data) in &snapshots {
+            let now = qemu_render_snapshot_named(image, n);
+            if let Some(d) = common::first_difference(data, &now) {
+                panic!("{what}: snapshot {n} changed: {d}");
+            }
+        }
+        model = got;
+    }
+    // A clean mount of the crashed image: it must read what QEMU reads, and leave an
+    // image QEMU finds consistent.
+    let m = RwMount::mount(image, &mnt, &options);
+    if lazy {
+        assert!(
+            m.stderr.contains("not closed cleanly") && m.stderr.contains("rebuilding"),
+            "{name}: mounting the dirty image rw did not report the rebuild: {:?}",
+            m.stderr
+        );
+    }
+    let mut disk = Disk::open(&m.disk(), model);
+    disk.write(
+        cluster / 2,
+        &Rng::new(seed_of(name)).bytes(3 * cluster as usize),
+    );
+    disk.fsync();
+    disk.verify_through_mount();
+    let model = std::mem::take(&mut disk.model);
+    drop(disk);
+    m.umount();
+    if lazy {
+        assert!(
+            !dirty_flag(image),
+            "{name}: still dirty after a clean unmount"
+        );
+        assert_check_clean(image);
+    } else {
+        assert_no_corruption(image);
+    }
+    assert_model(
+        &format!("{name}: qemu-img convert after the last clean unmount"),
+        &model,
+        &qemu_render(image, None),
+        |_| String::new(),
+    );
+    // QEMU can go on writing it.
+    io(image, &[w(0x99, 4096, 8192)]);
+    assert_no_corruption(image);
+}
+
+#[test]
+fn kill9_mid_workload_small_clusters_small_cache() {
+    let tmp = common::tempdir();
+    // 4 KiB clusters and a cache of four L2 tables for eight: tables are written back
+    // (evicted) at random moments of the workload.
+    let image = crash_image(tmp.path(), 16 * M, "cluster_size=4k", 4 * K);
+    crash_rounds(
+        "kill9_small_clusters",
+        &image,
+        &["cache_size=8k"],
+        4 * K,
+        false,
+    );
+}
+
+#[test]
+fn kill9_mid_workload_lazy_refcounts_rebuilt_by_next_mount() {
+    let tmp = common::tempdir();
+    let image = crash_image(tmp.path(), 8 * M, "lazy_refcounts=on", 64 * K);
+    crash_rounds("kill9_lazy_refcounts", &image, &[], 64 * K, true);
+}
+
+#[test]
+fn kill9_mid_workload_internal_snapshot_unchanged() {
+    let tmp = common::tempdir();
+    let image = crash_image(tmp.path(), 8 * M, "", 64 * K);
+    img(tmp.path(), &["snapshot", "-c", "before", "img.qcow2"]);
+    io(&image, &[w(0x77, 2 * M + 512, 700 * K)]);
+    crash_rounds("kill9_snapshot", &image, &[], 64 * K, false);
+}
+
+// ---------------------------------------------------------------------------------------
+// QEMU's image locks, both directions
+// ---------------------------------------------------------------------------------------
+
+/// `qemu-img ARGS` (run in the image's directory) whatever its status.
+fn qemu_img_out(image: &Path, args: &[&str]) -> Out {
+    run_in(&dir_of(image), "qemu-img", args)
+}
+
+/// `qemu-io [-f qcow2] -c CMD IMAGE` whatever its status.
+fn qemu_io_out(image: &Path, extra: &[&str], cmd: &str) -> Out {
+    let mut args: Vec<&str> = extra.to_vec();
+    args.extend(["-c", cmd, image.to_str().unwrap()]);
+    run_in(&dir_of(image), "qemu-io", &args)
+}
+
+/// QEMU refused to open the image because of a lock: a failure naming `lock`.
+fn assert_lock_refused(out: &Out, lock: &str) {
+    assert!(
+        !out.ok() && out.all_output().contains(lock),
+        "expected QEMU to fail with {lock:?}: {}",
+        out.describe()
+    );
+}
+
+/// qemu-io wrote (it exits 0 even when a command fails, so its output is checked).
+fn assert_qemu_io_wrote(out: &Out) {
+    assert!(
+        out.ok() && out.stdout.contains("wrote") && !out.all_output().contains("lock"),
+        "expected qemu-io to write: {}",
+        out.describe()
+    );
+}
+
+fn lock_image(dir: &Path) -> PathBuf {
+    let image = create(dir, "img.qcow2", 4 * M, "", None);
+    io(&image, &[w(0x3c, 0, 256 * K)]);
+    image
+}
+
+#[test]
+fn qemu_is_locked_out_while_mounted_rw() {
+    let tmp = common::tempdir();
+    let image = lock_image(tmp.path());
+    let mnt = mountpoint(tmp.path(), "mnt");
+    let before = fs::read(&image).unwrap();
+    let m = RwMount::mount(&image, &mnt, &["rw"]);
+    let img_s = image.to_str().unwrap();
+    assert_lock_refused(
+        &qemu_img_out(&image, &["snapshot", "-c", "x", img_s]),
+        "Failed to get \"write\" lock",
+    );
+    assert_lock_refused(
+        &qemu_io_out(&image, &[], "write 0 4k"),
+        "Failed to get \"write\" lock",
+    );
+    // Even reading needs QEMU's shared lock against a writer...
+    assert_lock_refused(
+        &qemu_img_out(&image, &["info", img_s]),
+        "Failed to get shared \"write\" lock",
+    );
+    assert_lock_refused(
+        &qemu_io_out(&image, &["-r"], "read 0 4k"),
+        "Failed to get shared \"write\" lock",
+    );
+    // ... unless told to share (-U).
+    qemu_img_out(&image, &["info", "-U", img_s]).expect_ok();
+    assert_eq!(
+        fs::read(&image).unwrap(),
+        before,
+        "the image changed although nothing was written"
+    );
+    m.umount();
+    assert!(
+        snapshot_list(&image).is_empty(),
+        "qemu-img snapshot -c ran against the mount"
+    );
+    // The locks went with the mount.
+    assert_qemu_io_wrote(&qemu_io_out(&image, &[], "write 0 4k"));
+    assert_check_clean(&image);
+}
+
+#[test]
+fn qemu_writes_are_locked_out_while_mounted_read_only_unless_force_share() {
+    let tmp = common::tempdir();
+    let image = lock_image(tmp.path());
+    let mnt = mountpoint(tmp.path(), "mnt");
+    let img_s = image.to_str().unwrap();
+    let m = RwMount::mount(&image, &mnt, &[]);
+    assert_lock_refused(
+        &qemu_io_out(&image, &[], "write 0 4k"),
+        "Failed to get \"write\" lock",
+    );
+    assert_lock_refused(
+        &qemu_img_out(&image, &["snapshot", "-c", "x", img_s]),
+        "Failed to get \"write\" lock",
+    );
+    // Readers share with a reader.
+    qemu_img_out(&image, &["info", img_s]).expect_ok();
+    let r = qemu_io_out(&image, &["-r"], "read -P 0x3c 0 4k");
+    assert!(
+        r.ok() && r.stdout.contains("read 4096/4096"),
+        "{}",
+        r.describe()
+    );
+    m.umount();
+    // force_share takes no lock: QEMU may write (the mount may then read stale data, so
+    // only the locks are checked).
+    let m = RwMount::mount(&image, &mnt, &["force_share"]);
+    assert_qemu_io_wrote(&qemu_io_out(&image, &[], "write -P 0x5d 0 4k"));
+    qemu_img_out(&image, &["info", img_s]).expect_ok();
+    m.umount();
+    assert_check_clean(&image);
+}
+
+/// Nothing is mounted at `mnt` and no qcow2fs process serves it.
+fn assert_nothing_mounted(mnt: &Path) {
+    assert_eq!(mounted(mnt), None, "{} is mounted", mnt.display());
+    assert!(
+        common::daemon_pids(mnt).is_empty(),
+        "a qcow2fs process for {} is still running: {:?}",
+        mnt.display(),
+        common::daemon_pids(mnt)
+    );
+}
+
+/// `qcow2fs mount` with `options` must fail with exit 1 and a one-line message
+/// mentioning each of `mentions`, leaving nothing mounted.
+fn assert_mount_refused(image: &Path, mnt: &Path, options: &[&str], mentions: &[&str]) {
+    match RwMount::try_mount(image, mnt, options) {
+        Ok(m) => {
+            drop(m);
+            panic!(
+                "qcow2fs mount -o {} {} succeeded; {mentions:?} expected",
+                options.join(","),
+                image.display()
+            );
+        }
+        Err(out) => {
+            assert_one_line_error(&out, mentions);
+            assert_nothing_mounted(mnt);
+        }
+    }
+}
+
+#[test]
+fn mount_refused_while_qemu_writes_the_image() {
+    let tmp = common::tempdir();
+    let image = lock_image(tmp.path());
+    let mnt = mountpoint(tmp.path(), "mnt");
+    let qemu = QemuWriter::start(&image);
+    assert_mount_refused(
+        &image,
+        &mnt,
+        &["rw"],
+        &["img.qcow2", "Failed to get \"write\" lock"],
+    );
+    assert_mount_refused(
+        &image,
+        &mnt,
+        &[],
+        &["img.qcow2", "Failed to get shared \"write\" lock"],
+    );
+    // Read-write and force_share exclude each other.
+    assert_mount_refused(&image, &mnt, &["rw", "force_share"], &["force_share"]);
+    // force_share reads without locks.
+    let m = RwMount::mount(&image, &mnt, &["force_share"]);
+    assert_eq!(
+        fs::metadata(m.disk()).unwrap().len(),
+        4 * M,
+        "size of the disk read with force_share"
+    );
+    m.umount();
+    qemu.stop();
+    // With QEMU gone the image mounts read-write.
+    let m = RwMount::mount(&image, &mnt, &["rw"]);
+    m.umount();
+    assert_check_clean(&image);
+}
+
+// ---------------------------------------------------------------------------------------
+// Opening and closing: corrupt, bitmaps, autoclear, lazy refcounts
+// ---------------------------------------------------------------------------------------
+
+/// Header offsets of the feature fields.
+const INCOMPATIBLE_FEATURES: u64 = 72;
+const AUTOCLEAR_FEATURES: u64 = 88;
+const INCOMPAT_DIRTY: u64 = 1 << 0;
+const INCOMPAT_CORRUPT: u64 = 1 << 1;
+
+/// The disk read through a read-only mount equals `want` (QEMU's rendering).
+fn assert_reads_read_only(image: &Path, mnt: &Path, want: &[u8]) {
+    let m = RwMount::mount(image, mnt, &[]);
+    assert_model(
+        "the disk read through a read-only mount",
+        want,
+        &read_direct(&m.disk()),
+        |_| String::new(),
+    );
+    m.umount();
+}
+
+#[test]
+fn corrupt_image_refused_rw_but_mounts_read_only() {
+    let tmp = common::tempdir();
+    let image = lock_image(tmp.path());
+    let mnt = mountpoint(tmp.path(), "mnt");
+    let want = qemu_render(&image, None);
+    let f = header_u64(&image, INCOMPATIBLE_FEATURES);
+    set_header_u64(&image, INCOMPATIBLE_FEATURES, f | INCOMPAT_CORRUPT);
+    let before = fs::read(&image).unwrap();
+    assert_mount_refused(&image, &mnt, &["rw"], &["img.qcow2", "corrupt"]);
+    assert_eq!(
+        fs::read(&image).unwrap(),
+        before,
+        "the refused mount changed the image"
+    );
+    assert_reads_read_only(&image, &mnt, &want);
+    assert_eq!(
+        fs::read(&image).unwrap(),
+        before,
+        "the read-only mount changed the image"
+    );
+}
+
+#[test]
+fn image_with_a_persistent_bitmap_refused_rw_naming_it() {
+    let tmp = common::tempdir();
+    let image = lock_image(tmp.path());
+    let mnt = mountpoint(tmp.path(), "mnt");
+    img(tmp.path(), &["bitmap", "--add", "img.qcow2", "b0"]);
+    let want = qemu_render(&image, None);
+    let before = fs::read(&image).unwrap();
+    assert_mount_refused(&image, &mnt, &["rw"], &["img.qcow2", "bitmap", "b0"]);
+    assert_eq!(
+        fs::read(&image).unwrap(),
+        before,
+        "the refused mount changed the image"
+    );
+    assert_reads_read_only(&image, &mnt, &want);
+    assert_eq!(
+        fs::read(&image).unwrap(),
+        before,
+        "the read-only mount changed the image"
+    );
+    // Without the bitmap, the image mounts read-write.
+    img(tmp.path(), &["bitmap", "--remove", "img.qcow2", "b0"]);
+    RwMount::mount(&image, &mnt, &["rw"]).umount();
+    assert_check_clean(&image);
+}
+
+#[test]
+fn unknown_autoclear_bit_cleared_by_the_first_write() {
+    let tmp = common::tempdir();
+    let image = lock_image(tmp.path());
+    let mnt = mountpoint(tmp.path(), "mnt");
+    let bit = 1u64 << 5;
+    set_header_u64(&image, AUTOCLEAR_FEATURES, bit);
+    // A read-write mount that writes nothing changes nothing.
+    let before = fs::read(&image).unwrap();
+    let initial = qemu_render(&image, None);
+    let m = RwMount::mount(&image, &mnt, &["rw"]);
+    let disk = Disk::open(&m.disk(), initial.clone());
+    disk.verify_through_mount();
+    drop(disk);
+    m.umount();
+    assert_eq!(
+        fs::read(&image).unwrap(),
+        before,
+        "a read-write mount without writes changed the image"
+    );
+
+    let m = RwMount::mount(&image, &mnt, &["rw"]);
+    let mut disk = Disk::open(&m.disk(), initial);
+    disk.write(3 * M + 17, &Rng::new(5).bytes(10_000));
+    disk.fsync();
+    assert_eq!(
+        header_u64(&image, AUTOCLEAR_FEATURES) & bit,
+        0,
+        "the unknown autoclear bit is still set after a write"
+    );
+    let model = std::mem::take(&mut disk.model);
+    drop(disk);
+    m.umount();
+    assert_eq!(header_u64(&image, AUTOCLEAR_FEATURES), 0);
+    assert_check_clean(&image);
+    assert_model(
+        "qemu-img convert after the write",
+        &model,
+        &qemu_render(&image, None),
+        |_| String::new(),
+    );
+}
+
+#[test]
+fn lazy_refcounts_dirty_bit_set_by_a_write_and_cleared_by_unmount() {
+    let tmp = common::tempdir();
+    let image = create(tmp.path(), "img.qcow2", 4 * M, "lazy_refcounts=on", None);
+    io(&image, &[w(0x3c, 0, 256 * K)]);
+    let mnt = mountpoint(tmp.path(), "mnt");
+    let dirty = || header_u64(&image, INCOMPATIBLE_FEATURES) & INCOMPAT_DIRTY != 0;
+    let initial = qemu_render(&image, None);
+    let m = RwMount::mount(&image, &mnt, &["rw"]);
+    assert!(!dirty(), "the dirty bit is set before anything was written");
+    let mut disk = Disk::open(&m.disk(), initial);
+    disk.write(M + 100, &Rng::new(6).bytes(200 * K as usize));
+    assert!(
+        dirty(),
+        "a write returned but the dirty bit is not set in the file"
+    );
+    disk.fsync();
+    assert!(dirty(), "fsync cleared the dirty bit while mounted");
+    let model = std::mem::take(&mut disk.model);
+    drop(disk);
+    m.umount();
+    assert!(!dirty(), "the dirty bit is still set after a clean unmount");
+    assert_check_clean(&image);
+    assert_model(
+        "qemu-img convert after unmount",
+        &model,
+        &qemu_render(&image, None),
+        |_| String::new(),
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// File modes and errors
+// ---------------------------------------------------------------------------------------
+
+/// The error of `r`, as an errno, or a panic naming `what` when it succeeded.
+fn errno_from<T: std::fmt::Debug>(what: &str, r: std::io::Result<T>) -> i32 {
+    match r {
+        Ok(v) => panic!("{what} succeeded ({v:?}); it should fail"),
+        Err(e) => errno_of(&e),
+    }
+}
+
+fn assert_errno<T: std::fmt::Debug>(what: &str, r: std::io::Result<T>, want: i32) {
+    let got = errno_from(what, r);
+    assert_eq!(
+        got,
+        want,
+        "{what}: got {}, expected {}",
+        errno_name(got),
+        errno_name(want)
+    );
+}
+
+fn open_write(path: &Path, read_too: bool) -> std::io::Result<File> {
+    OpenOptions::new().read(read_too).write(true).open(path)
+}
+
+/// `truncate(2)` by path (no descriptor: the mount itself decides).
+fn truncate(path: &Path, size: u64) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::truncate(c.as_ptr(), size as libc::off_t) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// An image over a backing file, with an internal snapshot: NAME.raw, layers/ and
+/// snapshots/ all exist.
+fn modes_image(dir: &Path) -> PathBuf {
+    let base = create(dir, "base.qcow2", 4 * M, "", None);
+    io(&base, &[w(0x5b, 0, 4 * M)]);
+    let image = create(dir, "img.qcow2", 4 * M, "", Some(("base.qcow2", "qcow2")));
+    io(&image, &[w(0x3c, 0, 256 * K)]);
+    img(dir, &["snapshot", "-c", "s1", "img.qcow2"]);
+    image
+}
+
+/// The read-only files of a mount: every snapshot and layer file.
+fn read_only_files(mnt: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for sub in ["snapshots", "layers"] {
+        let mut here: Vec<PathBuf> = fs::read_dir(mnt.join(sub))
+            .unwrap_or_else(|e| panic!("listing {sub}/: {e}"))
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(!here.is_empty(), "{sub}/ is empty");
+        files.append(&mut here);
+    }
+    files
+}
+
+#[test]
+fn rw_mount_modes_erofs_for_snapshots_and_layers_no_shrinking_enospc_past_the_end() {
+    let tmp = common::tempdir();
+    let image = modes_image(tmp.path());
+    let mnt = mountpoint(tmp.path(), "mnt");
+    let want = qemu_render(&image, None);
+    let frozen = Frozen::record(&image, &[&tmp.path().join("base.qcow2")]);
+    let m = RwMount::mount(&image, &mnt, &["rw"]);
+    let disk = m.disk();
+    let size = want.len() as u64;
+    assert_eq!(
+        mode_of(&disk) & 0o222,
+        0o200,
+        "NAME.raw of a rw mount: mode {:o}",
+        mode_of(&disk)
+    );
+    for p in read_only_files(&m.mnt) {
+        let name = p.display().to_string();
+        assert_eq!(mode_of(&p) & 0o222, 0, "{name}: mode {:o}", mode_of(&p));
+        assert_errno(
+            &format!("open O_WRONLY {name}"),
+            open_write(&p, false),
+            libc::EROFS,
+        );
+        assert_errno(
+            &format!("open O_RDWR {name}"),
+            open_write(&p, true),
+            libc::EROFS,
+        );
+        assert_errno(
+            &format!("truncate {name}"),
+            truncate(&p, 8 * M),
+            libc::EROFS,
+        );
+    }
+
+    let f = open_write(&disk, true).unwrap();
+    // Shrinking is refused, by path and by descriptor.
+    assert_errno(
+        "truncate NAME.raw to half its size",
+        truncate(&disk, size / 2),
+        libc::EINVAL,
+    );
+    assert_errno(
+        "ftruncate NAME.raw 64 KiB smaller",
+        f.set_len(size - 64 * K),
+        libc::EINVAL,
+    );
+    // The disk does not grow by writing: ENOSPC at and past the end, a short write across it.
+    assert_errno(
+        "pwrite at the end of NAME.raw",
+        f.write_at(&[0xee; 4096], size),
+        libc::ENOSPC,
+    );
+    assert_errno(
+        "pwrite 1 MiB past the end of NAME.raw",
+        f.write_at(&[0xee; 4096], size + M),
+        libc::ENOSPC,
+    );
+    let n = f
+        .write_at(&[0xee; 4096], size - 1000)
+        .expect("pwrite across the end of NAME.raw");
+    assert_eq!(n, 1000, "pwrite of 4096 bytes 1000 bytes before the end");
+    let mut model = want.clone();
+    model[size as usize - 1000..].fill(0xee);
+    // Attributes other than the size cannot be changed.
+    use std::os::unix::fs::PermissionsExt;
+    assert_errno(
+        "chmod NAME.raw",
+        fs::set_permissions(&disk, fs::Permissions::from_mode(0o600)),
+        libc::EPERM,
+    );
+    // Files cannot be created, removed or renamed (the errno is not pinned down).
+    errno_from("create MNT/new", File::create(m.mnt.join("new")));
+    errno_from("unlink NAME.raw", fs::remove_file(&disk));
+    errno_from("mkdir MNT/d", fs::create_dir(m.mnt.join("d")));
+    drop(f);
+    assert_eq!(fs::metadata(&disk).unwrap().len(), size, "NAME.raw's size");
+    frozen.assert_snapshot_files(&m.mnt);
+    m.umount();
+    assert_check_clean(&image);
+    assert_model(
+        "qemu-img convert after the refused operations",
+        &model,
+        &qemu_render(&image, None),
+        |_| String::new(),
+    );
+    frozen.assert_unchanged();
+}
+
+#[test]
+fn read_only_mount_everything_erofs() {
+    let tmp = common::tempdir();
+    let image = modes_image(tmp.path());
+    let mnt = mountpoint(tmp.path(), "mnt");
+    let before = fs::read(&image).unwrap();
+    let m = RwMount::mount(&image, &mnt, &[]);
+    let mut files = read_only_files(&m.mnt);
+    files.push(m.disk());
+    for p in &files {
+        let name = p.display().to_string();
+        assert_eq!(mode_of(p) & 0o222, 0, "{name}: mode {:o}", mode_of(p));
+        assert_errno(
+            &format!("open O_WRONLY {name}"),
+            open_write(p, false),
+            libc::EROFS,
+        );
+        assert_errno(
+            &format!("open O_RDWR {name}"),
+            open_write(p, true),
+            libc::EROFS,
+        );
+        assert_errno(&format!("truncate {name}"), truncate(p, M), libc::EROFS);
+        assert_errno(
+            &format!("truncate {name} larger"),
+            truncate(p, 16 * M),
+            libc::EROFS,
+        );
+    }
+    assert_errno(
+        "create MNT/new",
+        File::create(m.mnt.join("new")),
+        libc::EROFS,
+    );
+    m.umount();
+    assert_eq!(
+        fs::read(&image).unwrap(),
+        before,
+        "a read-only mount changed the image"
+    );
 }

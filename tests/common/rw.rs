@@ -6,12 +6,17 @@
 //! Nothing here decides what is correct from qcow2fs's own code: the expected contents come
 //! from the operations the tests performed (the model) and from QEMU's own renderings.
 //!
-//! This module is included by `tests/write_mount.rs` with `#[path]`; it uses only the
-//! long-standing QEMU helpers of `tests/common/mod.rs`.
+//! This module is included by `tests/write_mount.rs` with `#[path]`; it builds on the
+//! QEMU, process and mount-table helpers of `tests/common/mod.rs` (and the generator of
+//! `tests/common/images.rs`).
 
 #![allow(dead_code)]
 
-use crate::common::{absolute, first_difference, qcow2fs_bin};
+use crate::common::images::Rng as Xorshift;
+use crate::common::{
+    absolute, canonical_or_same, daemon_pids, first_difference, mount_info, pid_alive, qcow2fs_bin,
+    wait_pid_gone, wait_until,
+};
 use serde_json::Value;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
@@ -38,21 +43,23 @@ pub const COMMAND_LIMIT: Duration = Duration::from_secs(120);
 // Deterministic randomness
 // ---------------------------------------------------------------------------------------
 
-/// xorshift64*: small, deterministic, so a failing seed reproduces.
-pub struct Rng(u64);
+/// The xorshift64* generator of `common::images`, seeded so that a failing seed
+/// reproduces, with the ranges and byte strings the write tests draw.
+pub struct Rng(Xorshift);
 
 impl Rng {
     pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x2545_f491_4f6c_dd1d | 1)
+        // `Xorshift::new` xors its seed with the same constant: the state is
+        // `seed * 0x9e37_79b9_7f4a_7c15 ^ 0x2545_f491_4f6c_dd1d | 1`.
+        Rng(Xorshift::new(
+            seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ^ 0x2545_f491_4f6c_dd1d
+                ^ 0x9e37_79b9_7f4a_7c15,
+        ))
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        self.0.next_u64()
     }
 
     /// Uniform in `0..n` (0 when `n` is 0).
@@ -236,122 +243,22 @@ pub fn io_with(image: &Path, extra: &[&str], cmds: &[String]) {
     );
 }
 
-/// Waits up to `limit` for `cond`.
-pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    loop {
-        if cond() {
-            return true;
-        }
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Processes and the mount table
 // ---------------------------------------------------------------------------------------
 
-fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
-                .ok()
-                .and_then(|d| u8::from_str_radix(d, 8).ok())
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// `(fstype, source)` of the visible mount at exactly `mnt`.
 pub fn mounted(mnt: &Path) -> Option<(String, String)> {
-    let mnt = canonical(mnt);
-    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("reading mountinfo");
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let dash = f.iter().position(|&x| x == "-")?;
-            let point = PathBuf::from(unescape_octal(f.get(4)?));
-            (point == mnt).then(|| (f[dash + 1].to_string(), unescape_octal(f[dash + 2])))
-        })
-        .next_back()
+    mount_info(mnt).map(|m| (m.fstype, m.source))
 }
 
 pub fn is_qcow2fs_mount(mnt: &Path) -> bool {
     mounted(mnt).is_some_and(|(t, _)| t == "fuse.qcow2fs")
 }
 
-pub fn canonical(p: &Path) -> PathBuf {
-    p.canonicalize().unwrap_or_else(|_| absolute(p))
-}
-
-/// Whether `pid` exists and is not a zombie.
-pub fn pid_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => s
-            .rfind(')')
-            .and_then(|i| s[i + 1..].split_whitespace().next())
-            .is_some_and(|st| st != "Z" && st != "X"),
-        Err(_) => false,
-    }
-}
-
-pub fn wait_gone(pid: i32, limit: Duration) -> bool {
-    wait_for(limit, || !pid_alive(pid))
-}
-
 pub fn kill(pid: i32, sig: i32) {
     // SAFETY: sending a signal has no memory-safety preconditions.
     unsafe { libc::kill(pid, sig) };
-}
-
-/// Live processes of the binary under test with `mnt` among their arguments: the daemon
-/// serving that mount point, found through /proc.
-pub fn daemon_pids(mnt: &Path) -> Vec<i32> {
-    let bin = canonical(Path::new(qcow2fs_bin()));
-    let wanted = [absolute(mnt), canonical(mnt)];
-    let mut pids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(exe) = std::fs::read_link(e.path().join("exe")) else {
-            continue;
-        };
-        // A binary rebuilt while it runs shows as "PATH (deleted)".
-        let exe = exe
-            .to_string_lossy()
-            .trim_end_matches(" (deleted)")
-            .to_string();
-        if Path::new(&exe) != bin {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let hit = cmdline
-            .split(|&b| b == 0)
-            .any(|a| wanted.iter().any(|w| w.as_os_str().as_encoded_bytes() == a));
-        if hit && pid_alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
 }
 
 /// `(pid, command, path)` of every open descriptor of any process on a file under `dir`.
@@ -494,13 +401,17 @@ impl RwMount {
             mnt.display()
         );
         Ok(RwMount {
-            mnt: canonical(mnt),
+            mnt: canonical_or_same(mnt),
             image: absolute(image),
             pid: pids[0],
             stderr: out.stderr,
             child: None,
             child_err: None,
-            watchdog: Some(Watchdog::start(canonical(mnt), pids.clone(), MOUNT_LIMIT)),
+            watchdog: Some(Watchdog::start(
+                canonical_or_same(mnt),
+                pids.clone(),
+                MOUNT_LIMIT,
+            )),
         })
     }
 
@@ -522,16 +433,20 @@ impl RwMount {
             .expect("running qcow2fs mount -f");
         let pid = child.id() as i32;
         let mut guard = RwMount {
-            mnt: canonical(mnt),
+            mnt: canonical_or_same(mnt),
             image: absolute(image),
             pid,
             stderr: String::new(),
             child: None,
             child_err: Some(err),
-            watchdog: Some(Watchdog::start(canonical(mnt), vec![pid], MOUNT_LIMIT)),
+            watchdog: Some(Watchdog::start(
+                canonical_or_same(mnt),
+                vec![pid],
+                MOUNT_LIMIT,
+            )),
         };
         let mut exited = None;
-        let up = wait_for(Duration::from_secs(60), || {
+        let up = wait_until(Duration::from_secs(60), || {
             if let Ok(Some(s)) = child.try_wait() {
                 exited = Some(s);
                 return true;
@@ -611,7 +526,7 @@ impl RwMount {
         );
         if let Some(mut c) = self.child.take() {
             // A foreground process is our child: reap it.
-            let ok = wait_for(Duration::from_secs(30), || {
+            let ok = wait_until(Duration::from_secs(30), || {
                 matches!(c.try_wait(), Ok(Some(_)))
             });
             if !ok {
@@ -642,7 +557,7 @@ impl RwMount {
             let _ = c.wait();
         }
         assert!(
-            wait_gone(self.pid, Duration::from_secs(20)),
+            wait_pid_gone(self.pid, Duration::from_secs(20)),
             "daemon {} survived SIGKILL",
             self.pid
         );
@@ -671,7 +586,7 @@ impl Drop for RwMount {
             lazy_unmount(&self.mnt);
         }
         if let Some(mut c) = self.child.take() {
-            if !wait_for(Duration::from_secs(10), || {
+            if !wait_until(Duration::from_secs(10), || {
                 matches!(c.try_wait(), Ok(Some(_)))
             }) {
                 let _ = c.kill();
@@ -679,10 +594,10 @@ impl Drop for RwMount {
             let _ = c.wait();
         }
         for pid in std::iter::once(self.pid).chain(daemon_pids(&self.mnt)) {
-            if pid_alive(pid) && !wait_gone(pid, Duration::from_secs(10)) {
+            if pid_alive(pid) && !wait_pid_gone(pid, Duration::from_secs(10)) {
                 eprintln!("cleanup: qcow2fs process {pid} still running; killing it");
                 kill(pid, libc::SIGKILL);
-                wait_gone(pid, Duration::from_secs(5));
+                wait_pid_gone(pid, Duration::from_secs(5));
             }
         }
     }
@@ -744,7 +659,7 @@ impl PlainMount {
         cmd.arg(source).arg(dir);
         let out = run_limited(&mut cmd, Duration::from_secs(60));
         let guard = PlainMount {
-            dir: canonical(dir),
+            dir: canonical_or_same(dir),
         };
         assert!(out.ok(), "{}", out.describe());
         guard
@@ -1335,5 +1250,107 @@ pub fn assert_one_line_error(out: &Out, mentions: &[&str]) {
             "the error should mention {m:?}: {}",
             out.describe()
         );
+    }
+}
+
+/// QEMU's raw rendering of the internal snapshot named `name`
+/// (`qemu-img convert -l snapshot.name=NAME`).
+pub fn qemu_render_snapshot_named(image: &Path, name: &str) -> Vec<u8> {
+    let tmp = crate::common::tempdir();
+    let out = tmp.path().join("render.raw");
+    let image = absolute(image);
+    let args = [
+        "convert".to_string(),
+        "-O".into(),
+        "raw".into(),
+        "-l".into(),
+        format!("snapshot.name={name}"),
+        image.to_string_lossy().into_owned(),
+        out.to_string_lossy().into_owned(),
+    ];
+    run_in(&dir_of(&image), "qemu-img", &args).expect_ok();
+    std::fs::read(&out).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------
+// A QEMU process holding an image open
+// ---------------------------------------------------------------------------------------
+
+/// `qemu-storage-daemon` with `image` open read-write through the qcow2 driver (so it
+/// holds QEMU's write locks), killed and reaped on drop.
+pub struct QemuWriter {
+    child: Child,
+    err: File,
+    image: PathBuf,
+}
+
+impl QemuWriter {
+    /// Starts the daemon and returns once `qemu-img info` (without `-U`) is refused, i.e.
+    /// once the locks are held.
+    pub fn start(image: &Path) -> QemuWriter {
+        let image = absolute(image);
+        let err = tempfile::tempfile().expect("temporary file");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f,filename={}",
+                image.to_string_lossy().replace(',', ",,")
+            ))
+            .arg("--blockdev")
+            .arg("driver=qcow2,node-name=q,file=f")
+            .current_dir(dir_of(&image))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err.try_clone().unwrap())
+            .spawn()
+            .expect("running qemu-storage-daemon");
+        let mut q = QemuWriter { child, err, image };
+        let locked = wait_until(Duration::from_secs(30), || {
+            if !matches!(q.child.try_wait(), Ok(None)) {
+                return true;
+            }
+            let out = run_in(
+                &dir_of(&q.image),
+                "qemu-img",
+                &["info", q.image.to_str().unwrap()],
+            );
+            !out.ok() && out.stderr.contains("lock")
+        });
+        if let Ok(Some(s)) = q.child.try_wait() {
+            panic!("qemu-storage-daemon exited ({s}): {}", q.stderr());
+        }
+        assert!(locked, "qemu-storage-daemon took no lock within 30 s");
+        q
+    }
+
+    fn stderr(&self) -> String {
+        let mut f = self.err.try_clone().unwrap();
+        let mut s = String::new();
+        f.rewind().unwrap();
+        let _ = f.read_to_string(&mut s);
+        s
+    }
+
+    /// Stops the daemon (SIGTERM, then SIGKILL) and waits for it.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            kill(self.child.id() as i32, libc::SIGTERM);
+            if !wait_until(Duration::from_secs(10), || {
+                !matches!(self.child.try_wait(), Ok(None))
+            }) {
+                let _ = self.child.kill();
+            }
+        }
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for QemuWriter {
+    fn drop(&mut self) {
+        self.terminate();
     }
 }
