@@ -136,6 +136,24 @@ impl Qcow2Layer {
         Qcow2Layer { shared, view, info }
     }
 
+    /// The active disk of an image opened directly with [`Image::open`] over a store of
+    /// the caller's choosing (a memory store, a store that injects faults). Such an image
+    /// may name neither a backing file nor an external data file: use `open_chain` for
+    /// those.
+    pub fn standalone(image: Arc<Image>) -> Result<Qcow2Layer> {
+        let h = image.header();
+        if h.backing_file.is_some() || h.has_data_file() {
+            return Err(Error::unsupported(
+                "the image names a backing or data file; open it with open_chain",
+            )
+            .in_file(image.path()));
+        }
+        Ok(Qcow2Layer::new(
+            Arc::new(Shared::new(image, None, None)),
+            View::Active,
+        ))
+    }
+
     pub fn image(&self) -> &Arc<Image> {
         &self.shared.image
     }

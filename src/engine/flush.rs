@@ -98,6 +98,15 @@ impl Image {
     }
 
     pub(crate) fn flush_locked(&self, m: &mut Meta) -> Result<()> {
+        // After a failed write-back the cache no longer says what is on disk, and what
+        // was lost cannot be written again: a later fsync must not report success.
+        if self.failed.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::new(
+                ErrorKind::Io,
+                "an earlier metadata write failed; the image cannot be flushed",
+            )
+            .in_file(&self.path));
+        }
         let io = self.io();
         // 1. Guest data.
         if let Some((path, store)) = self.data_store.get() {

@@ -1,10 +1,13 @@
 //! Byte stores with positional I/O only: `&self`, no seek cursor, safe to share between
-//! threads. A real file for images, and a memory store for tests.
+//! threads. A real file for images, and for tests a memory store and a store that fails
+//! on command.
 
+mod fault;
 mod file;
 pub mod lock;
 mod memory;
 
+pub use fault::{FaultOp, FaultStorage};
 pub use file::FileStorage;
 pub use memory::MemStorage;
 

@@ -1,0 +1,394 @@
+//! Failing storage: what an I/O error, a vanished or truncated image file and a full disk
+//! do to readers and writers.
+//!
+//! - Library level, through `FaultStorage`: a failed read of a data cluster or an L2 table
+//!   reaches the reader as an error (never as zeros), and clears once the store recovers;
+//!   a failed metadata write-back at any point leaves an image `qemu-img check` accepts
+//!   (leaks allowed) and makes every later write fail; ENOSPC from the store is ENOSPC.
+//! - Real mounts: the image truncated under a live mount gives EIO for the lost ranges
+//!   while the mount stays up; an unlinked image keeps serving (the open descriptor keeps
+//!   the inode alive); a read-write mount on a full tmpfs returns ENOSPC to the writer,
+//!   and once space is back the image checks clean, keeps its fsync'd data, and mounts
+//!   read-write again.
+
+mod common;
+
+use common::{Mount, qemu_img, qemu_io, run_raw, tempdir};
+use qcow2fs::block::{BlockDev, Qcow2Layer};
+use qcow2fs::engine::{Image, ImageOptions, MapKind, View};
+use qcow2fs::storage::{FaultOp, FaultStorage, FileStorage};
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const K: u64 = 1024;
+const M: u64 = 1024 * 1024;
+const CS: u64 = 64 * K;
+
+fn create(dir: &Path, name: &str, size: &str, writes: &[&str]) -> PathBuf {
+    let img = dir.join(name);
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            img.to_str().unwrap(),
+            size,
+        ],
+    );
+    qemu_io(dir, &img, writes);
+    img
+}
+
+/// The image's active disk over a store that fails on command.
+fn open_faulty(img: &Path, writable: bool) -> (Arc<FaultStorage>, Qcow2Layer) {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(img)
+        .unwrap();
+    let fault = Arc::new(FaultStorage::new(Arc::new(FileStorage::new(file))));
+    let opts = ImageOptions {
+        writable,
+        ..Default::default()
+    };
+    let image = Image::open(img, fault.clone(), &opts).expect("opening the image");
+    let layer = Qcow2Layer::standalone(Arc::new(image)).expect("a standalone layer");
+    (fault, layer)
+}
+
+fn host_of(layer: &Qcow2Layer, guest: u64) -> u64 {
+    match layer.image().map(View::Active, guest, CS).unwrap().kind {
+        MapKind::Data { host } => host,
+        other => panic!("guest {guest:#x} is not plain data: {other:?}"),
+    }
+}
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// `qemu-img check`: 0 (clean) or 3 (leaked clusters only) is fine; 2 is corruption.
+fn assert_check_clean(img: &Path) {
+    let out = run_raw(
+        img.parent().unwrap(),
+        "qemu-img",
+        &["check", img.to_str().unwrap()],
+    );
+    let code = out.status.code();
+    assert!(
+        matches!(code, Some(0) | Some(3)),
+        "qemu-img check {} exited {code:?}:\n{}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn data_cluster_read_error_reaches_the_reader() {
+    let d = tempdir();
+    let img = create(
+        d.path(),
+        "disk.qcow2",
+        "4M",
+        &["write -P 0x5a 0 128k", "write -P 0x6b 1M 64k"],
+    );
+    let (fault, layer) = open_faulty(&img, false);
+    let host = host_of(&layer, 0);
+    fault.fail(FaultOp::Read, host, host + 1, libc::EIO, 0);
+
+    let mut buf = vec![0xeeu8; CS as usize];
+    let err = layer.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert!(err.to_string().contains(&format!("{host:#x}")), "{err}");
+    // A read that spans the bad cluster fails as a whole.
+    let mut big = vec![0u8; 2 * CS as usize];
+    assert!(layer.read_at(&mut big, 0).is_err());
+    // The rest of the disk is unaffected.
+    layer.read_at(&mut buf, CS).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+    layer.read_at(&mut buf, M).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x6b));
+
+    // Nothing stale was kept: once the store recovers, the data is there.
+    fault.clear();
+    layer.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+}
+
+#[test]
+fn l2_table_read_error_reaches_the_reader() {
+    let d = tempdir();
+    let img = create(d.path(), "disk.qcow2", "4M", &["write -P 0x5a 0 64k"]);
+    let head = fs::read(&img).unwrap();
+    let l1 = be64(&head, 40) as usize;
+    let l2 = be64(&head, l1) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(l2, 0);
+
+    let (fault, layer) = open_faulty(&img, false);
+    fault.fail(FaultOp::Read, l2, l2 + CS, libc::EIO, 0);
+    let mut buf = vec![0xeeu8; 4096];
+    let err = layer.read_at(&mut buf, 0).unwrap_err();
+    assert_eq!(err.errno(), libc::EIO, "{err}");
+    assert!(layer.status(0, CS, false).is_err());
+    // A range whose L2 table cannot be read is not reported as unallocated either.
+    assert!(layer.read_at(&mut buf, 2 * M).is_err());
+
+    // The failed table was not cached as empty.
+    fault.clear();
+    layer.read_at(&mut buf, 0).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+}
+
+#[test]
+fn enospc_from_the_store_is_enospc() {
+    let d = tempdir();
+    let img = create(d.path(), "disk.qcow2", "4M", &["write -P 0x5a 0 64k"]);
+    let (fault, layer) = open_faulty(&img, true);
+    fault.fail(FaultOp::Write, 0, u64::MAX, libc::ENOSPC, 0);
+    let err = layer.write_at(&[0x77; 4096], 2 * M).unwrap_err();
+    assert_eq!(err.errno(), libc::ENOSPC, "{err}");
+    fault.clear();
+    let _ = layer.close();
+    drop(layer);
+    assert_check_clean(&img);
+    let raw = common::qemu_raw(&img);
+    assert!(raw[..CS as usize].iter().all(|&b| b == 0x5a));
+}
+
+/// Cuts the metadata write-back of one allocating write after every possible number of
+/// writes (and at the final fsync): each cut leaves an image QEMU accepts, with the data
+/// that was already flushed, and the open image refuses further writes.
+#[test]
+fn failed_metadata_write_back_is_consistent_and_sticky() {
+    let d = tempdir();
+    let orig = create(d.path(), "orig.qcow2", "1G", &["write -P 0x5a 0 64k"]);
+    let mut cut = 0u64;
+    loop {
+        assert!(cut < 64, "flush never completed");
+        let img = d.path().join(format!("cut{cut}.qcow2"));
+        fs::copy(&orig, &img).unwrap();
+        let (fault, layer) = open_faulty(&img, true);
+        layer.write_at(&[0x77; 8192], 3 * M).unwrap();
+        layer.write_at(&[0x78; 4096], 100 * K).unwrap();
+        // Beyond the first L2 table: a new table and an L1 update.
+        layer.write_at(&[0x79; 4096], 600 * M).unwrap();
+        fault.fail_after(FaultOp::Write, cut, libc::EIO);
+        let flushed = layer.flush();
+        if flushed.is_ok() {
+            assert!(fault.failures().is_empty());
+            layer.close().unwrap();
+            drop(layer);
+            assert_check_clean(&img);
+            assert!(cut >= 3, "only {cut} metadata writes to cut");
+            break;
+        }
+        let err = flushed.unwrap_err();
+        assert_eq!(err.errno(), libc::EIO, "cut {cut}: {err}");
+        fault.clear();
+        let again = layer.write_at(&[0x79; 512], 0).unwrap_err();
+        assert_eq!(
+            again.errno(),
+            libc::EIO,
+            "cut {cut}: write after a failed flush"
+        );
+        assert!(
+            layer.flush().is_err(),
+            "cut {cut}: flush after a failed flush"
+        );
+        let _ = layer.close();
+        drop(layer);
+        assert_check_clean(&img);
+        qemu_io(d.path(), &img, &["read -q -P 0x5a 0 64k"]);
+        cut += 1;
+    }
+
+    // A failing fsync counts as a failed write-back too.
+    let img = d.path().join("fsync.qcow2");
+    fs::copy(&orig, &img).unwrap();
+    let (fault, layer) = open_faulty(&img, true);
+    layer.write_at(&[0x77; 8192], 3 * M).unwrap();
+    fault.fail_after(FaultOp::Flush, 0, libc::EIO);
+    assert!(layer.flush().is_err());
+    fault.clear();
+    assert_eq!(layer.write_at(&[1; 512], 0).unwrap_err().errno(), libc::EIO);
+}
+
+fn mountpoint(dir: &Path) -> PathBuf {
+    let m = dir.join("mnt");
+    fs::create_dir_all(&m).unwrap();
+    m
+}
+
+fn read_at(path: &Path, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let f = File::open(path)?;
+    let mut buf = vec![0u8; len];
+    f.read_exact_at(&mut buf, off)?;
+    Ok(buf)
+}
+
+#[test]
+fn image_truncated_under_a_live_mount_gives_eio() {
+    let d = tempdir();
+    let img = create(
+        d.path(),
+        "disk.qcow2",
+        "4M",
+        &["write -P 0x5a 0 128k", "write -P 0x6b 1M 1M"],
+    );
+    // Cut the file where the data of guest offset 1M starts.
+    let chain = common::open(&img);
+    let cut = host_of(&chain.top, M);
+    assert!(host_of(&chain.top, CS) < cut);
+    drop(chain);
+
+    let m = Mount::new(&img, &mountpoint(d.path()), &[]);
+    let disk = m.path("disk.raw");
+    assert!(read_at(&disk, 0, 4096).unwrap().iter().all(|&b| b == 0x5a));
+    OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(cut)
+        .unwrap();
+
+    let err = read_at(&disk, M + 512 * K, 64 * K as usize).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(m.is_mounted(), "the mount went away");
+    // What the file still holds is still served, and the namespace still works.
+    let rest = read_at(&disk, CS, CS as usize).unwrap();
+    assert!(rest.iter().all(|&b| b == 0x5a));
+    assert_eq!(fs::metadata(&disk).unwrap().len(), 4 * M);
+    assert!(fs::read_dir(&m.mountpoint).unwrap().count() >= 1);
+}
+
+/// An image unlinked under a live mount keeps serving its data: the daemon holds the file
+/// open, so the inode lives on until the mount ends (as for any open file on Linux).
+#[test]
+fn image_deleted_under_a_live_mount_keeps_serving() {
+    let d = tempdir();
+    let img = create(
+        d.path(),
+        "disk.qcow2",
+        "4M",
+        &["write -P 0x5a 0 64k", "write -P 0x6b 2M 64k"],
+    );
+    let m = Mount::new(&img, &mountpoint(d.path()), &[]);
+    let disk = m.path("disk.raw");
+    assert!(read_at(&disk, 0, 4096).unwrap().iter().all(|&b| b == 0x5a));
+    fs::remove_file(&img).unwrap();
+    let later = read_at(&disk, 2 * M, CS as usize).unwrap();
+    assert!(later.iter().all(|&b| b == 0x6b));
+    assert!(m.is_mounted());
+}
+
+/// A tmpfs of a given size, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn new(path: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(path).unwrap();
+        let out = run_raw(
+            Path::new("/"),
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                path.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "mounting a tmpfs: {out:?}");
+        Tmpfs(path.to_path_buf())
+    }
+
+    fn resize(&self, size: &str) {
+        let out = run_raw(
+            Path::new("/"),
+            "mount",
+            &[
+                "-o",
+                &format!("remount,size={size}"),
+                self.0.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "resizing the tmpfs: {out:?}");
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = run_raw(Path::new("/"), "umount", &["-l", self.0.to_str().unwrap()]);
+    }
+}
+
+/// Writes `byte` from `start` in 256 KiB steps until a write or the final fsync fails;
+/// returns the errno.
+fn fill_until_error(disk: &Path, start: u64, end: u64, byte: u8) -> Option<i32> {
+    let mut f = OpenOptions::new().write(true).open(disk).unwrap();
+    let chunk = vec![byte; 256 * K as usize];
+    let mut at = start;
+    while at < end {
+        if let Err(e) = f.write_all_at(&chunk, at) {
+            return e.raw_os_error();
+        }
+        at += chunk.len() as u64;
+    }
+    if let Err(e) = f.flush().and_then(|_| f.sync_all()) {
+        return e.raw_os_error();
+    }
+    None
+}
+
+#[test]
+fn full_filesystem_gives_enospc_and_a_consistent_image() {
+    let d = tempdir();
+    let fs_dir = d.path().join("fs");
+    let tmpfs = Tmpfs::new(&fs_dir, "6m");
+    let img = create(&fs_dir, "disk.qcow2", "64M", &[]);
+    let mnt = mountpoint(d.path());
+
+    {
+        let m = Mount::new(&img, &mnt, &["rw"]);
+        let disk = m.path("disk.raw");
+        let f = OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(&vec![0xa5; M as usize], 0).unwrap();
+        f.sync_all().unwrap();
+        drop(f);
+        let errno = fill_until_error(&disk, 2 * M, 60 * M, 0x3c);
+        assert_eq!(
+            errno,
+            Some(libc::ENOSPC),
+            "writing past the free space of the filesystem"
+        );
+        assert!(m.is_mounted());
+    }
+
+    tmpfs.resize("256m");
+    assert_check_clean(&img);
+    qemu_io(&fs_dir, &img, &["read -q -P 0xa5 0 1M"]);
+
+    // The image takes writes again once there is room.
+    {
+        let m = Mount::new(&img, &mnt, &["rw"]);
+        let disk = m.path("disk.raw");
+        let f = OpenOptions::new().write(true).open(&disk).unwrap();
+        f.write_all_at(&vec![0x77; M as usize], 8 * M).unwrap();
+        f.sync_all().unwrap();
+    }
+    assert_check_clean(&img);
+    qemu_io(
+        &fs_dir,
+        &img,
+        &["read -q -P 0xa5 0 1M", "read -q -P 0x77 8M 1M"],
+    );
+}
