@@ -400,6 +400,17 @@ impl Image {
             ))
             .in_file(&self.path));
         }
+        // The same bound the header puts on the active disk; it also keeps guest offset
+        // arithmetic far from overflowing.
+        let coverage = self.layout.l2_entries() << self.layout.cluster_bits;
+        let needed = s.disk_size.div_ceil(coverage);
+        if needed > MAX_L1_ENTRIES {
+            return Err(Error::corrupt(format!(
+                "{what}: disk size {} needs {needed} L1 entries, more than the 32 MiB L1 limit",
+                s.disk_size
+            ))
+            .in_file(&self.path));
+        }
         let bytes = e.l1_size as u64 * 8;
         let file_len = self
             .file
