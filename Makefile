@@ -25,9 +25,30 @@ lint:
 # images with qemu-img in temporary directories and mount real FUSE filesystems.
 test: lint
 	$(CARGO) test --no-fail-fast
+	cd fuzz && $(CARGO) clippy --no-default-features --bins -- -D warnings
 
 demo: release
 	bash scripts/demo.sh target/release/qcow2fs
+
+# Fuzzing: each target in fuzz/fuzz_targets runs for FUZZ_SECONDS from a seed corpus that
+# fuzz/seeds.sh makes with qemu-img (in fuzz/corpus, not committed); crashes land in
+# fuzz/artifacts/TARGET/. Needs `cargo install cargo-fuzz`. cargo-fuzz passes nightly-only
+# flags (-Zsanitizer, -Cpasses=sancov-module); RUSTC_BOOTSTRAP=1 lets the stable toolchain
+# take them. `-s none` skips AddressSanitizer: qcow2fs has no unsafe parsing code, and
+# overflow checks and debug assertions stay on (fuzz/Cargo.toml).
+# Reproduce a crash: RUSTC_BOOTSTRAP=1 cargo fuzz run -s none -O TARGET ARTIFACT (in fuzz/).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= header snapshot_table entries decompress image
+FUZZ = cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+
+fuzz:
+	$(FUZZ) build -s none -O
+	rm -rf fuzz/corpus/seeds && bash fuzz/seeds.sh fuzz/corpus/seeds
+	set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t; \
+		($(FUZZ) run -s none -O $$t corpus/$$t corpus/seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048); \
+	done
 
 install: release
 	install -D -m 0755 target/release/qcow2fs $(DESTDIR)$(BINDIR)/qcow2fs

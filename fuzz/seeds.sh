@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Builds a seed corpus for the fuzz targets with qemu-img and qemu-io: small images of
+# every kind (v2, v3, extended L2, zlib and zstd compression, snapshots, a raw backing
+# file, lazy refcounts left dirty, 1- and 64-bit refcounts), and from them the header
+# clusters, snapshot tables, L2 tables and compressed payloads the parser targets start
+# from. Usage: seeds.sh DIR (creates DIR/<target>/; nothing here is committed).
+set -euo pipefail
+
+out=${1:?usage: seeds.sh DIR}
+mkdir -p "$out"/{image,header,snapshot_table,entries,decompress}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+io() { qemu-io -f qcow2 "${@:2}" "$1" >/dev/null; }
+
+# A raw backing file; the image target keeps one of the same name next to its input.
+head -c 65536 /dev/urandom >base.raw
+
+qemu-img create -q -f qcow2 -o compat=0.10,cluster_size=4096 v2.qcow2 256K
+io v2.qcow2 -c 'write -P 0x11 0 12k' -c 'write -P 0x22 100k 4k'
+
+qemu-img create -q -f qcow2 -o cluster_size=4096 v3.qcow2 256K
+io v3.qcow2 -c 'write -P 0x33 0 8k' -c 'write -z 64k 8k' -c 'write -P 0x44 200k 1k'
+
+qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=1 small.qcow2 64K
+io small.qcow2 -c 'write -P 0x55 0 2k' -c 'write -z 4k 1k'
+
+qemu-img create -q -f qcow2 -o cluster_size=4096,refcount_bits=64 rc64.qcow2 128K
+io rc64.qcow2 -c 'write -P 0x66 4k 8k'
+
+qemu-img create -q -f qcow2 -o cluster_size=16384,extended_l2=on ext.qcow2 256K
+io ext.qcow2 -c 'write -P 0x77 0 1k' -c 'write -z 16k 2k' -c 'write -P 0x78 33k 3k'
+
+head -c 32768 /dev/urandom >data.raw
+head -c 32768 /dev/zero | tr '\0' 'q' >>data.raw
+qemu-img convert -q -c -O qcow2 -o cluster_size=4096 -f raw data.raw zlib.qcow2
+qemu-img convert -q -c -O qcow2 -o cluster_size=4096,compression_type=zstd -f raw data.raw zstd.qcow2
+
+qemu-img create -q -f qcow2 -o cluster_size=4096 snap.qcow2 128K
+io snap.qcow2 -c 'write -P 0x81 0 8k'
+qemu-img snapshot -c first snap.qcow2
+io snap.qcow2 -c 'write -P 0x82 4k 8k'
+qemu-img snapshot -c second snap.qcow2
+io snap.qcow2 -c 'write -P 0x83 64k 4k'
+
+qemu-img create -q -f qcow2 -o cluster_size=4096 -b base.raw -F raw overlay.qcow2 64K
+io overlay.qcow2 -c 'write -P 0x91 4k 4k'
+
+qemu-img create -q -f qcow2 -o cluster_size=4096,lazy_refcounts=on dirty.qcow2 128K
+# qemu-io aborts on purpose (leaving the dirty bit set); keep the shell's report quiet.
+exec 3>&2 2>/dev/null
+qemu-io -f qcow2 -c 'write -P 0xa1 0 8k' -c abort dirty.qcow2 >/dev/null || true
+exec 2>&3 3>&-
+
+be32() { od -An -tu4 --endian=big -j "$2" -N4 "$1" | tr -d ' '; }
+be64() { od -An -tu8 --endian=big -j "$2" -N8 "$1" | tr -d ' '; }
+slice() { dd if="$1" iflag=skip_bytes,count_bytes skip="$2" count="$3" status=none; }
+
+for img in *.qcow2; do
+    name=${img%.qcow2}
+    cp "$img" "$out/image/$name"
+    cs=$((1 << $(be32 "$img" 20)))
+    head -c "$cs" "$img" >"$out/header/$name"
+    # An L2 table (the first L1 entry's) with a byte for the cluster bits and one for
+    # flags: extended L2 for ext, the zero flag for v3.
+    l1=$(be64 "$img" 40)
+    l2=$(( $(be64 "$img" "$l1") & 0x00fffffffffffe00 ))
+    flags=2
+    [ "$name" = ext ] && flags=3
+    [ "$name" = v2 ] && flags=0
+    { printf "\\x$(printf %02x $(( $(be32 "$img" 20) - 9 )))\\x0$flags"
+      slice "$img" "$l2" "$cs"; } >"$out/entries/$name"
+done
+
+# Snapshot tables: two bytes of entry count, then the table.
+nb=$(be32 snap.qcow2 60)
+off=$(be64 snap.qcow2 64)
+{ printf "\\x00\\x$(printf %02x "$nb")"; slice snap.qcow2 "$off" 4096; } \
+    >"$out/snapshot_table/snap"
+
+# Compressed payloads: a selector byte (bit 7 zstd, low bits cluster bits - 9), then data.
+head -c 4096 data.raw >cluster
+python3 - cluster "$out/decompress" <<'PY'
+import sys, zlib
+data = open(sys.argv[1], "rb").read()
+c = zlib.compressobj(9, zlib.DEFLATED, -15)
+open(sys.argv[2] + "/deflate", "wb").write(bytes([3]) + c.compress(data) + c.flush())
+PY
+zstd -q -c cluster | { printf '\x83'; cat; } >"$out/decompress/zstd"
+head -c 4096 /dev/zero | zstd -q -c | { printf '\x83'; cat; } >"$out/decompress/zstd-zeros"
+
+echo "seeds in $out: $(find "$out" -type f | wc -l) files"
