@@ -8,6 +8,7 @@ set -euo pipefail
 
 out=${1:?usage: seeds.sh DIR}
 mkdir -p "$out"/{image,header,snapshot_table,entries,decompress}
+out=$(cd "$out" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
