@@ -1878,3 +1878,25 @@ fn read_only_mount_everything_erofs() {
         "a read-only mount changed the image"
     );
 }
+
+#[test]
+fn kill9_mid_workload_extended_l2_over_backing() {
+    let tmp = common::tempdir();
+    let dir = tmp.path();
+    let base = create(dir, "base.qcow2", 8 * M, "", None);
+    io(&base, &[w(0x5b, 0, 8 * M - 64 * K)]);
+    let base_bytes = fs::read(&base).unwrap();
+    let image = create(
+        dir,
+        "img.qcow2",
+        8 * M,
+        "extended_l2=on,cluster_size=32k",
+        Some(("base.qcow2", "qcow2")),
+    );
+    populate(&image, 8 * M, 32 * K);
+    crash_rounds("kill9_extended_l2", &image, &[], 32 * K, false);
+    assert!(
+        fs::read(&base).unwrap() == base_bytes,
+        "the backing file changed"
+    );
+}
