@@ -131,6 +131,14 @@ fn huge_header_claims_are_refused_or_bounded() {
         ("nb_snapshots", 60, &u32::MAX.to_be_bytes(), "nb_snapshots"),
         // The most snapshots allowed, but a table that is mostly not there.
         ("nb_snapshots_max", 60, &65536u32.to_be_bytes(), "snapshot"),
+        // An L1 table at the top of the address space (found by fuzzing: the end of
+        // the table overflowed).
+        (
+            "l1_table_offset",
+            40,
+            &(!0xffffu64).to_be_bytes(),
+            "l1_table_offset",
+        ),
         // The largest L1 allowed, running past the end of the file.
         (
             "l1_size_max",

@@ -144,7 +144,7 @@ impl Image {
             data_file: header.has_data_file(),
         };
         let l1_bytes = header.l1_size as u64 * 8;
-        if l1_bytes > 0 && header.l1_table_offset + l1_bytes > file_len {
+        if l1_bytes > 0 && header.l1_table_offset.saturating_add(l1_bytes) > file_len {
             return Err(in_file(Error::corrupt(format!(
                 "l1_table_offset at offset 0x28: L1 table at {:#x} ({} entries) runs past the end of the file ({} bytes)",
                 header.l1_table_offset, header.l1_size, file_len
@@ -416,7 +416,9 @@ impl Image {
             .file
             .len()
             .map_err(|err| Error::io(&self.path, "reading the file size", err))?;
-        if bytes > 0 && (e.l1_table_offset == 0 || e.l1_table_offset + bytes > file_len) {
+        if bytes > 0
+            && (e.l1_table_offset == 0 || e.l1_table_offset.saturating_add(bytes) > file_len)
+        {
             return Err(Error::corrupt(format!(
                 "{what}: L1 table at {:#x} ({} entries) is outside the file ({file_len} bytes)",
                 e.l1_table_offset, e.l1_size
