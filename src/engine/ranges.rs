@@ -96,9 +96,10 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(max_inside.load(Ordering::SeqCst), 1);
+        // Shared holders overlap; an exclusive range next to them does not wait.
         let a = locks.lock(0, 10, false);
         let b = locks.lock(5, 15, false);
-        let c = locks.lock(10, 20, true);
+        let c = locks.lock(15, 20, true);
         drop((a, b, c));
     }
 }
