@@ -1819,10 +1819,24 @@ fn rw_mount_modes_erofs_for_snapshots_and_layers_no_shrinking_enospc_past_the_en
         fs::set_permissions(&disk, fs::Permissions::from_mode(0o600)),
         libc::EPERM,
     );
-    // Files cannot be created, removed or renamed (the errno is not pinned down).
-    errno_from("create MNT/new", File::create(m.mnt.join("new")));
-    errno_from("unlink NAME.raw", fs::remove_file(&disk));
-    errno_from("mkdir MNT/d", fs::create_dir(m.mnt.join("d")));
+    // The tree is fixed: nothing can be created, removed or renamed.
+    assert_errno(
+        "create MNT/new",
+        File::create(m.mnt.join("new")),
+        libc::EPERM,
+    );
+    assert_errno("unlink NAME.raw", fs::remove_file(&disk), libc::EPERM);
+    assert_errno("mkdir MNT/d", fs::create_dir(m.mnt.join("d")), libc::EPERM);
+    assert_errno(
+        "rename NAME.raw",
+        fs::rename(&disk, m.mnt.join("other.raw")),
+        libc::EPERM,
+    );
+    assert_errno(
+        "symlink MNT/l",
+        std::os::unix::fs::symlink("x", m.mnt.join("l")),
+        libc::EPERM,
+    );
     drop(f);
     assert_eq!(fs::metadata(&disk).unwrap().len(), size, "NAME.raw's size");
     frozen.assert_snapshot_files(&m.mnt);

@@ -69,7 +69,7 @@ impl Header {
                             format!("format name of {len} bytes is too long (limit 15)"),
                         ));
                     }
-                    self.backing_format = Some(String::from_utf8_lossy(data).into_owned());
+                    self.backing_format = Some(text_keeping_length(data));
                 }
                 ext::FEATURE_TABLE => {
                     self.feature_names = data
@@ -80,7 +80,7 @@ impl Header {
                             FeatureName {
                                 kind: e[0],
                                 bit: e[1],
-                                name: String::from_utf8_lossy(&raw[..n]).into_owned(),
+                                name: text_keeping_length(&raw[..n]),
                             }
                         })
                         .collect();
@@ -128,5 +128,34 @@ impl Header {
             off = data_start + len.next_multiple_of(8);
         }
         Ok(())
+    }
+}
+
+/// Bytes as text of the same length: valid UTF-8 as it is, otherwise every non-ASCII
+/// byte as `?`, so that rewriting cluster 0 keeps every length and offset.
+fn text_keeping_length(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_owned(),
+        Err(_) => bytes
+            .iter()
+            .map(|&b| if b.is_ascii() { b as char } else { '?' })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::text_keeping_length;
+
+    #[test]
+    fn invalid_text_keeps_its_length() {
+        assert_eq!(text_keeping_length(b"qcow2"), "qcow2");
+        assert_eq!(
+            text_keeping_length("d\u{e9}j\u{e0}".as_bytes()),
+            "d\u{e9}j\u{e0}"
+        );
+        let odd = [b'q', 0xff, b'o', 0xc3];
+        assert_eq!(text_keeping_length(&odd), "q?o?");
+        assert_eq!(text_keeping_length(&odd).len(), odd.len());
     }
 }
