@@ -30,6 +30,12 @@ test: lint
 demo: release
 	bash scripts/demo.sh target/release/qcow2fs
 
+# qcow2fs against qemu-storage-daemon's FUSE export, side by side (needs root; writes
+# benches/RESULTS.md; BENCH_QUICK=1 for a smoke run), then the engine micro-benchmarks.
+bench:
+	bash benches/run.sh
+	$(CARGO) bench --bench engine
+
 # Fuzzing: each target in fuzz/fuzz_targets runs for FUZZ_SECONDS from a seed corpus that
 # fuzz/seeds.sh makes with qemu-img (in fuzz/corpus, not committed); crashes land in
 # fuzz/artifacts/TARGET/. Needs `cargo install cargo-fuzz`. cargo-fuzz passes nightly-only

@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Turns the raw results of benches/run.sh into benches/RESULTS.md.
+
+Inputs, in the results directory: one fio JSON file per run, named
+WORKLOAD.SYSTEM.REP.json, and results.tsv with the measurements fio does not make
+(WORKLOAD, SYSTEM, REP, VALUE per line). For every workload the report gives the median
+of each system and the median of the per-repetition ratios ours/qsd, and checks the target.
+Anything after the line NOTES_MARK in an existing report is kept (hand-written analysis).
+Standard library only.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+NOTES_MARK = "<!-- notes: kept when the table is regenerated -->"
+
+# name -> (description, unit, target)
+# unit: "MB/s" and "IOPS" from fio (higher is better), "ms" (lower is better; the raw value
+# is in microseconds), "MiB" (peak RSS). target: ("ratio>=", x), ("ratio<=", x) or None.
+WORKLOADS = [
+    ("plain.seq_buf", "sequential 1 MiB reads, buffered, one cold pass", "MB/s", (">=", 3.0)),
+    ("plain_ra.seq_buf", "the same, qcow2fs with `-o readahead=1024`", "MB/s", (">=", 3.0)),
+    ("plain.seq_direct", "sequential 1 MiB reads, O_DIRECT", "MB/s", (">=", 2.5)),
+    ("plain.rand_qd1_buf", "4 KiB random reads, QD1, buffered", "IOPS", None),
+    ("plain.rand_qd1_direct", "4 KiB random reads, QD1, O_DIRECT", "IOPS", (">=", 2.0)),
+    ("plain.rand_4j_buf", "4 KiB random reads, 4 jobs, buffered", "IOPS", None),
+    ("plain.rand_4j_direct", "4 KiB random reads, 4 jobs, O_DIRECT", "IOPS", (">=", 2.0)),
+    ("zlib.seq_direct", "zlib image: sequential 1 MiB, O_DIRECT", "MB/s", None),
+    ("zlib.rand_qd1_direct", "zlib image: 4 KiB random, QD1, O_DIRECT", "IOPS", (">=", 3.0)),
+    ("zstd.seq_direct", "zstd image: sequential 1 MiB, O_DIRECT", "MB/s", (">=", 2.0)),
+    ("zstd.rand_qd1_direct", "zstd image: 4 KiB random, QD1, O_DIRECT", "IOPS", None),
+    ("chain.seq_direct", "8-deep chain: sequential 1 MiB, O_DIRECT", "MB/s", (">=", 2.0)),
+    ("chain.rand_qd1_direct", "8-deep chain: 4 KiB random, QD1, O_DIRECT", "IOPS", None),
+    ("snap.seq_direct", "snapshot file*: sequential 1 MiB, O_DIRECT", "MB/s", (">=", 4.0)),
+    ("snap.rand_qd1_direct", "snapshot file*: 4 KiB random, QD1, O_DIRECT", "IOPS", None),
+    ("snap.dd_cold", "snapshot file*: `dd bs=1M`, cold", "MB/s", None),
+    ("snap.dd_warm", "snapshot file*: `dd bs=1M` again, new process", "MB/s", (">=", 10.0)),
+    ("sparse.mount_first_read", "1 TiB sparse image: mount to first 4 KiB read", "ms", ("<=", 0.5)),
+    ("rw.write_seq", "allocating sequential 1 MiB writes, O_DIRECT, fsync", "MB/s", (">=", 1.5)),
+    ("rw.write_rand", "4 KiB random overwrites, QD1, O_DIRECT, fsync", "IOPS", (">=", 1.5)),
+]
+
+SYSTEMS = ["ours", "qsd", "qcowmount"]
+
+# The RSS bound: 64 MiB plus the L2 cache qcow2fs is configured with (32 MiB by default).
+RSS_LIMIT_MIB = 64 + 32
+
+
+def fio_value(path, unit):
+    """The job's result in `unit`, and the work it did (MB, or I/Os for IOPS)."""
+    text = path.read_text()
+    start = text.find("{")  # fio may print warnings before the JSON
+    job = json.loads(text[start:])["jobs"][0]
+    side = job["write"] if job["write"]["io_bytes"] > 0 else job["read"]
+    if unit == "IOPS":
+        return side["iops"], side["total_ios"]
+    return side["bw_bytes"] / 1e6, side["io_bytes"] / 1e6
+
+
+def load(results):
+    """{workload: {system: {rep: value}}} in the workload's unit, the same for other
+    measurements, and {workload: {system: {rep: work}}} for fio jobs."""
+    units = {w[0]: w[2] for w in WORKLOADS}
+    data = defaultdict(lambda: defaultdict(dict))
+    extra = defaultdict(lambda: defaultdict(dict))
+    work = defaultdict(lambda: defaultdict(dict))
+    for path in sorted(results.glob("*.json")):
+        parts = path.name[: -len(".json")].rsplit(".", 2)
+        if len(parts) != 3:
+            continue
+        workload, system, rep = parts
+        unit = units.get(workload, "MB/s")
+        target = data if workload in units else extra
+        value, done = fio_value(path, unit)
+        target[workload][system][int(rep)] = value
+        work[workload][system][int(rep)] = done
+    tsv = results / "results.tsv"
+    if tsv.exists():
+        for line in tsv.read_text().splitlines():
+            if not line.strip():
+                continue
+            workload, system, rep, value = line.split("\t")
+            value = float(value)
+            if units.get(workload) == "ms":
+                value /= 1000.0  # recorded in microseconds
+            target = data if workload in units else extra
+            target[workload][system][int(rep)] = value
+    return data, extra, work
+
+
+def cpu_ratio(name, extra, work):
+    """Median over repetitions of (daemon CPU per unit of work) ours / qsd."""
+    cpu = extra.get(name + ".cpu_ms", {})
+    done = work.get(name, {})
+    ratios = []
+    for rep, ms in cpu.get("ours", {}).items():
+        q = cpu.get("qsd", {}).get(rep)
+        wo, wq = done.get("ours", {}).get(rep), done.get("qsd", {}).get(rep)
+        if q and wo and wq and ms > 0:
+            ratios.append((ms / wo) / (q / wq))
+    return statistics.median(ratios) if ratios else None
+
+
+def fmt(value, unit):
+    if value is None:
+        return "n/a"
+    if unit == "IOPS":
+        return f"{value / 1000:.1f}k"
+    if unit == "ms":
+        return f"{value:.1f}"
+    return f"{value:.0f}"
+
+
+def machine():
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem = Path("/proc/meminfo").read_text().split("\n")[0].split()[1]
+        mem = f"{int(mem) / 1024 / 1024:.0f} GiB"
+    except (OSError, IndexError, ValueError):
+        mem = "unknown"
+    try:
+        load = Path("/proc/loadavg").read_text().split()[:3]
+    except OSError:
+        load = ["?"] * 3
+    try:
+        qemu = subprocess.run(
+            ["qemu-img", "--version"], capture_output=True, text=True, check=False
+        ).stdout.split("\n")[0]
+    except OSError:
+        qemu = "unknown"
+    try:
+        fio = subprocess.run(
+            ["fio", "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+    except OSError:
+        fio = "unknown"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory": mem,
+        "kernel": f"{platform.system()} {platform.release()}",
+        "load": " ".join(load),
+        "qemu": qemu,
+        "fio": fio,
+    }
+
+
+def report(args):
+    data, extra, work = load(Path(args.results))
+    m = machine()
+    lines = []
+    out = lines.append
+    out("# Benchmark results")
+    out("")
+    out("Made by `make bench` (`benches/run.sh`, `benches/report.py`); see the end for what")
+    out("bounds the targets that are missed.")
+    out("")
+    out(
+        f"- machine: {m['cpu']}, {m['cores']} cores, {m['memory']} RAM, {m['kernel']}, "
+        f"load average at the end {m['load']}"
+    )
+    out(f"- date: {datetime.date.today().isoformat()}; qcow2fs commit {args.commit}")
+    out(f"- peers: {m['qemu']} (`qemu-storage-daemon --export type=fuse`, \"qsd\")"
+        + ("; libqcow `qcowmount` on the plain and zlib images" if args.qcowmount == "1" else
+           "; `qcowmount` not installed"))
+    out(
+        f"- {m['fio']}, psync engine; data images {args.size} (half of every 4 KiB random, "
+        f"half zeros), 64 KiB clusters; {args.reps} repetitions, systems interleaved; "
+        f"time-based jobs {args.runtime} s; page cache dropped before every run"
+    )
+    out("")
+    out("Values are medians over the repetitions; the ratio is the median of the")
+    out("per-repetition ratios ours/qsd (lower is better for latency). \"CPU/work\" is the")
+    out("daemon's CPU time (all threads, /proc/PID/stat) per byte or per I/O, ours/qsd: how")
+    out("much work each daemon spends, which a busy machine disturbs less than throughput.")
+    out("")
+    has_qcm = any("qcowmount" in data[w[0]] for w in WORKLOADS)
+    head = "| workload | unit | qcow2fs | qsd |" + (" qcowmount |" if has_qcm else "")
+    head += " ours/qsd | target | | CPU/work |"
+    out(head)
+    out("|" + "---|" * (head.count("|") - 1))
+    for name, desc, unit, target in WORKLOADS:
+        runs = data.get(name, {})
+        if not runs:
+            continue
+        med = {s: statistics.median(runs[s].values()) if runs.get(s) else None for s in SYSTEMS}
+        ratios = [
+            runs["ours"][r] / runs["qsd"][r]
+            for r in runs.get("ours", {})
+            if r in runs.get("qsd", {}) and runs["qsd"][r] > 0
+        ]
+        ratio = statistics.median(ratios) if ratios else None
+        verdict, tgt = "", ""
+        if target and ratio is not None:
+            op, x = target
+            tgt = f"{op} {x:g}x"
+            met = ratio >= x if op == ">=" else ratio <= x
+            verdict = "met" if met else "**missed**"
+        row = f"| {desc} | {unit} | {fmt(med['ours'], unit)} | {fmt(med['qsd'], unit)} |"
+        if has_qcm:
+            row += f" {fmt(med['qcowmount'], unit)} |"
+        row += f" {'n/a' if ratio is None else f'{ratio:.2f}x'} | {tgt} | {verdict} |"
+        cr = cpu_ratio(name, extra, work)
+        row += f" {'' if cr is None else f'{cr:.2f}x'} |"
+        out(row)
+    out("")
+    ceiling = data.get("snap.dd_warm", {}).get("pagecache")
+    if ceiling:
+        out(
+            f"The ceiling for the warm re-read, `dd` of a regular file of the same size from "
+            f"the page cache: {statistics.median(ceiling.values()):.0f} MB/s."
+        )
+        out("")
+    out("\\* qsd cannot export an internal snapshot; its figure is for the active disk of")
+    out("the same image (it would need qemu-nbd in between for the snapshot).")
+    out("")
+    rss = extra.get("sparse.rss_kib", {})
+    if rss:
+        out("Peak daemon RSS (VmHWM) while reading the 1 TiB sparse image (an L2 table every")
+        out("512 MiB: 128 MiB of L2 metadata), first 64 KiB at every 512 MiB over the whole")
+        out(f"disk, then sequentially from the start for at most {args.rss_seconds} s:")
+        out("")
+        out("| system | peak RSS | sequential part read | target | |")
+        out("|---|---|---|---|---|")
+        for s in ("ours", "qsd"):
+            if s not in rss:
+                continue
+            kib = rss[s][1]
+            seq = extra.get("sparse.seq", {}).get(s, {}).get(1)
+            seq_path = Path(args.results) / f"sparse.seq.{s}.1.json"
+            read = ""
+            if seq_path.exists():
+                text = seq_path.read_text()
+                job = json.loads(text[text.find("{"):])["jobs"][0]["read"]
+                read = f"{job['io_bytes'] / 2**30:.0f} GiB at {job['bw_bytes'] / 1e6:.0f} MB/s"
+            elif seq is not None:
+                read = f"{seq:.0f} MB/s"
+            if s == "ours":
+                tgt = f"< {RSS_LIMIT_MIB} MiB"
+                verdict = "met" if kib / 1024 < RSS_LIMIT_MIB else "**missed**"
+            else:
+                tgt, verdict = "", ""
+            name = "qcow2fs" if s == "ours" else s
+            out(f"| {name} | {kib / 1024:.1f} MiB | {read} | {tgt} | {verdict} |")
+        out("")
+    text = "\n".join(lines) + "\n"
+    old = Path(args.out).read_text() if Path(args.out).exists() else ""
+    if NOTES_MARK in old:
+        text += "\n" + NOTES_MARK + old.split(NOTES_MARK, 1)[1]
+    else:
+        text += "\n" + NOTES_MARK + "\n"
+    Path(args.out).write_text(text)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--results", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--commit", default="unknown")
+    p.add_argument("--size", default="?")
+    p.add_argument("--reps", default="?")
+    p.add_argument("--runtime", default="?")
+    p.add_argument("--rss-seconds", default="?")
+    p.add_argument("--qcowmount", default="0")
+    report(p.parse_args())
+
+
+if __name__ == "__main__":
+    main()
