@@ -1920,3 +1920,67 @@ fn random_corruption_never_panics_or_hangs() {
         panic!("{e}");
     }
 }
+
+/// Text fields that are not UTF-8 (a backing format, feature names) keep their length when
+/// cluster 0 is parsed and encoded again, so a rewritten header still parses and every
+/// offset after them stays where it was (a regression found by fuzzing).
+#[test]
+fn header_text_that_is_not_utf8_survives_a_rewrite() {
+    use qcow2fs::format::header::Header;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (args, name) in [
+        (
+            vec!["create", "-q", "-f", "qcow2", "base.qcow2", "1M"],
+            "base",
+        ),
+        (
+            vec![
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ],
+            "top",
+        ),
+    ] {
+        let out = Command::new("qemu-img")
+            .args(&args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "qemu-img create {name}: {out:?}");
+    }
+    let mut c0 = fs::read(d.join("top.qcow2")).unwrap();
+    c0.truncate(65536);
+    // The backing format extension's data: "qcow2" right after its 8-byte header.
+    let at = c0
+        .windows(8)
+        .position(|w| w == [0xe2, 0x79, 0x2a, 0xca, 0, 0, 0, 5])
+        .expect("a backing format extension")
+        + 8;
+    c0[at..at + 5].copy_from_slice(&[b'q', 0xff, b'o', 0xc3, b'2']);
+    // And a feature name with a stray byte.
+    let name = c0
+        .windows(5)
+        .position(|w| w == b"dirty")
+        .expect("a feature name table");
+    c0[name + 1] = 0x80;
+    let h = Header::parse(&c0).expect("the patched header parses");
+    assert_eq!(h.backing_format.as_deref().map(str::len), Some(5));
+    let encoded = h.encode().expect("the header encodes");
+    let again = Header::parse(&encoded).expect("the rewritten header parses");
+    assert_eq!(again.backing_format, h.backing_format);
+    assert_eq!(again.feature_names, h.feature_names);
+    assert_eq!(again.backing_file, h.backing_file);
+    assert_eq!(
+        again.encode().unwrap(),
+        encoded,
+        "a second rewrite changes nothing"
+    );
+}
