@@ -11,10 +11,11 @@ use fuser::{
     ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, Request,
 };
 use namespace::{FileRole, Namespace, Node, NodeKind};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use std::cell::RefCell;
 use std::ffi::OsStr;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 /// Largest request the kernel may send (with FUSE_MAX_PAGES).
 pub const MAX_REQUEST: u32 = 1 << 20;
@@ -42,10 +43,33 @@ pub struct FsConfig {
 pub struct Qcow2Fs {
     ns: Namespace,
     cfg: FsConfig,
-    /// Per inode: allocated bytes (for st_blocks), computed on demand and forgotten when
-    /// the file is written; and the modification time of files that can change.
-    allocated: Vec<Mutex<Option<u64>>>,
+    /// Per inode: allocated bytes (for st_blocks), computed on demand in the background
+    /// and forgotten when the file is written; and the modification time of files that
+    /// can change.
+    allocated: Vec<Arc<BlocksSlot>>,
     mtime: Vec<Mutex<Option<SystemTime>>>,
+}
+
+/// How long attributes whose st_blocks is still an estimate may be cached.
+const ESTIMATE_TTL: Duration = Duration::from_secs(1);
+/// How long a lookup waits for st_blocks before answering with an estimate.
+const BLOCKS_WAIT: Duration = Duration::from_millis(5);
+
+/// A file's allocated bytes: known, or being computed by a background thread (counting
+/// them reads every L2 table, seconds on a large image, which must not delay the first
+/// lookup or read).
+#[derive(Default)]
+struct BlocksSlot {
+    state: Mutex<Blocks>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct Blocks {
+    bytes: Option<u64>,
+    /// Bumped by every change to the file; a count started before it is dropped.
+    generation: u64,
+    computing: bool,
 }
 
 thread_local! {
@@ -137,7 +161,7 @@ impl Qcow2Fs {
         Qcow2Fs {
             ns,
             cfg,
-            allocated: (0..n).map(|_| Mutex::new(None)).collect(),
+            allocated: (0..n).map(|_| Arc::default()).collect(),
             mtime: (0..n).map(|_| Mutex::new(None)).collect(),
         }
     }
@@ -150,7 +174,9 @@ impl Qcow2Fs {
     /// Records a change to a file: new mtime, st_blocks to be recomputed.
     fn touched(&self, ino: u64) {
         let i = (ino - 1) as usize;
-        *self.allocated[i].lock() = None;
+        let mut b = self.allocated[i].state.lock();
+        b.bytes = None;
+        b.generation += 1;
         *self.mtime[i].lock() = Some(SystemTime::now());
     }
 
@@ -185,8 +211,54 @@ impl Qcow2Fs {
         }
     }
 
-    /// The attributes of a node.
-    pub fn attr(&self, node: &Node) -> FileAttr {
+    /// A file's allocated bytes and whether that is exact: the count if it is known or
+    /// arrives within [`BLOCKS_WAIT`], otherwise an overestimate (the file size plus one
+    /// block, so that no tool takes the file for one big hole) while the count goes on in
+    /// the background.
+    fn allocated(&self, i: usize, dev: &Arc<dyn BlockDev>) -> (u64, bool) {
+        let slot = &self.allocated[i];
+        let mut b = slot.state.lock();
+        if let Some(v) = b.bytes {
+            return (v, true);
+        }
+        if !b.computing {
+            b.computing = true;
+            let generation = b.generation;
+            let (slot, dev) = (slot.clone(), dev.clone());
+            std::thread::spawn(move || {
+                let v = allocated_bytes(&*dev).unwrap_or_else(|e| {
+                    log::warn!("{e}");
+                    dev.size()
+                });
+                let mut b = slot.state.lock();
+                b.computing = false;
+                if b.generation == generation {
+                    b.bytes = Some(v);
+                }
+                slot.done.notify_all();
+            });
+        }
+        let deadline = Instant::now() + BLOCKS_WAIT;
+        while b.bytes.is_none() && b.computing {
+            if slot.done.wait_until(&mut b, deadline).timed_out() {
+                break;
+            }
+        }
+        match b.bytes {
+            Some(v) => (v, true),
+            // One block more than the file can hold: never a count, so it can be told apart.
+            None => (dev.size() + 512, false),
+        }
+    }
+
+    /// The attributes of a node, and how long the kernel may cache them.
+    pub fn attr_ttl(&self, node: &Node) -> (FileAttr, Duration) {
+        let mut ttl = TTL;
+        let attr = self.attr_with(node, &mut ttl);
+        (attr, ttl)
+    }
+
+    fn attr_with(&self, node: &Node, ttl: &mut Duration) -> FileAttr {
         let (kind, size, perm, nlink, blocks) = match &node.kind {
             NodeKind::Dir { children } => {
                 let subdirs = children
@@ -196,13 +268,10 @@ impl Qcow2Fs {
                 (FileType::Directory, 0, 0o555, 2 + subdirs, 0)
             }
             NodeKind::File { dev, .. } => {
-                let mut cached = self.allocated[(node.ino - 1) as usize].lock();
-                let blocks = *cached.get_or_insert_with(|| {
-                    allocated_bytes(&**dev).unwrap_or_else(|e| {
-                        log::warn!("{e}");
-                        dev.size()
-                    })
-                });
+                let (blocks, exact) = self.allocated((node.ino - 1) as usize, dev);
+                if !exact {
+                    *ttl = ESTIMATE_TTL;
+                }
                 let perm = if self.is_writable(&**dev) {
                     0o644
                 } else {
@@ -290,14 +359,20 @@ impl Filesystem for Qcow2Fs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.ns.lookup(parent.0, name) {
-            Some(node) => reply.entry(&TTL, &self.attr(node), Generation(0)),
+            Some(node) => {
+                let (attr, ttl) = self.attr_ttl(node);
+                reply.entry(&ttl, &attr, Generation(0))
+            }
             None => reply.error(Errno::ENOENT),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.ns.node(ino.0) {
-            Some(node) => reply.attr(&TTL, &self.attr(node)),
+            Some(node) => {
+                let (attr, ttl) = self.attr_ttl(node);
+                reply.attr(&ttl, &attr)
+            }
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -414,7 +489,8 @@ impl Filesystem for Qcow2Fs {
             }
         }
         // Time changes are accepted and forgotten: a file's times come from the image.
-        reply.attr(&TTL, &self.attr(node))
+        let (attr, ttl) = self.attr_ttl(node);
+        reply.attr(&ttl, &attr)
     }
 
     fn fallocate(
