@@ -38,7 +38,7 @@ bench:
 
 # Fuzzing: each target in fuzz/fuzz_targets runs for FUZZ_SECONDS from a seed corpus that
 # fuzz/seeds.sh makes with qemu-img (in fuzz/corpus, not committed); crashes land in
-# fuzz/artifacts/TARGET/. Needs `cargo install cargo-fuzz`. cargo-fuzz passes nightly-only
+# fuzz/artifacts/TARGET/. Installs cargo-fuzz when missing. cargo-fuzz passes nightly-only
 # flags (-Zsanitizer, -Cpasses=sancov-module); RUSTC_BOOTSTRAP=1 lets the stable toolchain
 # take them. `-s none` skips AddressSanitizer: qcow2fs has no unsafe parsing code, and
 # overflow checks and debug assertions stay on (fuzz/Cargo.toml).
@@ -48,6 +48,7 @@ FUZZ_TARGETS ?= header snapshot_table entries decompress image
 FUZZ = cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
 
 fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
 	$(FUZZ) build -s none -O
 	rm -rf fuzz/corpus/seeds && bash fuzz/seeds.sh fuzz/corpus/seeds
 	set -e; for t in $(FUZZ_TARGETS); do \
