@@ -180,7 +180,12 @@ def report(args):
     out(
         f"- {m['fio']}, psync engine; data images {args.size} (half of every 4 KiB random, "
         f"half zeros), 64 KiB clusters; {args.reps} repetitions, systems interleaved; "
-        f"time-based jobs {args.runtime} s; page cache dropped before every run"
+        f"time-based jobs {args.runtime} s"
+    )
+    out(
+        "- page cache dropped before every run; then, except for the cold passes "
+        "(buffered sequential, cold `dd`), the image files are read once, so that the "
+        "runs measure the FUSE path and the daemons rather than the disk"
     )
     out("")
     out("Values are medians over the repetitions; the ratio is the median of the")
@@ -218,6 +223,13 @@ def report(args):
         row += f" {'' if cr is None else f'{cr:.2f}x'} |"
         out(row)
     out("")
+    disk = extra.get("disk.cold_read", {}).get("host")
+    if disk:
+        out(
+            f"The ceiling for the cold passes, `dd` of the image file itself with a cold "
+            f"page cache: {statistics.median(disk.values()):.0f} MB/s."
+        )
+        out("")
     ceiling = data.get("snap.dd_warm", {}).get("pagecache")
     if ceiling:
         out(
