@@ -288,16 +288,15 @@ impl Qcow2Layer {
     pub(crate) fn read_unlocked(&self, buf: &mut [u8], off: u64) -> Result<()> {
         let size = self.size();
         let avail = size.saturating_sub(off).min(buf.len() as u64) as usize;
-        let (head, tail) = buf.split_at_mut(avail);
+        let (mut head, tail) = buf.split_at_mut(avail);
         tail.fill(0);
-        let mut pos = 0usize;
-        while pos < head.len() {
-            let at = off + pos as u64;
-            let m = self
-                .shared
-                .image
-                .map(self.view, at, (head.len() - pos) as u64)?;
-            let dst = &mut head[pos..pos + m.len as usize];
+        let mut at = off;
+        // Compressed clusters are decoded after the rest, several at once when a read
+        // spans enough of them to keep more than one core busy.
+        let mut packed: Vec<(&mut [u8], CompressedDesc, usize)> = Vec::new();
+        while !head.is_empty() {
+            let m = self.shared.image.map(self.view, at, head.len() as u64)?;
+            let (dst, rest) = std::mem::take(&mut head).split_at_mut(m.len as usize);
             match m.kind {
                 MapKind::Data { host } => self.shared.read_data(dst, host)?,
                 MapKind::Zero { .. } => dst.fill(0),
@@ -306,13 +305,50 @@ impl Qcow2Layer {
                     None => dst.fill(0),
                 },
                 MapKind::Compressed { desc, in_cluster } => {
-                    let c = self.shared.decompressed(desc)?;
-                    let start = in_cluster as usize;
-                    dst.copy_from_slice(&c[start..start + dst.len()]);
+                    packed.push((dst, desc, in_cluster as usize));
                 }
             }
-            pos += m.len as usize;
+            at += m.len;
+            head = rest;
         }
-        Ok(())
+        self.shared.read_compressed(packed)
+    }
+}
+
+/// Reads that span at least this many compressed clusters decode them in parallel.
+const PARALLEL_DECODE_MIN: usize = 4;
+
+impl Shared {
+    /// Fills each destination from its compressed cluster (starting `in_cluster` bytes
+    /// into it).
+    fn read_compressed(&self, pieces: Vec<(&mut [u8], CompressedDesc, usize)>) -> Result<()> {
+        let fill = |(dst, desc, start): (&mut [u8], CompressedDesc, usize)| -> Result<()> {
+            let c = self.decompressed(desc)?;
+            let n = dst.len();
+            dst.copy_from_slice(&c[start..start + n]);
+            Ok(())
+        };
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(4);
+        if pieces.len() < PARALLEL_DECODE_MIN || workers < 2 {
+            return pieces.into_iter().try_for_each(fill);
+        }
+        let mut groups: Vec<Vec<_>> = (0..workers).map(|_| Vec::new()).collect();
+        for (i, p) in pieces.into_iter().enumerate() {
+            groups[i % workers].push(p);
+        }
+        let mine = groups.pop().unwrap_or_default();
+        std::thread::scope(|s| {
+            let others: Vec<_> = groups
+                .into_iter()
+                .map(|g| s.spawn(move || g.into_iter().try_for_each(fill)))
+                .collect();
+            let first = mine.into_iter().try_for_each(fill);
+            others
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                .fold(first, Result::and)
+        })
     }
 }

@@ -2,6 +2,16 @@
 //! zstd frames that must produce exactly one cluster.
 
 use super::header::CompressionType;
+use std::cell::RefCell;
+use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
+
+thread_local! {
+    // Decoder state is reused per thread: creating a zstd context per cluster costs more
+    // than decoding a small one.
+    static INFLATER: RefCell<libdeflater::Decompressor> =
+        RefCell::new(libdeflater::Decompressor::new());
+    static ZSTD: RefCell<Option<Decoder<'static>>> = const { RefCell::new(None) };
+}
 
 /// Why a compressed cluster could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -31,17 +41,32 @@ pub fn decompress(
 }
 
 fn inflate(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
-    let mut d = libdeflater::Decompressor::new();
-    match d.deflate_decompress(input, out) {
+    INFLATER.with_borrow_mut(|d| match d.deflate_decompress(input, out) {
         Ok(n) if n == out.len() => Ok(()),
         Ok(n) => Err(DecompressError::Short(n)),
         Err(_) => Err(DecompressError::Deflate),
-    }
+    })
 }
 
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<(), DecompressError> {
-    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-    let mut dec = Decoder::new().map_err(|e| DecompressError::Zstd(e.to_string()))?;
+    let err = |e: std::io::Error| DecompressError::Zstd(e.to_string());
+    ZSTD.with_borrow_mut(|slot| {
+        let dec = match slot {
+            Some(d) => {
+                d.reinit().map_err(err)?;
+                d
+            }
+            None => slot.insert(Decoder::new().map_err(err)?),
+        };
+        unzstd_with(dec, input, out)
+    })
+}
+
+fn unzstd_with(
+    dec: &mut Decoder<'static>,
+    input: &[u8],
+    out: &mut [u8],
+) -> Result<(), DecompressError> {
     let mut inb = InBuffer::around(input);
     let mut outb = OutBuffer::around(out);
     let mut hint = 0;
