@@ -133,7 +133,7 @@ fn kernel_option(name: &str) -> Option<MountOption> {
 
 /// Blocks the termination signals in this thread (and the threads it starts) and starts
 /// a thread that unmounts when one arrives.
-fn handle_signals(mut unmounter: fuser::SessionUnmounter) {
+fn handle_signals(mut unmounter: fuser::SessionUnmounter, mountpoint: PathBuf) {
     // SAFETY: plain sigset manipulation on a zeroed set owned by this frame.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -151,12 +151,48 @@ fn handle_signals(mut unmounter: fuser::SessionUnmounter) {
             // SAFETY: waits on the set blocked above.
             unsafe { libc::sigwait(&set, &mut sig) };
             log::info!("signal {sig}: unmounting");
-            if let Err(e) = unmounter.unmount() {
+            // A path lookup or a file closing at that moment keeps the mount busy for a
+            // moment; after a while, detach it (as `umount -l` does) so the daemon ends
+            // once the last user lets go, instead of serving on after a signal.
+            for attempt in 0.. {
+                match unmounter.unmount() {
+                    Ok(()) => return,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 40 => {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    Err(e) => {
+                        log::warn!("unmount after signal {sig}: {e}; detaching it");
+                        break;
+                    }
+                }
+            }
+            if let Err(e) = detach(&mountpoint) {
                 log::error!("unmount after signal {sig} failed: {e}");
             }
         });
     if let Err(e) = spawned {
         log::error!("cannot start the signal thread: {e}");
+    }
+}
+
+/// Detaches the mount at `mountpoint` from the tree (a lazy unmount).
+fn detach(mountpoint: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    // Without the privilege to unmount, the setuid helper can.
+    let helper = std::process::Command::new("fusermount3")
+        .arg("-uz")
+        .arg(mountpoint)
+        .status();
+    match helper {
+        Ok(s) if s.success() => Ok(()),
+        _ => Err(err),
     }
 }
 
@@ -313,7 +349,7 @@ fn serve(
         drop(f);
         detach_stdio();
     }
-    handle_signals(session.unmount_callable());
+    handle_signals(session.unmount_callable(), mountpoint.to_path_buf());
     if let Some(kb) = o.readahead_kb {
         set_readahead(mountpoint.to_path_buf(), kb);
     }
