@@ -12,7 +12,7 @@ use crate::storage::{Extent, Storage};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Decompressed clusters kept per image.
 const COMPRESSED_CACHE_CLUSTERS: usize = 16;
@@ -328,10 +328,17 @@ impl Shared {
             dst.copy_from_slice(&c[start..start + n]);
             Ok(())
         };
-        let workers = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(4);
-        if pieces.len() < PARALLEL_DECODE_MIN || workers < 2 {
+        if pieces.len() < PARALLEL_DECODE_MIN {
+            return pieces.into_iter().try_for_each(fill);
+        }
+        // Asking the system is not cheap (it reads cgroup files): once per process.
+        static WORKERS: OnceLock<usize> = OnceLock::new();
+        let workers = *WORKERS.get_or_init(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(4)
+        });
+        if workers < 2 {
             return pieces.into_iter().try_for_each(fill);
         }
         let mut groups: Vec<Vec<_>> = (0..workers).map(|_| Vec::new()).collect();
