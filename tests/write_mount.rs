@@ -873,26 +873,6 @@ fn make_tree(root: &Path, n: usize, rng: &mut Rng) -> BTreeMap<String, Vec<u8>> 
     files
 }
 
-fn read_tree(root: &Path) -> BTreeMap<String, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for e in fs::read_dir(dir).unwrap().flatten() {
-            let p = e.path();
-            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            if rel == "lost+found" {
-                continue;
-            }
-            if e.file_type().unwrap().is_dir() {
-                walk(root, &p, out);
-            } else {
-                out.insert(rel, fs::read(&p).unwrap());
-            }
-        }
-    }
-    let mut out = BTreeMap::new();
-    walk(root, root, &mut out);
-    out
-}
-
 fn assert_same_tree(
     what: &str,
     expected: &BTreeMap<String, Vec<u8>>,
@@ -968,7 +948,7 @@ fn ext4_made_filled_and_checked_through_a_loop_device() {
     assert_same_tree(
         "the guest filesystem while mounted",
         &files,
-        &read_tree(&guest),
+        &common::read_tree(&guest),
     );
     g.unmount();
     lo.detach();
@@ -984,7 +964,7 @@ fn ext4_made_filled_and_checked_through_a_loop_device() {
     assert_same_tree(
         "the guest filesystem in QEMU's rendering",
         &files,
-        &read_tree(&guest),
+        &common::read_tree(&guest),
     );
     g.unmount();
     lo.detach();

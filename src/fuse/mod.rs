@@ -184,7 +184,7 @@ impl Qcow2Fs {
         &self.ns
     }
 
-    fn sync(&self, ino: INodeNo, reply: fuser::ReplyEmpty) {
+    fn sync(&self, ino: INodeNo, reply: ReplyEmpty) {
         match self.file(ino) {
             Err(e) => reply.error(e),
             Ok((_, dev, _)) => match dev.flush() {
@@ -254,11 +254,6 @@ impl Qcow2Fs {
     /// The attributes of a node, and how long the kernel may cache them.
     pub fn attr_ttl(&self, node: &Node) -> (FileAttr, Duration) {
         let mut ttl = TTL;
-        let attr = self.attr_with(node, &mut ttl);
-        (attr, ttl)
-    }
-
-    fn attr_with(&self, node: &Node, ttl: &mut Duration) -> FileAttr {
         let (kind, size, perm, nlink, blocks) = match &node.kind {
             NodeKind::Dir { children } => {
                 let subdirs = children
@@ -270,7 +265,7 @@ impl Qcow2Fs {
             NodeKind::File { dev, .. } => {
                 let (blocks, exact) = self.allocated((node.ino - 1) as usize, dev);
                 if !exact {
-                    *ttl = ESTIMATE_TTL;
+                    ttl = ESTIMATE_TTL;
                 }
                 let perm = if self.is_writable(&**dev) {
                     0o644
@@ -289,7 +284,7 @@ impl Qcow2Fs {
         let mtime = self.mtime[(node.ino - 1) as usize]
             .lock()
             .unwrap_or(node.mtime);
-        FileAttr {
+        let attr = FileAttr {
             ino: INodeNo(node.ino),
             size,
             blocks,
@@ -305,7 +300,8 @@ impl Qcow2Fs {
             rdev: 0,
             blksize: 65536,
             flags: 0,
-        }
+        };
+        (attr, ttl)
     }
 
     fn file(&self, ino: INodeNo) -> Result<(&Node, &dyn BlockDev, FileRole), Errno> {
@@ -430,7 +426,7 @@ impl Filesystem for Qcow2Fs {
         ino: INodeNo,
         fh: FileHandle,
         _lock_owner: LockOwner,
-        reply: fuser::ReplyEmpty,
+        reply: ReplyEmpty,
     ) {
         if fh.0 != FH_WRITER {
             return reply.ok();
@@ -444,7 +440,7 @@ impl Filesystem for Qcow2Fs {
         ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
-        reply: fuser::ReplyEmpty,
+        reply: ReplyEmpty,
     ) {
         self.sync(ino, reply)
     }
@@ -501,7 +497,7 @@ impl Filesystem for Qcow2Fs {
         offset: u64,
         length: u64,
         mode: i32,
-        reply: fuser::ReplyEmpty,
+        reply: ReplyEmpty,
     ) {
         let (_, dev, _) = match self.file(ino) {
             Ok(f) => f,
