@@ -1285,8 +1285,7 @@ pub struct QemuWriter {
 }
 
 impl QemuWriter {
-    /// Starts the daemon and returns once `qemu-img info` (without `-U`) is refused, i.e.
-    /// once the locks are held.
+    /// Starts the daemon and returns once it holds its locks.
     pub fn start(image: &Path) -> QemuWriter {
         let image = absolute(image);
         let err = tempfile::tempfile().expect("temporary file");
@@ -1309,12 +1308,9 @@ impl QemuWriter {
             if !matches!(q.child.try_wait(), Ok(None)) {
                 return true;
             }
-            let out = run_in(
-                &dir_of(&q.image),
-                "qemu-img",
-                &["info", q.image.to_str().unwrap()],
-            );
-            !out.ok() && out.stderr.contains("lock")
+            // Probing with `qemu-img info` would take locks of its own and could make the
+            // daemon's start fail; F_OFD_GETLK only looks.
+            write_permission_locked(&q.image)
         });
         if let Ok(Some(s)) = q.child.try_wait() {
             panic!("qemu-storage-daemon exited ({s}): {}", q.stderr());
@@ -1347,6 +1343,23 @@ impl QemuWriter {
         }
         let _ = self.child.wait();
     }
+}
+
+/// Whether some process holds QEMU's lock byte for the write permission of `image`
+/// (byte 100 + bit 1, locked shared by every holder of that permission).
+fn write_permission_locked(image: &Path) -> bool {
+    let Ok(f) = File::open(image) else {
+        return false;
+    };
+    // SAFETY: flock is plain data; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 101;
+    fl.l_len = 1;
+    // SAFETY: F_OFD_GETLK reads and fills the flock we pass; it takes no lock.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    rc == 0 && fl.l_type != libc::F_UNLCK as libc::c_short
 }
 
 impl Drop for QemuWriter {
