@@ -2075,6 +2075,47 @@ fn signals_unmount_cleanly() {
 }
 
 #[test]
+fn signal_while_a_file_is_open_detaches_and_the_daemon_ends_at_the_last_close() {
+    let (dir, top) = corpus::build("backing_smaller");
+    let mnt = mountpoint(dir.path(), "busy");
+    let mut m = Mount::try_foreground(&top, &mnt, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let want = qemu_raw(&top);
+    let held = fs::File::open(m.path("top.raw")).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(m.daemon_pid(), libc::SIGTERM) };
+    // The open file keeps the mount busy: after its retries the daemon detaches it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while m.is_mounted() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !m.is_mounted(),
+        "still mounted 10 s after SIGTERM; stderr {:?}",
+        m.foreground_stderr()
+    );
+    assert!(
+        m.wait_foreground(Duration::ZERO).is_none(),
+        "the daemon ended while a file of its detached mount was open"
+    );
+    // The open file still reads the disk.
+    let mut got = vec![0; want.len()];
+    held.read_exact_at(&mut got, 0).unwrap();
+    assert_same_bytes("read through the detached mount", &want, &got);
+    drop(held);
+    let status = m.wait_foreground(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit {status:?} after the last close (expected 0); stderr {:?}",
+        m.foreground_stderr()
+    );
+    assert!(
+        m.foreground_stderr().contains("detaching"),
+        "stderr does not say the mount was detached: {:?}",
+        m.foreground_stderr()
+    );
+}
+
+#[test]
 fn plain_umount_and_fusermount3_unmount() {
     let (dir, top) = corpus::build("backing_smaller");
     for tool in [&["umount"][..], &["fusermount3", "-u"][..]] {

@@ -153,20 +153,22 @@ fn handle_signals(mut unmounter: fuser::SessionUnmounter, mountpoint: PathBuf) {
             log::info!("signal {sig}: unmounting");
             // A path lookup or a file closing at that moment keeps the mount busy for a
             // moment; after a while, detach it (as `umount -l` does) so the daemon ends
-            // once the last user lets go, instead of serving on after a signal.
-            for attempt in 0.. {
-                match unmounter.unmount() {
-                    Ok(()) => return,
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 40 => {
+            // once the last user lets go, instead of serving on after a signal. fuser's
+            // unmounter gives up its mount after one attempt, successful or not, so the
+            // retries unmount the path themselves.
+            let mut result = unmounter.unmount();
+            for _ in 0..40 {
+                match &result {
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                         std::thread::sleep(std::time::Duration::from_millis(50));
+                        result = unmount_path(&mountpoint, false);
                     }
-                    Err(e) => {
-                        log::warn!("unmount after signal {sig}: {e}; detaching it");
-                        break;
-                    }
+                    _ => break,
                 }
             }
-            if let Err(e) = detach(&mountpoint) {
+            let Err(e) = result else { return };
+            log::warn!("unmount after signal {sig}: {e}; detaching it");
+            if let Err(e) = unmount_path(&mountpoint, true) {
                 log::error!("unmount after signal {sig} failed: {e}");
             }
         });
@@ -175,23 +177,33 @@ fn handle_signals(mut unmounter: fuser::SessionUnmounter, mountpoint: PathBuf) {
     }
 }
 
-/// Detaches the mount at `mountpoint` from the tree (a lazy unmount).
-fn detach(mountpoint: &Path) -> std::io::Result<()> {
+/// Unmounts `mountpoint`, or with `lazy` detaches it from the tree (as `umount -l`
+/// does). A mount that is already gone counts as unmounted.
+fn unmount_path(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
     // SAFETY: a valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
         return Ok(());
     }
     let err = std::io::Error::last_os_error();
-    // Without the privilege to unmount, the setuid helper can.
-    let helper = std::process::Command::new("fusermount3")
-        .arg("-uz")
-        .arg(mountpoint)
-        .status();
-    match helper {
-        Ok(s) if s.success() => Ok(()),
+    match err.raw_os_error() {
+        // Not a mount point any more: someone else unmounted it.
+        Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
+        // Without the privilege to unmount, the setuid helper can.
+        Some(libc::EPERM) => {
+            let helper = std::process::Command::new("fusermount3")
+                .arg(if lazy { "-uz" } else { "-u" })
+                .arg(mountpoint)
+                .stderr(std::process::Stdio::null())
+                .status();
+            match helper {
+                Ok(s) if s.success() => Ok(()),
+                _ => Err(err),
+            }
+        }
         _ => Err(err),
     }
 }
