@@ -52,7 +52,9 @@ pub struct Qcow2Fs {
 
 /// How long attributes whose st_blocks is still an estimate may be cached.
 const ESTIMATE_TTL: Duration = Duration::from_secs(1);
-/// How long a lookup waits for st_blocks before answering with an estimate.
+/// How long a getattr waits for st_blocks before answering with an estimate. Lookups do
+/// not wait: an open followed by a read (the first read after mounting) needs no
+/// st_blocks, and a lookup's estimate is never cached, so `stat` asks with a getattr.
 const BLOCKS_WAIT: Duration = Duration::from_millis(5);
 
 /// A file's allocated bytes: known, or being computed by a background thread (counting
@@ -90,6 +92,25 @@ pub fn allocated_bytes(dev: &dyn BlockDev) -> crate::Result<u64> {
         off += len;
     }
     Ok(total)
+}
+
+/// Lowers the calling thread's CPU and I/O priority, so that work in the background
+/// (counting a file's allocated bytes) does not slow the requests being served.
+fn background_priority() {
+    // SAFETY: plain system calls on the calling thread's own id.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+        const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+        const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+        const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            tid as libc::c_long,
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        );
+    }
 }
 
 /// The `whence` answer for SEEK_DATA / SEEK_HOLE: the first offset at or after `off` that
@@ -212,10 +233,10 @@ impl Qcow2Fs {
     }
 
     /// A file's allocated bytes and whether that is exact: the count if it is known or
-    /// arrives within [`BLOCKS_WAIT`], otherwise an overestimate (the file size plus one
+    /// arrives within `wait`, otherwise an overestimate (the file size plus one
     /// block, so that no tool takes the file for one big hole) while the count goes on in
     /// the background.
-    fn allocated(&self, i: usize, dev: &Arc<dyn BlockDev>) -> (u64, bool) {
+    fn allocated(&self, i: usize, dev: &Arc<dyn BlockDev>, wait: Duration) -> (u64, bool) {
         let slot = &self.allocated[i];
         let mut b = slot.state.lock();
         if let Some(v) = b.bytes {
@@ -226,6 +247,7 @@ impl Qcow2Fs {
             let generation = b.generation;
             let (slot, dev) = (slot.clone(), dev.clone());
             std::thread::spawn(move || {
+                background_priority();
                 let v = allocated_bytes(&*dev).unwrap_or_else(|e| {
                     log::warn!("{e}");
                     dev.size()
@@ -238,7 +260,7 @@ impl Qcow2Fs {
                 slot.done.notify_all();
             });
         }
-        let deadline = Instant::now() + BLOCKS_WAIT;
+        let deadline = Instant::now() + wait;
         while b.bytes.is_none() && b.computing {
             if slot.done.wait_until(&mut b, deadline).timed_out() {
                 break;
@@ -251,8 +273,9 @@ impl Qcow2Fs {
         }
     }
 
-    /// The attributes of a node, and how long the kernel may cache them.
-    pub fn attr_ttl(&self, node: &Node) -> (FileAttr, Duration) {
+    /// The attributes of a node, and how long the kernel may cache them. For a lookup
+    /// (`lookup` true) st_blocks is not waited for, and an estimate is not to be cached.
+    pub fn attr_ttl(&self, node: &Node, lookup: bool) -> (FileAttr, Duration) {
         let mut ttl = TTL;
         let (kind, size, perm, nlink, blocks) = match &node.kind {
             NodeKind::Dir { children } => {
@@ -263,9 +286,10 @@ impl Qcow2Fs {
                 (FileType::Directory, 0, 0o555, 2 + subdirs, 0)
             }
             NodeKind::File { dev, .. } => {
-                let (blocks, exact) = self.allocated((node.ino - 1) as usize, dev);
+                let wait = if lookup { Duration::ZERO } else { BLOCKS_WAIT };
+                let (blocks, exact) = self.allocated((node.ino - 1) as usize, dev, wait);
                 if !exact {
-                    ttl = ESTIMATE_TTL;
+                    ttl = if lookup { Duration::ZERO } else { ESTIMATE_TTL };
                 }
                 let perm = if self.is_writable(&**dev) {
                     0o644
@@ -356,7 +380,7 @@ impl Filesystem for Qcow2Fs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.ns.lookup(parent.0, name) {
             Some(node) => {
-                let (attr, ttl) = self.attr_ttl(node);
+                let (attr, ttl) = self.attr_ttl(node, true);
                 reply.entry(&ttl, &attr, Generation(0))
             }
             None => reply.error(Errno::ENOENT),
@@ -366,7 +390,7 @@ impl Filesystem for Qcow2Fs {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.ns.node(ino.0) {
             Some(node) => {
-                let (attr, ttl) = self.attr_ttl(node);
+                let (attr, ttl) = self.attr_ttl(node, false);
                 reply.attr(&ttl, &attr)
             }
             None => reply.error(Errno::ENOENT),
@@ -485,7 +509,7 @@ impl Filesystem for Qcow2Fs {
             }
         }
         // Time changes are accepted and forgotten: a file's times come from the image.
-        let (attr, ttl) = self.attr_ttl(node);
+        let (attr, ttl) = self.attr_ttl(node, false);
         reply.attr(&ttl, &attr)
     }
 
