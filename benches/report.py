@@ -223,20 +223,19 @@ def report(args):
         row += f" {'' if cr is None else f'{cr:.2f}x'} |"
         out(row)
     out("")
-    disk = extra.get("disk.cold_read", {}).get("host")
-    if disk:
-        out(
-            f"The ceiling for the cold passes, `dd` of the image file itself with a cold "
-            f"page cache: {statistics.median(disk.values()):.0f} MB/s."
-        )
-        out("")
-    ceiling = data.get("snap.dd_warm", {}).get("pagecache")
-    if ceiling:
-        out(
-            f"The ceiling for the warm re-read, `dd` of a regular file of the same size from "
-            f"the page cache: {statistics.median(ceiling.values()):.0f} MB/s."
-        )
-        out("")
+    for runs, what in [
+        (
+            extra.get("disk.cold_read", {}).get("host"),
+            "the cold passes, `dd` of the image file itself with a cold page cache",
+        ),
+        (
+            data.get("snap.dd_warm", {}).get("pagecache"),
+            "the warm re-read, `dd` of a regular file of the same size from the page cache",
+        ),
+    ]:
+        if runs:
+            out(f"The ceiling for {what}: {statistics.median(runs.values()):.0f} MB/s.")
+            out("")
     out("\\* qsd cannot export an internal snapshot; its figure is for the active disk of")
     out("the same image (it would need qemu-nbd in between for the snapshot).")
     out("")

@@ -2084,12 +2084,8 @@ fn signal_while_a_file_is_open_detaches_and_the_daemon_ends_at_the_last_close() 
     // SAFETY: signalling our own child.
     unsafe { libc::kill(m.daemon_pid(), libc::SIGTERM) };
     // The open file keeps the mount busy: after its retries the daemon detaches it.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while m.is_mounted() && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
     assert!(
-        !m.is_mounted(),
+        wait_until(Duration::from_secs(10), || !m.is_mounted()),
         "still mounted 10 s after SIGTERM; stderr {:?}",
         m.foreground_stderr()
     );

@@ -330,17 +330,17 @@ impl Shared {
         };
         // Asking the system is not cheap (it reads cgroup files): once per process.
         static WORKERS: OnceLock<usize> = OnceLock::new();
-        let workers = || {
-            *WORKERS.get_or_init(|| {
-                std::thread::available_parallelism()
-                    .map_or(1, |n| n.get())
-                    .min(4)
-            })
-        };
-        if pieces.len() < PARALLEL_DECODE_MIN || workers() < 2 {
+        if pieces.len() < PARALLEL_DECODE_MIN {
             return pieces.into_iter().try_for_each(fill);
         }
-        let workers = workers();
+        let workers = *WORKERS.get_or_init(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(4)
+        });
+        if workers < 2 {
+            return pieces.into_iter().try_for_each(fill);
+        }
         let mut groups: Vec<Vec<_>> = (0..workers).map(|_| Vec::new()).collect();
         for (i, p) in pieces.into_iter().enumerate() {
             groups[i % workers].push(p);

@@ -194,14 +194,17 @@ fn unmount_path(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
         Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
         // Without the privilege to unmount, the setuid helper can.
         Some(libc::EPERM) => {
-            let helper = std::process::Command::new("fusermount3")
-                .arg(if lazy { "-uz" } else { "-u" })
-                .arg(mountpoint)
-                .stderr(std::process::Stdio::null())
-                .status();
-            match helper {
+            let flag = if lazy { "-uz" } else { "-u" };
+            let run = |helper| {
+                std::process::Command::new(helper)
+                    .arg(flag)
+                    .arg(mountpoint)
+                    .status()
+            };
+            match run("fusermount3").or_else(|_| run("fusermount")) {
                 Ok(s) if s.success() => Ok(()),
-                _ => Err(err),
+                Ok(_) => Err(std::io::Error::other(format!("fusermount3 {flag} failed"))),
+                Err(_) => Err(err),
             }
         }
         _ => Err(err),
@@ -533,34 +536,7 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     let pid: Option<i32> = std::fs::read_to_string(pidfile(&canon))
         .ok()
         .and_then(|s| s.trim().parse().ok());
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        let c = std::ffi::CString::new(canon.as_os_str().as_encoded_bytes())
-            .map_err(|_| Error::invalid("mount point path contains NUL"))?;
-        // SAFETY: c is a valid path string.
-        if unsafe { libc::umount2(c.as_ptr(), 0) } != 0 {
-            return Err(Error::io(
-                mountpoint,
-                "unmounting",
-                std::io::Error::last_os_error(),
-            ));
-        }
-    } else {
-        let status = std::process::Command::new("fusermount3")
-            .arg("-u")
-            .arg(&canon)
-            .status()
-            .or_else(|_| {
-                std::process::Command::new("fusermount")
-                    .arg("-u")
-                    .arg(&canon)
-                    .status()
-            })
-            .map_err(|e| Error::io(Path::new("fusermount3"), "running", e))?;
-        if !status.success() {
-            return Err(Error::new(ErrorKind::Io, "fusermount3 -u failed").in_file(mountpoint));
-        }
-    }
+    unmount_path(&canon, false).map_err(|e| Error::io(mountpoint, "unmounting", e))?;
     if let Some(pid) = pid {
         let start = Instant::now();
         while process_running(pid) && start.elapsed() < Duration::from_secs(120) {
