@@ -499,7 +499,16 @@ fn kept_overlays_are_valid_qcow2_images() {
         sum,
         "the image changed under an overlay mount"
     );
-    let kept: Vec<PathBuf> = std::fs::read_dir(&ovdir)
+    // They are kept in a directory only the mounting user (root) may enter.
+    let private = ovdir.join("qcow2fs-overlays-0");
+    let md = std::fs::metadata(&private).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o777,
+        0o700,
+        "mode of {}",
+        private.display()
+    );
+    let kept: Vec<PathBuf> = std::fs::read_dir(&private)
         .unwrap()
         .map(|e| e.unwrap().path())
         .collect();

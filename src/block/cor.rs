@@ -134,6 +134,10 @@ impl BlockDev for CopyOnRead {
         self.inner.data_path()
     }
 
+    fn sources(&self) -> Vec<crate::storage::Access> {
+        self.inner.sources()
+    }
+
     fn backing(&self) -> Option<&Arc<dyn BlockDev>> {
         self.inner.backing()
     }

@@ -11,7 +11,7 @@ mod write;
 
 pub use cor::CopyOnRead;
 pub use open::{BackingPolicy, Chain, OpenOptions, open_chain};
-pub use overlay::{Overlay, OverlayOptions};
+pub use overlay::{Overlay, OverlayOptions, private_dir};
 pub use qcow2::Qcow2Layer;
 pub use raw::RawLayer;
 
@@ -60,6 +60,14 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     /// The file that holds this layer's data (an external data file, or the image).
     fn data_path(&self) -> &Path {
         &self.info().path
+    }
+
+    /// Owner and mode of every file this disk's bytes come from: its own image and data
+    /// file and those of its backing chain. What the mount grants on the disk never
+    /// exceeds what they allow. (A throwaway overlay's own file is not a source: it
+    /// holds only what users of the mount wrote.)
+    fn sources(&self) -> Vec<crate::storage::Access> {
+        self.backing().map(|b| b.sources()).unwrap_or_default()
     }
 
     /// The next layer down, if this layer has one.

@@ -67,33 +67,16 @@ fn open_file(path: &Path, what: &str, referrer: Option<&Path>) -> Result<File> {
     open_file_mode(path, what, referrer, false)
 }
 
+/// Opens an image, backing file or data file: regular files only, without blocking
+/// (a FIFO named by an image must not hang the mount).
 fn open_file_mode(path: &Path, what: &str, referrer: Option<&Path>, write: bool) -> Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(|e| {
-            let what = match referrer {
-                Some(r) => format!("opening the {what} named by {}", r.display()),
-                None => format!("opening the {what}"),
-            };
-            Error::io(path, what, e)
-        })
-}
-
-/// Refuses files an image names that are not plain files (devices, fifos, directories).
-fn check_regular(path: &Path, file: &File, what: &str, referrer: &Path) -> Result<()> {
-    let md = file
-        .metadata()
-        .map_err(|e| Error::io(path, format!("inspecting the {what}"), e))?;
-    if !md.is_file() {
-        return Err(Error::unsupported(format!(
-            "{what} named by {} is not a regular file; refusing to open it",
-            referrer.display()
-        ))
-        .in_file(path));
-    }
-    Ok(())
+    crate::storage::open_regular(path, write).map_err(|e| {
+        let what = match referrer {
+            Some(r) => format!("opening the {what} named by {}", r.display()),
+            None => format!("opening the {what}"),
+        };
+        Error::io(path, what, e)
+    })
 }
 
 /// Whether a name would be a protocol prefix for QEMU ("nbd:...", "http://...").
@@ -163,6 +146,15 @@ fn probe_qcow2(file: &File) -> bool {
     matches!(file.read_at(&mut magic, 0), Ok(4)) && u32::from_be_bytes(magic) == MAGIC
 }
 
+/// A file's identity (device and inode), which hard links and other names share.
+fn file_id(file: &File, path: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let md = file
+        .metadata()
+        .map_err(|e| Error::io(path, "inspecting the file", e))?;
+    Ok((md.dev(), md.ino()))
+}
+
 struct Pending {
     path: PathBuf,
     kind: PendingKind,
@@ -179,7 +171,7 @@ enum PendingKind {
 /// Opens the qcow2 image at `path` and its backing chain.
 pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
     let mut pending: Vec<Pending> = Vec::new();
-    let mut seen: Vec<PathBuf> = Vec::new();
+    let mut seen: Vec<(u64, u64)> = Vec::new();
     let mut next: Option<(PathBuf, Format, PathBuf)> =
         Some((path.to_path_buf(), Format::Qcow2, PathBuf::new()));
     while let Some((cur, format, referrer)) = next.take() {
@@ -194,12 +186,10 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
         }
         let writable = top && opts.image.writable;
         let file = open_file_mode(&cur, what, (!top).then_some(referrer.as_path()), writable)?;
-        if !top {
-            check_regular(&cur, &file, what, &referrer)?;
-        }
-        take_lock(&file, &cur, writable, opts)?;
-        let canon = cur.canonicalize().unwrap_or_else(|_| cur.clone());
-        if seen.contains(&canon) {
+        // A loop is found before locking: the lock this mount took on the image would
+        // otherwise be reported as another process's.
+        let id = file_id(&file, &cur)?;
+        if seen.contains(&id) {
             return Err(Error::corrupt(format!(
                 "backing chain loops: {} names {} again",
                 referrer.display(),
@@ -207,7 +197,8 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
             ))
             .in_file(path));
         }
-        seen.push(canon);
+        seen.push(id);
+        take_lock(&file, &cur, writable, opts)?;
         let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         if format == Format::Raw {
             pending.push(Pending {
@@ -227,7 +218,6 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
             Some(name) if header.has_data_file() => {
                 let dp = resolve(&cur, name, "data file", opts)?;
                 let f = open_file_mode(&dp, "data file", Some(&cur), writable)?;
-                check_regular(&dp, &f, "data file", &cur)?;
                 take_lock(&f, &dp, writable, opts)?;
                 let store: Arc<dyn Storage> = Arc::new(FileStorage::new(f));
                 if writable {
@@ -251,7 +241,6 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
                 }
                 None => {
                     let f = open_file(&bp, "backing file", Some(&cur))?;
-                    check_regular(&bp, &f, "backing file", &cur)?;
                     if !probe_qcow2(&f) {
                         return Err(Error::unsupported(format!(
                             "backing file {} has no format in the image header and is not qcow2; refusing to expose it as raw (set the format with `qemu-img rebase -u -F raw`, or use -o backing=deny)",

@@ -8,6 +8,8 @@ use crate::engine::create::{CreateOptions, create};
 use crate::engine::{Image, ImageOptions, View};
 use crate::error::{Error, Result};
 use crate::storage::{FileStorage, Storage};
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,9 +19,74 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// Where overlays go and whether they outlive the mount.
 #[derive(Clone, Debug)]
 pub struct OverlayOptions {
+    /// A directory only the mounting user may enter ([`private_dir`] makes one).
     pub dir: PathBuf,
+    /// Keep the overlays as files in `dir`; otherwise they have no name at all and vanish
+    /// with the last descriptor, even when the daemon is killed.
     pub keep: bool,
     pub cache_bytes: u64,
+}
+
+/// Makes (or reuses) `parent/qcow2fs-overlays-UID`, a directory only its owner can
+/// enter, where this user's overlays go: the overlays hold copies of evidence, which
+/// other users must not read even where the image is readable to them through the
+/// mount. A directory of that name that is not this user's own, or that others can
+/// enter, is refused.
+pub fn private_dir(parent: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let dir = parent.join(format!("qcow2fs-overlays-{uid}"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io(&dir, "creating the overlay directory", e)),
+    }
+    let md = std::fs::symlink_metadata(&dir)
+        .map_err(|e| Error::io(&dir, "inspecting the overlay directory", e))?;
+    if !md.is_dir() || md.uid() != uid || md.mode() & 0o077 != 0 {
+        return Err(Error::unsupported(format!(
+            "the overlay directory is not a directory that only user {uid} may enter (mode {:o}, owner {}); remove it or choose another overlay=DIR",
+            md.mode() & 0o7777,
+            md.uid()
+        ))
+        .in_file(&dir));
+    }
+    Ok(dir)
+}
+
+/// A file with no name in `dir` (O_TMPFILE), readable only by its owner; where the
+/// filesystem cannot make one, a file created and unlinked at once.
+fn anonymous_file(dir: &Path) -> Result<File> {
+    let tmp = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir);
+    match tmp {
+        Ok(f) => return Ok(f),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::EISDIR)
+            ) => {}
+        Err(e) => return Err(Error::io(dir, "creating an overlay", e)),
+    }
+    let path = dir.join(format!(
+        ".qcow2fs-overlay-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| Error::io(&path, "creating an overlay", e))?;
+    std::fs::remove_file(&path).map_err(|e| Error::io(&path, "unlinking the overlay", e))?;
+    Ok(f)
 }
 
 /// A disk seen through its own temporary qcow2 overlay.
@@ -40,27 +107,33 @@ impl Overlay {
         backing: Option<(PathBuf, &str)>,
         opts: &OverlayOptions,
     ) -> Result<Overlay> {
-        let safe: String = name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let path = opts.dir.join(format!(
-            "qcow2fs-overlay-{}-{}-{safe}.qcow2",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, "creating the overlay", e))?;
+        let (file, path, named) = if opts.keep {
+            let safe: String = name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let path = opts.dir.join(format!(
+                "qcow2fs-overlay-{}-{}-{safe}.qcow2",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed)
+            ));
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| Error::io(&path, "creating the overlay", e))?;
+            (file, path, true)
+        } else {
+            (anonymous_file(&opts.dir)?, opts.dir.clone(), false)
+        };
         let store: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
         let result = (|| {
             create(
@@ -70,6 +143,7 @@ impl Overlay {
                     size: source.size(),
                     cluster_bits: 16,
                     backing: backing
+                        .filter(|_| named)
                         .map(|(p, f)| (p.as_os_str().as_encoded_bytes().to_vec(), f.to_string())),
                 },
             )?;
@@ -88,10 +162,12 @@ impl Overlay {
             Ok(layer) => Ok(Overlay {
                 layer,
                 path,
-                keep: opts.keep,
+                keep: named,
             }),
             Err(e) => {
-                let _ = std::fs::remove_file(&path);
+                if named {
+                    let _ = std::fs::remove_file(&path);
+                }
                 Err(e)
             }
         }
@@ -143,19 +219,20 @@ impl BlockDev for Overlay {
         self.layer.flush()
     }
 
-    /// Writes back and, unless the overlay is kept, deletes it; logs its size either way.
+    /// Writes back a kept overlay; an unnamed one goes with its last descriptor. Logs
+    /// its size either way.
     fn close(&self) -> Result<()> {
-        let r = self.layer.close();
-        let size = std::fs::metadata(&self.path)
-            .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
-            .unwrap_or(0);
+        let size = self.layer.image().storage().allocated_bytes().unwrap_or(0);
         if self.keep {
+            let r = self.layer.close();
             log::info!("overlay {} kept ({size} bytes)", self.path.display());
+            r
         } else {
-            log::info!("overlay {} ({size} bytes) deleted", self.path.display());
-            std::fs::remove_file(&self.path)
-                .map_err(|e| Error::io(&self.path, "deleting the overlay", e))?;
+            log::info!(
+                "overlay in {} ({size} bytes) discarded",
+                self.path.display()
+            );
+            Ok(())
         }
-        r
     }
 }

@@ -277,6 +277,17 @@ impl BlockDev for Qcow2Layer {
         self.shared.backing.as_ref()
     }
 
+    fn sources(&self) -> Vec<crate::storage::Access> {
+        let mut out: Vec<_> = self.shared.image.storage().access().into_iter().collect();
+        if let Some((_, store)) = &self.shared.data_file {
+            out.extend(store.access());
+        }
+        if let Some(b) = &self.shared.backing {
+            out.extend(b.sources());
+        }
+        out
+    }
+
     fn data_path(&self) -> &Path {
         self.shared.data_store().0
     }

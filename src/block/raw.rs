@@ -93,4 +93,8 @@ impl BlockDev for RawLayer {
     fn info(&self) -> &LayerInfo {
         &self.info
     }
+
+    fn sources(&self) -> Vec<crate::storage::Access> {
+        self.storage.access().into_iter().collect()
+    }
 }

@@ -2,12 +2,15 @@
 //! stack and run the command. Every failure ends as one line on stderr and exit status 1.
 
 mod cat;
+pub mod control;
 mod info;
 pub mod logging;
 mod map;
 pub mod mount;
 pub mod options;
+mod status;
 mod stream;
+mod utab;
 
 use crate::block::{self, Chain, OpenOptions};
 use crate::error::{Error, ErrorKind, Result};
@@ -62,6 +65,14 @@ pub enum Command {
     },
     /// Unmount a qcow2fs mount and wait until its daemon has finished.
     Umount { mountpoint: PathBuf },
+    /// Show what a mount serves: image and layers, mode, open files, cache, locks,
+    /// snapshots (asked of its daemon).
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        mountpoint: PathBuf,
+    },
     /// Copy the data the backing chain provides into the image (offline), like QEMU's
     /// block-stream; safe to interrupt and run again.
     Stream {
@@ -149,6 +160,7 @@ pub fn run(cli: Cli) -> Result<()> {
             options: options::MountOptions::parse(options.iter().map(String::as_str))?,
         }),
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
+        Command::Status { json, mountpoint } => status::run(&mountpoint, json),
         Command::Stream {
             bottom,
             drop_backing,
@@ -157,7 +169,9 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-const SUBCOMMANDS: &[&str] = &["info", "cat", "map", "mount", "umount", "stream", "help"];
+const SUBCOMMANDS: &[&str] = &[
+    "info", "cat", "map", "mount", "umount", "status", "stream", "help",
+];
 
 /// A backing layer named by depth (1 = the direct backing file) or by file name.
 pub(crate) fn resolve_layer(chain: &Chain, spec: &str) -> Result<u32> {
@@ -238,6 +252,40 @@ fn helper_request(args: &[std::ffi::OsString]) -> Result<Option<mount::MountRequ
     }))
 }
 
+/// `umount.fuse.qcow2fs DIR [-nlfvr] [-t TYPE] [-N NS]`, which umount(8) runs to
+/// unmount a qcow2fs mount (for root, when the mount has an entry in libmount's utab,
+/// which `qcow2fs mount` writes; for the user who mounted it, always): the unmount then
+/// returns only once the daemon has written everything back and released the image.
+fn umount_helper_run(args: &[std::ffi::OsString]) -> Result<()> {
+    let mut dir = None;
+    let (mut lazy, mut force) = (false, false);
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let a = arg.to_string_lossy();
+        match a.as_ref() {
+            "-t" | "-N" => {
+                it.next();
+            }
+            s if s.starts_with('-') && s.len() > 1 => {
+                for c in s[1..].chars() {
+                    match c {
+                        'l' => lazy = true,
+                        'f' => force = true,
+                        'n' | 'v' | 'r' | 'i' => {}
+                        other => return Err(Error::invalid(format!("unknown flag -{other}"))),
+                    }
+                }
+            }
+            _ => dir = Some(PathBuf::from(arg)),
+        }
+    }
+    let dir = dir.ok_or_else(|| Error::invalid("usage: umount.fuse.qcow2fs MOUNTPOINT [-lf]"))?;
+    if lazy || force {
+        return mount::unmount_flags(&dir, lazy, force);
+    }
+    mount::umount(&dir)
+}
+
 /// Rewrites `qcow2fs IMAGE MOUNTPOINT [-o OPTS]` (the form mount.fuse uses) into the
 /// `mount` subcommand.
 fn normalize_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
@@ -264,7 +312,12 @@ pub fn main() -> i32 {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let helper = invoked_as.starts_with("mount.");
-    let args = if helper { args } else { normalize_args(args) };
+    let umount_helper = invoked_as.starts_with("umount.");
+    let args = if helper || umount_helper {
+        args
+    } else {
+        normalize_args(args)
+    };
     let mounting = helper || args.get(1).is_some_and(|a| a == "mount");
     logging::init(mounting);
     let result = if helper {
@@ -272,6 +325,8 @@ pub fn main() -> i32 {
             Some(req) => mount::run(req),
             None => Ok(()),
         })
+    } else if umount_helper {
+        umount_helper_run(&args[1..])
     } else {
         run(Cli::parse_from(args))
     };

@@ -30,6 +30,22 @@ pub struct MountEntry {
     pub mountpoint: PathBuf,
     pub fstype: String,
     pub source: String,
+    /// The device number (major, minor) of the mounted filesystem.
+    pub dev: (u32, u32),
+    /// The filesystem's own options (for FUSE: `user_id=`, `group_id=`, ...).
+    pub super_options: String,
+    /// The mount's own flags (`ro` or `rw`, `nosuid`, ...).
+    pub mount_options: String,
+}
+
+impl MountEntry {
+    /// The user who mounted a FUSE filesystem (its `user_id=` option).
+    pub fn owner_uid(&self) -> Option<u32> {
+        self.super_options
+            .split(',')
+            .find_map(|o| o.strip_prefix("user_id="))
+            .and_then(|v| v.parse().ok())
+    }
 }
 
 fn unescape_mount_field(s: &str) -> String {
@@ -60,10 +76,14 @@ pub fn mounts() -> Vec<MountEntry> {
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
             let dash = f.iter().position(|&x| x == "-")?;
+            let (major, minor) = f.get(2)?.split_once(':')?;
             Some(MountEntry {
                 mountpoint: PathBuf::from(unescape_mount_field(f.get(4)?)),
                 fstype: f.get(dash + 1)?.to_string(),
                 source: unescape_mount_field(f.get(dash + 2)?),
+                dev: (major.parse().ok()?, minor.parse().ok()?),
+                super_options: f.get(dash + 3).unwrap_or(&"").to_string(),
+                mount_options: f.get(5).unwrap_or(&"").to_string(),
             })
         })
         .collect()
@@ -72,28 +92,6 @@ pub fn mounts() -> Vec<MountEntry> {
 /// The mount at exactly `path`, if any (the last one, which is visible).
 pub fn mount_at(path: &Path) -> Option<MountEntry> {
     mounts().into_iter().rfind(|m| m.mountpoint == path)
-}
-
-fn runtime_dir() -> PathBuf {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    if uid == 0 {
-        PathBuf::from("/run/qcow2fs")
-    } else if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        PathBuf::from(d).join("qcow2fs")
-    } else {
-        std::env::temp_dir().join(format!("qcow2fs-{uid}"))
-    }
-}
-
-/// Where the daemon serving `mountpoint` records its pid.
-fn pidfile(mountpoint: &Path) -> PathBuf {
-    let name: String = mountpoint
-        .to_string_lossy()
-        .chars()
-        .map(|c| if c == '/' { '!' } else { c })
-        .collect();
-    runtime_dir().join(format!("{name}.pid"))
 }
 
 fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
@@ -177,6 +175,28 @@ fn handle_signals(mut unmounter: fuser::SessionUnmounter, mountpoint: PathBuf) {
     }
 }
 
+/// `umount -l` (detach) or `umount -f` (force) of a qcow2fs mount, which return without
+/// waiting for the daemon.
+pub fn unmount_flags(mountpoint: &Path, lazy: bool, force: bool) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let (canon, _) = super::control::qcow2fs_mount(mountpoint)?;
+    if force {
+        let c = std::ffi::CString::new(canon.as_os_str().as_bytes())
+            .map_err(|_| Error::invalid("the mount point contains a NUL byte"))?;
+        let flags = libc::MNT_FORCE | if lazy { libc::MNT_DETACH } else { 0 };
+        // SAFETY: a valid NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
+            return Err(Error::io(
+                mountpoint,
+                "unmounting",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        return Ok(());
+    }
+    unmount_path(&canon, lazy).map_err(|e| Error::io(mountpoint, "unmounting", e))
+}
+
 /// Unmounts `mountpoint`, or with `lazy` detaches it from the tree (as `umount -l`
 /// does). A mount that is already gone counts as unmounted.
 fn unmount_path(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
@@ -209,13 +229,6 @@ fn unmount_path(mountpoint: &Path, lazy: bool) -> std::io::Result<()> {
         }
         _ => Err(err),
     }
-}
-
-fn write_pidfile(mountpoint: &Path) -> Option<PathBuf> {
-    let p = pidfile(mountpoint);
-    std::fs::create_dir_all(p.parent()?).ok()?;
-    std::fs::write(&p, format!("{}\n", std::process::id())).ok()?;
-    Some(p)
 }
 
 /// Sets the mount's kernel readahead window once the kernel finished its handshake with
@@ -253,14 +266,17 @@ fn serve(
         snapshots: o.snapshots,
         layers: o.layers,
     };
+    let mut private_overlay_dir = None;
     let ns = if let Some(dir) = &o.overlay {
         let opts = OverlayOptions {
-            dir: dir
-                .canonicalize()
-                .map_err(|e| Error::io(dir, "the overlay directory", e))?,
+            dir: block::private_dir(
+                &dir.canonicalize()
+                    .map_err(|e| Error::io(dir, "the overlay directory", e))?,
+            )?,
             keep: o.keep_overlay,
             cache_bytes: o.cache_size.unwrap_or(crate::engine::DEFAULT_CACHE_BYTES) / 4,
         };
+        private_overlay_dir = Some(opts.dir.clone());
         let image_abs = req
             .image
             .canonicalize()
@@ -316,12 +332,12 @@ fn serve(
         .canonicalize()
         .unwrap_or_else(|_| req.image.clone());
     let mut config = fuser::Config::default();
+    let fsname = o
+        .fsname
+        .clone()
+        .unwrap_or_else(|| image_abs.display().to_string());
     config.mount_options = vec![
-        MountOption::FSName(
-            o.fsname
-                .clone()
-                .unwrap_or_else(|| image_abs.display().to_string()),
-        ),
+        MountOption::FSName(fsname.clone()),
         // Passed to the kernel so /proc/mounts shows the type fuse.qcow2fs.
         MountOption::CUSTOM("subtype=qcow2fs".into()),
         if writable {
@@ -333,9 +349,10 @@ fn serve(
     config
         .mount_options
         .extend(o.kernel_flags.iter().filter_map(|f| kernel_option(f)));
-    if o.default_permissions {
-        config.mount_options.push(MountOption::DefaultPermissions);
-    }
+    // The kernel checks every access against the modes shown, which never grant more
+    // than the image and backing files allow (`fuse::access`); the daemon itself does not
+    // check callers.
+    config.mount_options.push(MountOption::DefaultPermissions);
     config.acl = if o.allow_other {
         SessionACL::All
     } else if o.allow_root {
@@ -350,9 +367,48 @@ fn serve(
     });
     config.n_threads = Some(threads);
     config.clone_fd = true;
+    let daemon = Arc::new(super::status::Daemon {
+        chain,
+        image: image_abs.clone(),
+        mountpoint: mountpoint.to_path_buf(),
+        mode: if o.overlay.is_some() {
+            "overlay".into()
+        } else if o.copy_on_read {
+            "rw,copy-on-read".into()
+        } else if o.rw {
+            "rw".into()
+        } else {
+            "ro".into()
+        },
+        force_share: o.force_share,
+        open_files: fs.open_files(),
+    });
     let mut session = fuser::Session::new(fs, mountpoint, &config)
         .map_err(|e| Error::io(mountpoint, "mounting", e))?;
-    let pid_path = write_pidfile(mountpoint);
+    // Before any other thread starts: they inherit the blocked termination signals.
+    handle_signals(session.unmount_callable(), mountpoint.to_path_buf());
+    let handler = daemon.clone();
+    let control = match super::control::Server::start(
+        mountpoint,
+        Arc::new(move |req: &serde_json::Value| handler.handle(req)),
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            log::error!("{e}; `qcow2fs status` and `umount` cannot reach this daemon");
+            None
+        }
+    };
+    // SAFETY: geteuid has no preconditions.
+    let registered = unsafe { libc::geteuid() } == 0
+        && match super::utab::register(&fsname, mountpoint) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!(
+                    "cannot add the mount to libmount's utab ({e}): root's umount(8) will not wait for this daemon"
+                );
+                false
+            }
+        };
     log::info!(
         "mounted {} on {}",
         req.image.display(),
@@ -364,13 +420,17 @@ fn serve(
         drop(f);
         detach_stdio();
     }
-    handle_signals(session.unmount_callable(), mountpoint.to_path_buf());
     if let Some(kb) = o.readahead_kb {
         set_readahead(mountpoint.to_path_buf(), kb);
     }
     let result = session.run();
-    if let Some(p) = pid_path {
-        let _ = std::fs::remove_file(p);
+    if let Some(d) = private_overlay_dir {
+        // Only when no kept overlay (or another mount's overlay) is left in it.
+        let _ = std::fs::remove_dir(d);
+    }
+    drop(control);
+    if registered && let Err(e) = super::utab::unregister(mountpoint) {
+        log::warn!("removing the mount from libmount's utab: {e}");
     }
     log::info!("unmounted {}", mountpoint.display());
     result.map_err(|e| Error::io(mountpoint, "serving the mount", e))
@@ -508,39 +568,38 @@ pub fn run(req: MountRequest) -> Result<()> {
     }
 }
 
-/// Whether `pid` runs (an exited process its parent has not reaped yet does not).
-fn process_running(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+/// Whether any thread of process `pid` still runs. A process whose main thread has
+/// exited while others go on (a zombie leader) still holds its files and locks.
+fn process_running(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state != "Z" && state != "X")
+        })
+    })
 }
 
-/// Unmounts a qcow2fs mount and waits for its daemon to finish writing back.
+/// Unmounts a qcow2fs mount and waits until its daemon has written everything back and
+/// ended: every one of its threads, so that its files and image locks are released.
 pub fn umount(mountpoint: &Path) -> Result<()> {
-    let canon = mountpoint
-        .canonicalize()
-        .map_err(|e| Error::io(mountpoint, "resolving the mount point", e))?;
-    let Some(m) = mount_at(&canon) else {
-        return Err(Error::invalid("not a mount point").in_file(mountpoint));
+    let (canon, _) = super::control::qcow2fs_mount(mountpoint)?;
+    let pid = match super::control::request(&canon, &serde_json::json!({"op": "status"})) {
+        Ok(v) => v.get("pid").and_then(serde_json::Value::as_u64),
+        Err(e) => {
+            log::warn!("{e}; unmounting without waiting for the daemon");
+            None
+        }
     };
-    if m.fstype != "fuse.qcow2fs" {
-        return Err(
-            Error::invalid(format!("not a qcow2fs mount (type {})", m.fstype)).in_file(mountpoint),
-        );
-    }
-    let pid: Option<i32> = std::fs::read_to_string(pidfile(&canon))
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
     unmount_path(&canon, false).map_err(|e| Error::io(mountpoint, "unmounting", e))?;
     if let Some(pid) = pid {
         let start = Instant::now();
-        while process_running(pid) && start.elapsed() < Duration::from_secs(120) {
-            std::thread::sleep(Duration::from_millis(20));
+        while process_running(pid as u32) && start.elapsed() < Duration::from_secs(120) {
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
     Ok(())

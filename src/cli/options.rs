@@ -36,7 +36,7 @@ pub const MOUNT_OPTIONS: &[OptSpec] = &[
     OptSpec {
         name: "default_permissions",
         value: None,
-        help: "Let the kernel check file modes against the caller.",
+        help: "Always on: the kernel checks file modes against the caller (accepted for compatibility).",
     },
     OptSpec {
         name: "uid",
@@ -178,7 +178,10 @@ fn opposite_flag(name: &str) -> Option<&'static str> {
 }
 
 fn is_generic(name: &str) -> bool {
-    GENERIC_OPTIONS.contains(&name) || name.starts_with("x-") || name.starts_with("comment=")
+    GENERIC_OPTIONS.contains(&name)
+        || ["x-", "comment=", "helper=", "uhelper="]
+            .iter()
+            .any(|p| name.starts_with(p))
 }
 
 /// Parsed `-o` options.

@@ -12,6 +12,7 @@
 //! disk grown, clean close) are written and synced on their own, after what they point to.
 
 use super::image::{Image, Meta};
+use super::overlap::MetaKind;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::{autoclear, incompat};
 
@@ -25,6 +26,25 @@ impl Image {
         let io = self.io();
         io.write("the header", 0, &bytes)?;
         io.sync()
+    }
+
+    /// Passes `result` on; when it is a corruption found while changing the image (a
+    /// write that would land on metadata, an entry that breaks the format), first marks
+    /// the image corrupt as QEMU does: the header's corrupt bit is set, and this and every
+    /// later open refuses to write until `qemu-img check -r all` repaired it.
+    pub(crate) fn corrupt_if<T>(&self, m: &mut Meta, result: Result<T>) -> Result<T> {
+        let Err(e) = result else {
+            return result;
+        };
+        if e.kind() != ErrorKind::Corrupt || self.corrupt.set(e.message().to_string()).is_err() {
+            return Err(e);
+        }
+        log::error!("{e}; marking the image corrupt");
+        m.header.incompatible_features |= incompat::CORRUPT;
+        if let Err(w) = self.write_header(m) {
+            log::error!("{w}");
+        }
+        Err(e)
     }
 
     /// Duties before the first change: clear autoclear bits qcow2fs does not maintain,
@@ -73,7 +93,26 @@ impl Image {
         let rs = m.rc.as_mut().expect("refcount state");
         for (off, n) in old {
             for k in 0..n as u64 {
-                rs.adjust(off / cs + k, -1, &io)?;
+                rs.release(off / cs + k, &io)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses to write metadata of `kind` over `[off, off + len)` where that range also
+    /// holds other metadata.
+    fn check_meta_write(&self, m: &Meta, off: u64, len: u64, kind: MetaKind) -> Result<()> {
+        let Some(rs) = m.rc.as_ref() else {
+            return Ok(());
+        };
+        let cs = self.cluster_size();
+        for c in off / cs..(off + len.max(1)).div_ceil(cs) {
+            if let Some(what) = rs.overlap.meta_conflict(c, kind) {
+                return Err(Error::corrupt(format!(
+                    "writing {} at {off:#x} would overwrite {what}; refusing the write",
+                    kind.name()
+                ))
+                .in_file(&self.path));
             }
         }
         Ok(())
@@ -94,7 +133,8 @@ impl Image {
             return Ok(());
         }
         let mut m = self.meta.write();
-        self.flush_locked(&mut m)
+        let flushed = self.flush_locked(&mut m);
+        self.corrupt_if(&mut m, flushed)
     }
 
     pub(crate) fn flush_locked(&self, m: &mut Meta) -> Result<()> {
@@ -124,7 +164,9 @@ impl Image {
         self.switch_reftable_if_moved(m)?;
         // 3. L2 tables, then the L1 table.
         let dirty = self.l2_cache.select(|t| t.is_dirty());
+        let cs = self.cluster_size();
         for (off, t) in &dirty {
+            self.check_meta_write(m, *off, cs, MetaKind::ActiveL2)?;
             io.write("an L2 table", *off, &t.to_bytes())?;
             t.mark_clean();
         }
@@ -132,6 +174,8 @@ impl Image {
             io.sync()?;
         }
         if m.l1_dirty {
+            let l1_bytes = m.l1.len() as u64 * 8;
+            self.check_meta_write(m, m.header.l1_table_offset, l1_bytes, MetaKind::ActiveL1)?;
             let mut bytes = Vec::with_capacity(m.l1.len() * 8);
             for e in &m.l1 {
                 bytes.extend_from_slice(&e.to_be_bytes());
@@ -146,7 +190,7 @@ impl Image {
             let deferred = std::mem::take(&mut m.deferred);
             let rs = m.rc.as_mut().expect("refcount state");
             for host in deferred {
-                rs.adjust(host / cs, -1, &io)?;
+                rs.release(host / cs, &io)?;
                 if rs.get(host / cs, &io)? == 0 {
                     self.l2_cache.remove(host);
                 }
@@ -158,14 +202,19 @@ impl Image {
         Ok(())
     }
 
-    /// Grows the disk to `new_size` bytes (rounded up to whole sectors). Shrinking is
-    /// refused.
+    /// Grows the disk to `new_size` bytes, a whole number of 512-byte sectors (a qcow2
+    /// disk's size is; QEMU refuses other sizes too). Shrinking is refused.
     pub fn resize(&self, new_size: u64) -> Result<()> {
-        if !self.writable {
-            return Err(Error::read_only("the image is open read-only").in_file(&self.path));
+        self.check_writable()?;
+        if !new_size.is_multiple_of(512) {
+            return Err(Error::invalid(format!(
+                "the new size {new_size} is not a multiple of 512 bytes (a qcow2 disk is made of 512-byte sectors)"
+            ))
+            .in_file(&self.path));
         }
         let mut m = self.meta.write();
-        self.resize_locked(&mut m, new_size.next_multiple_of(512))
+        let resized = self.resize_locked(&mut m, new_size);
+        self.corrupt_if(&mut m, resized)
     }
 
     fn resize_locked(&self, m: &mut Meta, new_size: u64) -> Result<()> {
@@ -211,10 +260,9 @@ impl Image {
             let cs = self.cluster_size();
             let clusters = (needed * 8).div_ceil(cs);
             let io = self.io();
-            let first =
-                m.rc.as_mut()
-                    .expect("refcount state")
-                    .alloc(clusters, &io)?;
+            let rs = m.rc.as_mut().expect("refcount state");
+            let first = rs.alloc(clusters, &io)?;
+            rs.overlap.claim(first, clusters, MetaKind::ActiveL1);
             self.switch_reftable_if_moved(m)?;
             let mut l1 = m.l1.clone();
             l1.resize(needed as usize, 0);
@@ -235,7 +283,7 @@ impl Image {
             m.l1 = l1;
             let rs = m.rc.as_mut().expect("refcount state");
             for k in 0..(old.1 * 8).div_ceil(cs) {
-                rs.adjust(old.0 / cs + k, -1, &io)?;
+                rs.release(old.0 / cs + k, &io)?;
             }
             rs.write_back(&io)?;
         } else {

@@ -2,10 +2,11 @@
 //! with the open-time checks of checklist section 16.
 
 use super::cache::{Cache, L2Table};
+use super::overlap::{MetaKind, MetaMap};
 use super::refcount::RefState;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::bitmap::{self, BitmapEntry};
-use crate::format::entry::EntryLayout;
+use crate::format::entry::{EntryLayout, OFFSET_MASK};
 use crate::format::header::{self, Header, MAX_L1_ENTRIES};
 use crate::format::refcount::RefcountLayout;
 use crate::format::snapshot::{self, SnapshotEntry, TableError};
@@ -40,6 +41,21 @@ impl Default for ImageOptions {
             writable: false,
         }
     }
+}
+
+/// How much metadata an image holds in memory, and how much of it is not on disk yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheStats {
+    /// Bytes the L2 cache may hold.
+    pub l2_capacity_bytes: u64,
+    /// L2 tables cached, and those changed since they were last written.
+    pub l2_tables: u64,
+    pub l2_dirty: u64,
+    /// Refcount blocks cached, and those changed (writable images).
+    pub refcount_blocks: u64,
+    pub refcount_dirty: u64,
+    /// The L1 table differs from the file.
+    pub l1_dirty: bool,
 }
 
 /// Which L1 table a lookup goes through.
@@ -99,6 +115,8 @@ pub struct Image {
     pub(crate) writable: bool,
     /// A metadata write failed: refuse further writes.
     pub(crate) failed: AtomicBool,
+    /// Why the image was marked corrupt while open: further writes are refused.
+    pub(crate) corrupt: OnceLock<String>,
     /// The external data file, flushed before metadata that points into it.
     pub(crate) data_store: OnceLock<(PathBuf, Arc<dyn Storage>)>,
     /// Guest range locks (writable images).
@@ -176,8 +194,10 @@ impl Image {
                 header.refcount_table_offset,
                 (header.refcount_table_clusters as u64 * cs) as usize,
             )?;
+            let table = decode_words(&table_bytes);
+            let overlap = metadata_map(&*file, path, &header, &l1, &table, &snapshots, &bitmaps)?;
             Some(RefState::new(
-                decode_words(&table_bytes),
+                table,
                 header.refcount_table_offset,
                 header.refcount_table_clusters,
                 RefcountLayout {
@@ -185,6 +205,8 @@ impl Image {
                     cluster_bits,
                 },
                 (tables / 4).max(16),
+                file_len.div_ceil(cs),
+                overlap,
             ))
         } else {
             None
@@ -211,6 +233,7 @@ impl Image {
             preallocated: std::sync::OnceLock::new(),
             writable: opts.writable,
             failed: AtomicBool::new(false),
+            corrupt: OnceLock::new(),
             data_store: OnceLock::new(),
             ranges: Default::default(),
         };
@@ -322,6 +345,20 @@ impl Image {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// What the metadata caches hold.
+    pub fn cache_stats(&self) -> CacheStats {
+        let m = self.meta.read();
+        let (refcount_blocks, refcount_dirty) = m.rc.as_ref().map_or((0, 0), |r| r.cached());
+        CacheStats {
+            l2_capacity_bytes: self.l2_cache.capacity() as u64 * self.cluster_size(),
+            l2_tables: self.l2_cache.len() as u64,
+            l2_dirty: self.l2_cache.select(|t| t.is_dirty()).len() as u64,
+            refcount_blocks,
+            refcount_dirty,
+            l1_dirty: m.l1_dirty,
+        }
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -484,6 +521,108 @@ impl Image {
         let table = Arc::new(L2Table::from_bytes(&buf));
         Ok(self.l2_cache.insert(off, table, |t| !t.is_dirty()))
     }
+}
+
+/// Every metadata cluster of an image, for the overlap checks of a writable image: the
+/// header, the active L1 table and its L2 tables, the refcount table and blocks, the
+/// snapshot table with each snapshot's L1 table and L2 tables, and the bitmaps. A
+/// snapshot whose L1 table cannot be read is left out with a warning (as the mount does).
+pub(crate) fn metadata_map(
+    file: &dyn Storage,
+    path: &Path,
+    header: &Header,
+    l1: &[u64],
+    reftable: &[u64],
+    snapshots: &[Snapshot],
+    bitmaps: &[BitmapEntry],
+) -> Result<MetaMap> {
+    let cs = 1u64 << header.cluster_bits;
+    let mut map = MetaMap::default();
+    let l2_offsets = |l1: &[u64]| -> Vec<u64> {
+        l1.iter()
+            .map(|e| e & OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect()
+    };
+    map.claim(0, 1, MetaKind::Header);
+    map.claim_bytes(
+        header.l1_table_offset,
+        header.l1_size as u64 * 8,
+        cs,
+        MetaKind::ActiveL1,
+    );
+    for off in l2_offsets(l1) {
+        map.claim(off / cs, 1, MetaKind::ActiveL2);
+    }
+    map.claim_bytes(
+        header.refcount_table_offset,
+        header.refcount_table_clusters as u64 * cs,
+        cs,
+        MetaKind::RefcountTable,
+    );
+    for &e in reftable {
+        let off = crate::format::refcount::reftable_block_offset(e);
+        if off != 0 {
+            map.claim(off / cs, 1, MetaKind::RefcountBlock);
+        }
+    }
+    if !snapshots.is_empty() {
+        let table_len: u64 = snapshots.iter().map(|s| s.entry.encoded_len() as u64).sum();
+        map.claim_bytes(
+            header.snapshots_offset,
+            table_len,
+            cs,
+            MetaKind::SnapshotTable,
+        );
+    }
+    let file_len = file
+        .len()
+        .map_err(|e| Error::io(path, "reading the file size", e))?;
+    for s in snapshots {
+        let e = &s.entry;
+        let bytes = e.l1_size as u64 * 8;
+        if bytes > (MAX_L1_ENTRIES * 8) || e.l1_table_offset.saturating_add(bytes) > file_len {
+            log::warn!(
+                "{}: the L1 table of snapshot {} lies outside the file; its clusters are not protected from writes",
+                path.display(),
+                e.id
+            );
+            continue;
+        }
+        map.claim_bytes(e.l1_table_offset, bytes, cs, MetaKind::SnapshotL1);
+        let raw = read_meta(
+            file,
+            path,
+            "a snapshot L1 table",
+            e.l1_table_offset,
+            bytes as usize,
+        )?;
+        for off in l2_offsets(&decode_words(&raw)) {
+            map.claim(off / cs, 1, MetaKind::SnapshotL2);
+        }
+    }
+    if let Some(ext) = header.bitmaps {
+        map.claim_bytes(
+            ext.directory_offset,
+            ext.directory_size,
+            cs,
+            MetaKind::BitmapDirectory,
+        );
+        for b in bitmaps {
+            let bytes = b.table_size as u64 * 8;
+            if b.table_offset.saturating_add(bytes) > file_len {
+                continue;
+            }
+            map.claim_bytes(b.table_offset, bytes, cs, MetaKind::BitmapTable);
+            let raw = read_meta(file, path, "a bitmap table", b.table_offset, bytes as usize)?;
+            for off in decode_words(&raw).into_iter().map(|w| w & OFFSET_MASK) {
+                if off > 1 {
+                    map.claim(off / cs, 1, MetaKind::BitmapData);
+                }
+            }
+        }
+    }
+    Ok(map)
 }
 
 pub(crate) fn decode_words(raw: &[u8]) -> Vec<u64> {

@@ -31,12 +31,13 @@ pub mod create;
 mod flush;
 mod image;
 mod map;
+mod overlap;
 mod ranges;
 mod rebuild;
 mod refcount;
 mod write;
 
-pub use image::{DEFAULT_CACHE_BYTES, Image, ImageOptions, Meta, Snapshot, View};
+pub use image::{CacheStats, DEFAULT_CACHE_BYTES, Image, ImageOptions, Meta, Snapshot, View};
 pub use map::{MapKind, Mapping};
 pub use ranges::{RangeGuard, RangeLocks};
 pub use write::ClusterWrite;

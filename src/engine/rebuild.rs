@@ -3,7 +3,7 @@
 //! table and refcount blocks past everything in use, switch the header to them, correct
 //! the COPIED flags, then clear the dirty bit.
 
-use super::image::{Image, Meta, decode_words};
+use super::image::{Image, Meta, decode_words, metadata_map};
 use super::refcount::{MetaIo, RefState};
 use crate::error::{Error, Result};
 use crate::format::bitmap;
@@ -172,12 +172,28 @@ impl Image {
         m.header.refcount_table_offset = table_offset;
         m.header.refcount_table_clusters = table_clusters;
         self.write_header(m)?;
+        let overlap = metadata_map(
+            &*self.file,
+            &path,
+            &m.header,
+            &m.l1,
+            &table,
+            self.snapshots(),
+            self.bitmaps(),
+        )?;
+        let end = self
+            .file
+            .len()
+            .map_err(|e| Error::io(&path, "reading the file size", e))?
+            .div_ceil(cs);
         m.rc = Some(RefState::new(
             table,
             table_offset,
             table_clusters,
             layout,
             64,
+            end,
+            overlap,
         ));
         // COPIED flags: set exactly where the refcount is 1.
         for i in 0..m.l1.len() {

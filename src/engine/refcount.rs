@@ -3,6 +3,7 @@
 //! growth. Everything that changes refcounts runs under the exclusive metadata lock.
 
 use super::image::{Image, decode_words};
+use super::overlap::{MetaKind, MetaMap};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::MAX_REFCOUNT_TABLE_BYTES;
 use crate::format::refcount::{REFTABLE_OFFSET_MASK, RefcountLayout, reftable_block_offset};
@@ -69,15 +70,25 @@ pub(crate) struct RefState {
     /// old tables listed here freed.
     pub(crate) header_stale: bool,
     pub(crate) old_tables: Vec<(u64, u32)>,
+    /// The clusters that hold metadata (see `overlap`).
+    pub(crate) overlap: MetaMap,
+    /// Clusters the allocator found free although they hold metadata, already reported.
+    skipped: std::collections::HashSet<u64>,
 }
 
 impl RefState {
+    /// The state of a table loaded from the file. Allocation starts at cluster
+    /// `first_free` (the end of the file when it was opened: a cluster below it whose
+    /// refcount is 0 may still be in use in a damaged image, so only clusters this
+    /// process freed itself are used again).
     pub(crate) fn new(
         table: Vec<u64>,
         table_offset: u64,
         table_clusters: u32,
         layout: RefcountLayout,
         capacity: usize,
+        first_free: u64,
+        overlap: MetaMap,
     ) -> Self {
         RefState {
             table,
@@ -87,11 +98,13 @@ impl RefState {
             blocks: HashMap::new(),
             tick: 0,
             capacity: capacity.max(4),
-            free_hint: 1,
+            free_hint: first_free.max(1),
             cs: 1 << layout.cluster_bits,
             layout,
             header_stale: false,
             old_tables: Vec::new(),
+            overlap,
+            skipped: Default::default(),
         }
     }
 
@@ -150,6 +163,12 @@ impl RefState {
         }
     }
 
+    /// Refcount blocks cached, and how many of them are dirty.
+    pub(crate) fn cached(&self) -> (u64, u64) {
+        let dirty = self.blocks.values().filter(|b| b.dirty).count();
+        (self.blocks.len() as u64, dirty as u64)
+    }
+
     /// Whether dirty blocks keep the cache over its capacity (a flush is due).
     pub(crate) fn over_capacity(&self) -> bool {
         self.blocks.len() > self.capacity
@@ -171,6 +190,14 @@ impl RefState {
     fn set_existing(&mut self, c: u64, v: u64, io: &MetaIo) -> Result<()> {
         let pb = self.per_block();
         let layout = self.layout;
+        let block = reftable_block_offset(self.table[(c / pb) as usize]) / self.cs;
+        if let Some(what) = self.overlap.meta_conflict(block, MetaKind::RefcountBlock) {
+            return Err(Error::corrupt(format!(
+                "the refcount block at {:#x} overlaps {what}; refusing to write it",
+                block * self.cs
+            ))
+            .in_file(io.path));
+        }
         let b = self.load(c / pb, io)?;
         layout.set(&mut b.data, (c % pb) as usize, v);
         b.dirty = true;
@@ -214,9 +241,27 @@ impl RefState {
             })?
         };
         self.set_existing(c, new, io)?;
-        if new == 0 && c < self.free_hint {
-            self.free_hint = c;
+        if new == 0 {
+            self.overlap.forget(c);
+            if c < self.free_hint {
+                self.free_hint = c;
+            }
         }
+        Ok(())
+    }
+
+    /// Drops one reference to `c`. A refcount that is already 0 (a damaged image) is left
+    /// as it is, with a warning, as QEMU does: the cluster leaks instead of the write
+    /// that dropped the reference failing.
+    pub(crate) fn release(&mut self, c: u64, io: &MetaIo) -> Result<()> {
+        if !self.missing(c / self.per_block()) && self.get(c, io)? > 0 {
+            return self.adjust(c, -1, io);
+        }
+        log::warn!(
+            "{}: the refcount of host cluster {:#x} is already 0 where a reference to it was dropped; leaving it (`qemu-img check -r all` repairs it)",
+            io.path.display(),
+            c * self.cs
+        );
         Ok(())
     }
 
@@ -227,7 +272,7 @@ impl RefState {
         let limit = (1u64 << 56) / self.cs;
         while c < limit {
             let taken = avoid.iter().any(|&(s, len)| c >= s && c < s + len);
-            if !taken && self.get(c, io)? == 0 {
+            if !taken && self.get(c, io)? == 0 && !self.holds_metadata(c, io) {
                 run += 1;
                 if run == n {
                     return Ok(c + 1 - n);
@@ -238,6 +283,22 @@ impl RefState {
             c += 1;
         }
         Err(Error::new(ErrorKind::NoSpace, "no free host clusters below 2^56").in_file(io.path))
+    }
+
+    /// Whether free cluster `c` holds metadata nonetheless (its refcount is damaged): it
+    /// is skipped, and reported once.
+    fn holds_metadata(&mut self, c: u64, io: &MetaIo) -> bool {
+        let Some(what) = self.overlap.owner(c) else {
+            return false;
+        };
+        if self.skipped.insert(c) {
+            log::warn!(
+                "{}: host cluster {:#x} holds {what} but its refcount is 0; not allocating it (`qemu-img check -r all` repairs the refcount)",
+                io.path.display(),
+                c * self.cs
+            );
+        }
+        true
     }
 
     /// Allocates `n` contiguous clusters (refcount 1 each) and returns the first index.
@@ -287,6 +348,7 @@ impl RefState {
             }
             self.table[ti as usize] = b * self.cs;
             self.table_dirty = true;
+            self.overlap.claim(b, 1, MetaKind::RefcountBlock);
             return Ok(());
         }
     }
@@ -407,6 +469,9 @@ impl RefState {
         for (ti, data) in new_blocks {
             self.insert_block(ti, data, false);
         }
+        self.overlap.claim(p, nblocks, MetaKind::RefcountBlock);
+        self.overlap
+            .claim(p + nblocks, table_clusters, MetaKind::RefcountTable);
         self.old_tables
             .push((self.table_offset, self.table_clusters));
         self.table = table;

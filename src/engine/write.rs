@@ -13,6 +13,7 @@
 
 use super::cache::L2Table;
 use super::image::{Image, Meta};
+use super::overlap::MetaKind;
 use super::refcount::MetaIo;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::entry::{COMPRESSED, COPIED, ClusterKind, OFFSET_MASK, SUBCLUSTERS, ZERO_FLAG};
@@ -60,9 +61,15 @@ impl Image {
         self.writable
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if !self.writable {
             return Err(Error::read_only("the image is open read-only").in_file(&self.path));
+        }
+        if let Some(why) = self.corrupt.get() {
+            return Err(Error::corrupt(format!(
+                "the image was marked corrupt ({why}); refusing further writes (repair it with `qemu-img check -r all`)"
+            ))
+            .in_file(&self.path));
         }
         if self.failed.load(Ordering::Acquire) {
             return Err(Error::new(
@@ -108,6 +115,13 @@ impl Image {
             .l1_l2_offset(e)
             .map_err(|err| Error::corrupt(format!("L1 entry {l1i}: {err}")).in_file(&self.path))?;
         if off != 0 && e & COPIED != 0 {
+            let rs = m.rc.as_ref().expect("writable image has refcount state");
+            if let Some(what) = rs.overlap.meta_conflict(off / cs, MetaKind::ActiveL2) {
+                return Err(Error::corrupt(format!(
+                    "L1 entry {l1i}: the L2 table at {off:#x} is marked as used only by the active disk, but the cluster also holds {what}; refusing to change it"
+                ))
+                .in_file(&self.path));
+            }
             return self.l2_table(off);
         }
         let words = self.layout.l2_words();
@@ -125,6 +139,11 @@ impl Image {
         let io = self.io();
         let rs = m.rc.as_mut().expect("writable image has refcount state");
         let c = rs.alloc(1, &io)?;
+        rs.overlap.claim(c, 1, MetaKind::ActiveL2);
+        if off != 0 {
+            // The old table stays with the snapshots that share it.
+            rs.overlap.release(off / cs, 1, MetaKind::ActiveL2);
+        }
         let new_off = c * cs;
         self.l2_cache.remove(new_off);
         let table = self
@@ -145,7 +164,30 @@ impl Image {
             return Ok(plans);
         }
         let mut m = self.meta.write();
-        self.plan_locked(&mut m, off, len)
+        let planned = self.plan_locked(&mut m, off, len);
+        self.corrupt_if(&mut m, planned)
+    }
+
+    /// Refuses a plan whose data would land on metadata (an L2 entry of a damaged image
+    /// pointing at it).
+    fn check_targets(&self, m: &Meta, plans: &[ClusterWrite]) -> Result<()> {
+        if self.layout.data_file {
+            return Ok(());
+        }
+        let Some(rs) = m.rc.as_ref() else {
+            return Ok(());
+        };
+        let cs = self.cluster_size();
+        for p in plans {
+            if let Some(what) = rs.overlap.data_conflict(p.host / cs) {
+                return Err(Error::corrupt(format!(
+                    "guest data for offset {:#x} would be written to host offset {:#x}, which holds {what}; refusing the write",
+                    p.guest, p.host
+                ))
+                .in_file(&self.path));
+            }
+        }
+        Ok(())
     }
 
     /// The fast path: every cluster can be overwritten where it is (no metadata change).
@@ -163,6 +205,10 @@ impl Image {
                 p if p.entry.is_none() && !p.allocate => plans.push(p),
                 _ => return Ok(None),
             }
+        }
+        if self.check_targets(&m, &plans).is_err() {
+            // Take the slow path, which reports it and marks the image corrupt.
+            return Ok(None);
         }
         Ok(Some(plans))
     }
@@ -345,6 +391,7 @@ impl Image {
             i = j;
         }
         self.switch_reftable_if_moved(m)?;
+        self.check_targets(m, &plans)?;
         Ok(plans)
     }
 
@@ -354,7 +401,8 @@ impl Image {
             return Ok(());
         }
         let mut m = self.meta.write();
-        self.publish_locked(&mut m, plans)
+        let published = self.publish_locked(&mut m, plans);
+        self.corrupt_if(&mut m, published)
     }
 
     fn publish_locked(&self, m: &mut Meta, plans: &[ClusterWrite]) -> Result<()> {
@@ -397,7 +445,8 @@ impl Image {
     ) -> Result<Vec<(u64, u64)>> {
         self.check_writable()?;
         let mut m = self.meta.write();
-        self.zero_locked(&mut m, off, len, unmap, has_backing)
+        let zeroed = self.zero_locked(&mut m, off, len, unmap, has_backing);
+        self.corrupt_if(&mut m, zeroed)
     }
 
     fn zero_locked(

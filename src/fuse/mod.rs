@@ -1,6 +1,7 @@
 //! A thin adapter to fuser 0.18: the namespace and file logic are plain functions here
 //! and in `namespace`; each `Filesystem` callback is a few lines that call them.
 
+pub mod access;
 pub mod namespace;
 
 use crate::block::BlockDev;
@@ -39,10 +40,18 @@ pub struct FsConfig {
     pub writable: bool,
 }
 
+/// Files open through the mount, for `qcow2fs status`.
+#[derive(Debug, Default)]
+pub struct OpenFiles {
+    pub total: std::sync::atomic::AtomicU64,
+    pub writers: std::sync::atomic::AtomicU64,
+}
+
 /// The filesystem: the namespace plus per-file lazily computed allocation sizes.
 pub struct Qcow2Fs {
     ns: Namespace,
     cfg: FsConfig,
+    open_files: Arc<OpenFiles>,
     /// Per inode: allocated bytes (for st_blocks), computed on demand in the background
     /// and forgotten when the file is written; and the modification time of files that
     /// can change.
@@ -182,6 +191,7 @@ impl Qcow2Fs {
         Qcow2Fs {
             ns,
             cfg,
+            open_files: Arc::default(),
             allocated: (0..n).map(|_| Arc::default()).collect(),
             mtime: (0..n).map(|_| Mutex::new(None)).collect(),
         }
@@ -203,6 +213,22 @@ impl Qcow2Fs {
 
     pub fn namespace(&self) -> &Namespace {
         &self.ns
+    }
+
+    /// The counts of open files, shared with whoever reports them.
+    pub fn open_files(&self) -> Arc<OpenFiles> {
+        self.open_files.clone()
+    }
+
+    fn opened(&self, writer: bool) -> FileHandle {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.open_files.total.fetch_add(1, Relaxed);
+        if writer {
+            self.open_files.writers.fetch_add(1, Relaxed);
+            FileHandle(FH_WRITER)
+        } else {
+            FileHandle(0)
+        }
     }
 
     fn sync(&self, ino: INodeNo, reply: ReplyEmpty) {
@@ -273,6 +299,23 @@ impl Qcow2Fs {
         }
     }
 
+    /// The most a directory may grant: listing it is reading the active disk's image.
+    fn dir_ceiling(&self) -> u32 {
+        let sources = self
+            .ns
+            .nodes()
+            .iter()
+            .find_map(|n| match &n.kind {
+                NodeKind::File {
+                    dev,
+                    role: FileRole::Active,
+                } => Some(dev.sources()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        access::dir_ceiling(self.cfg.uid, self.cfg.gid, &sources)
+    }
+
     /// The attributes of a node, and how long the kernel may cache them. For a lookup
     /// (`lookup` true) st_blocks is not waited for, and an estimate is not to be cached.
     pub fn attr_ttl(&self, node: &Node, lookup: bool) -> (FileAttr, Duration) {
@@ -283,7 +326,13 @@ impl Qcow2Fs {
                     .iter()
                     .filter(|&&c| self.ns.node(c).is_some_and(Node::is_dir))
                     .count() as u32;
-                (FileType::Directory, 0, 0o555, 2 + subdirs, 0)
+                (
+                    FileType::Directory,
+                    0,
+                    0o555 & self.dir_ceiling(),
+                    2 + subdirs,
+                    0,
+                )
             }
             NodeKind::File { dev, .. } => {
                 let wait = if lookup { Duration::ZERO } else { BLOCKS_WAIT };
@@ -291,11 +340,12 @@ impl Qcow2Fs {
                 if !exact {
                     ttl = if lookup { Duration::ZERO } else { ESTIMATE_TTL };
                 }
-                let perm = if self.is_writable(&**dev) {
+                let base = if self.is_writable(&**dev) {
                     0o644
                 } else {
                     0o444
                 };
+                let perm = base & access::ceiling(self.cfg.uid, self.cfg.gid, &dev.sources());
                 (
                     FileType::RegularFile,
                     dev.size(),
@@ -404,13 +454,31 @@ impl Filesystem for Qcow2Fs {
             Err(e) => reply.error(e),
             Ok((_, dev, _)) if flags.acc_mode() != OpenAccMode::O_RDONLY => {
                 if self.is_writable(dev) {
-                    reply.opened(FileHandle(FH_WRITER), FopenFlags::FOPEN_KEEP_CACHE)
+                    reply.opened(self.opened(true), FopenFlags::FOPEN_KEEP_CACHE)
                 } else {
                     reply.error(Errno::EROFS)
                 }
             }
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(_) => reply.opened(self.opened(false), FopenFlags::FOPEN_KEEP_CACHE),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.open_files.total.fetch_sub(1, Relaxed);
+        if fh.0 == FH_WRITER {
+            self.open_files.writers.fetch_sub(1, Relaxed);
+        }
+        reply.ok();
     }
 
     fn write(
@@ -432,6 +500,13 @@ impl Filesystem for Qcow2Fs {
         if !self.is_writable(dev) {
             return reply.error(Errno::EROFS);
         }
+        // A disk does not grow by writing past its end: a write that starts there fails
+        // with ENOSPC (as on a block device), one that straddles it is cut short.
+        let size = dev.size();
+        if offset >= size && !data.is_empty() {
+            return reply.error(Errno::ENOSPC);
+        }
+        let data = &data[..data.len().min((size - offset.min(size)) as usize)];
         match dev.write_at(data, offset) {
             Ok(()) => {
                 self.touched(ino.0);

@@ -1,10 +1,72 @@
-//! A host file accessed with pread/pwrite.
+//! A host file accessed with pread/pwrite, and the one way qcow2fs opens files an image
+//! or a user names: without blocking, and only if they are regular files.
 
-use super::{Extent, Storage};
+use super::{Access, Extent, Storage};
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+/// What a file is, in words, for the message that refuses it.
+fn kind_of(ft: std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_block_device() {
+        "a block device"
+    } else if ft.is_char_device() {
+        "a character device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Opens `path` (for writing too with `write`) if it is a regular file. The open itself
+/// never blocks (O_NONBLOCK: a FIFO would wait for a writer), the type is checked on the
+/// opened descriptor (so a file swapped in between is not missed), and only then is the
+/// descriptor made blocking again. Anything else is refused with an error that says what
+/// the file is.
+pub fn open_regular(path: &Path, write: bool) -> io::Result<File> {
+    let not_regular = |ft| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{}, not a regular file", kind_of(ft)),
+        )
+    };
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    {
+        Ok(f) => f,
+        // Opening a FIFO for writing without a reader, or a device without its driver,
+        // fails before the type can be checked: name the type instead of the errno.
+        Err(e) => {
+            return Err(match std::fs::metadata(path) {
+                Ok(md) if !md.is_file() => not_regular(md.file_type()),
+                _ => e,
+            });
+        }
+    };
+    let md = file.metadata()?;
+    if !md.is_file() {
+        return Err(not_regular(md.file_type()));
+    }
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let fd = file.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(file)
+}
 
 #[derive(Debug)]
 pub struct FileStorage {
@@ -61,8 +123,16 @@ impl Storage for FileStorage {
     }
 
     fn allocated_bytes(&self) -> io::Result<u64> {
-        use std::os::unix::fs::MetadataExt;
         Ok(self.file.metadata()?.blocks() * 512)
+    }
+
+    fn access(&self) -> Option<Access> {
+        let md = self.file.metadata().ok()?;
+        Some(Access {
+            uid: md.uid(),
+            gid: md.gid(),
+            mode: md.mode() & 0o777,
+        })
     }
 
     fn extent(&self, off: u64, len: u64) -> io::Result<Extent> {

@@ -8,7 +8,7 @@ pub mod lock;
 mod memory;
 
 pub use fault::{FaultOp, FaultStorage};
-pub use file::FileStorage;
+pub use file::{FileStorage, open_regular};
 pub use memory::MemStorage;
 
 use std::io;
@@ -18,6 +18,16 @@ use std::io;
 pub enum Extent {
     Data(u64),
     Hole(u64),
+}
+
+/// Owner and permission bits of the file behind a store: what a mount that shows the
+/// store's bytes may grant at most.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    pub uid: u32,
+    pub gid: u32,
+    /// The permission bits (`0o777` at most).
+    pub mode: u32,
 }
 
 /// A store of bytes addressed by offset.
@@ -38,6 +48,12 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Bytes the store really occupies (a sparse file's allocated blocks).
     fn allocated_bytes(&self) -> io::Result<u64> {
         self.len()
+    }
+
+    /// Owner and mode of the file behind the store; `None` for stores that are not files
+    /// (they restrict nothing).
+    fn access(&self) -> Option<Access> {
+        None
     }
 
     /// Whether `[off, off+len)` starts with data or a hole, and for how long (at most

@@ -543,8 +543,9 @@ impl RwMount {
         } else {
             assert!(
                 !pid_alive(self.pid),
-                "qcow2fs umount returned while the daemon (pid {}) still runs",
-                self.pid
+                "qcow2fs umount returned while the daemon (pid {}) still runs: {}",
+                self.pid,
+                out.describe()
             );
         }
         // Drop finds nothing left to do.

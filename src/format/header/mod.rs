@@ -168,7 +168,9 @@ fn check_magic_version(bytes: &[u8]) -> Result<(), FormatError> {
         return Err(FormatError::invalid(
             "magic",
             0,
-            format!("{magic:#010x} is not the qcow2 magic QFI\\xfb"),
+            // The bytes themselves are not shown: the file may be a secret (a backing
+            // file name can point anywhere).
+            "not a qcow2 image (the file does not start with the qcow2 magic QFI\\xfb)",
         ));
     }
     let version = be32(bytes, 4);
