@@ -13,6 +13,7 @@ use qcow2fs::engine::{ImageOptions, View};
 use qcow2fs::format::compressed::decompress;
 use qcow2fs::format::entry::{COMPRESSED, COPIED, EntryLayout, ZERO_FLAG};
 use qcow2fs::format::header::CompressionType;
+use qcow2fs::format::units::HostOffset;
 use std::hint::black_box;
 use std::path::Path;
 use std::process::Command;
@@ -144,7 +145,7 @@ fn l2_table() -> Vec<u64> {
         .map(|i| match i % 4 {
             0 => COPIED | ((i + 16) << 16),
             1 => ZERO_FLAG,
-            2 => layout.encode_compressed((i << 16) + 512 * (i % 100), 3000),
+            2 => layout.encode_compressed(HostOffset((i << 16) + 512 * (i % 100)), 3000),
             _ => 0,
         })
         .collect()
@@ -225,7 +226,7 @@ fn reads(c: &mut Criterion, images: &Images) {
         let (chain, dev): (Chain, std::sync::Arc<dyn BlockDev>);
         if name == "snapshot" {
             chain = images.open("snap.qcow2", 32 << 20);
-            dev = chain.snapshot(0);
+            dev = chain.snapshot(chain.image().snapshots()[0].key);
         } else {
             chain = images.open(&format!("{name}.qcow2"), 32 << 20);
             dev = chain.top.clone();

@@ -65,7 +65,7 @@ fn open_faulty(img: &Path, writable: bool) -> (Arc<FaultStorage>, Qcow2Layer) {
 
 fn host_of(layer: &Qcow2Layer, guest: u64) -> u64 {
     match layer.image().map(View::Active, guest, CS).unwrap().kind {
-        MapKind::Data { host } => host,
+        MapKind::Data { host } => host.0,
         other => panic!("guest {guest:#x} is not plain data: {other:?}"),
     }
 }

@@ -53,12 +53,8 @@ fn check_render(name: &str) {
     // (IDs first, then names, like QEMU).
     let info = qemu_info_json(&top);
     let snaps = info["snapshots"].as_array().cloned().unwrap_or_default();
-    let ours: Vec<&str> = chain
-        .image()
-        .snapshots()
-        .iter()
-        .map(|s| s.entry.id.as_str())
-        .collect();
+    let our_snapshots = chain.image().snapshots();
+    let ours: Vec<&str> = our_snapshots.iter().map(|s| s.entry.id.as_str()).collect();
     let ids: Vec<&str> = snaps.iter().map(|s| s["id"].as_str().unwrap()).collect();
     assert_eq!(ours, ids, "{name}: snapshot IDs (ours vs qemu-img info)");
     for (i, s) in snaps.iter().enumerate() {
@@ -67,7 +63,7 @@ fn check_render(name: &str) {
         check_dev(
             &format!("{name}: snapshot ID {id}"),
             &expected,
-            &*chain.snapshot(i),
+            &*chain.snapshot(chain.image().snapshots()[i].key),
         );
         assert_same_bytes(
             &format!("{name}: qcow2fs cat --snapshot {id}"),

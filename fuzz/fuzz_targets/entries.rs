@@ -33,8 +33,8 @@ fuzz_target!(|data: &[u8]| {
     for (i, &w) in words.iter().enumerate() {
         // L1 entries.
         if let Ok(off) = layout.l1_l2_offset(w) {
-            assert_eq!(off % cs, 0);
-            assert_eq!(off & !OFFSET_MASK, 0);
+            assert_eq!(off.0 % cs, 0);
+            assert_eq!(off.0 & !OFFSET_MASK, 0);
         }
         // L2 entries: in an extended table, the next word is the subcluster bitmap.
         let bitmap = if layout.extended_l2 {
@@ -56,17 +56,17 @@ fuzz_target!(|data: &[u8]| {
                 "extent {n} from subcluster {sc}"
             );
             if let Some(host) = kind.host_cluster() {
-                assert_eq!(host % cs, 0);
+                assert_eq!(host.0 % cs, 0);
             }
             if let ClusterKind::Compressed(d) = kind {
                 assert!(w & COMPRESSED != 0);
-                assert!(d.offset < 1 << 56);
+                assert!(d.offset.0 < 1 << 56);
                 assert!(
                     d.size >= 1 && d.size <= 2 * cs,
                     "size {} for cluster {cs}",
                     d.size
                 );
-                assert_eq!((d.offset + d.size) % 512, 0);
+                assert_eq!((d.offset.0 + d.size) % 512, 0);
                 let back = layout.encode_compressed(d.offset, d.size);
                 assert_eq!(
                     back,

@@ -81,9 +81,9 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = vec![0u8; READ_LEN];
     exercise(&*chain.top, seed, &mut buf);
     let image = chain.image().clone();
-    for i in 0..image.snapshots().len().min(MAX_SNAPSHOTS) {
-        if image.check_snapshot(i).is_ok() {
-            exercise(&*chain.snapshot(i), seed, &mut buf);
+    for s in image.snapshots().iter().take(MAX_SNAPSHOTS) {
+        if image.check_snapshot(s).is_ok() {
+            exercise(&*chain.snapshot(s.key), seed, &mut buf);
         }
     }
     if writable {

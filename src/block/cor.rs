@@ -6,6 +6,7 @@
 
 use super::qcow2::Qcow2Layer;
 use super::{BlockDev, LayerInfo, Status};
+use crate::engine::RangeGuard;
 use crate::error::Result;
 use std::sync::Arc;
 
@@ -20,14 +21,15 @@ impl Qcow2Layer {
         let image = self.image();
         let cs = image.cluster_size();
         let a = off & !(cs - 1);
-        let b = (off + buf.len() as u64).next_multiple_of(cs).min(size);
+        let end = (off + buf.len() as u64).next_multiple_of(cs);
+        let b = end.min(size);
         if a >= b {
             return self.read_unlocked(buf, off).map(|_| 0);
         }
-        let _g = image.ranges.lock(a, b, true);
+        let g = image.ranges().lock(a, end, true);
         let mut span = vec![0u8; (b - a) as usize];
         self.read_unlocked(&mut span, a)?;
-        let copied = self.copy_extents(&span, a, b, bottom)?;
+        let copied = self.copy_extents(&g, &span, a, b, bottom)?;
         let start = (off - a) as usize;
         let n = buf.len().min(span.len() - start);
         buf[..n].copy_from_slice(&span[start..start + n]);
@@ -37,7 +39,14 @@ impl Qcow2Layer {
 
     /// Writes into this image the parts of `[a, b)` (whose current content is `span`)
     /// that come from layers 1..=`bottom`. The caller holds the range exclusively.
-    fn copy_extents(&self, span: &[u8], a: u64, b: u64, bottom: u32) -> Result<u64> {
+    fn copy_extents(
+        &self,
+        g: &RangeGuard,
+        span: &[u8],
+        a: u64,
+        b: u64,
+        bottom: u32,
+    ) -> Result<u64> {
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
         let mut x = a;
         while x < b {
@@ -62,9 +71,9 @@ impl Qcow2Layer {
         let mut copied = 0;
         for (s, e, zero) in runs {
             if zero {
-                self.zero_unlocked(s, e - s, false)?;
+                self.zero_unlocked(g, s, e - s, false)?;
             } else {
-                self.write_unlocked(&span[(s - a) as usize..(e - a) as usize], s)?;
+                self.write_unlocked(g, &span[(s - a) as usize..(e - a) as usize], s)?;
             }
             copied += e - s;
         }

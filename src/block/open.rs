@@ -3,7 +3,7 @@
 
 use super::qcow2::Shared;
 use super::{BlockDev, Qcow2Layer, RawLayer};
-use crate::engine::{Image, ImageOptions, View};
+use crate::engine::{Image, ImageOptions, SnapshotKey, View};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::MAGIC;
 use crate::storage::{FileStorage, Storage, lock};
@@ -51,9 +51,9 @@ impl Chain {
         self.top.image()
     }
 
-    /// A view of internal snapshot `i` (an index into `image().snapshots()`).
-    pub fn snapshot(&self, i: usize) -> Arc<Qcow2Layer> {
-        Arc::new(self.top.with_view(View::Snapshot(i)))
+    /// A view of the internal snapshot `key` names.
+    pub fn snapshot(&self, key: SnapshotKey) -> Arc<Qcow2Layer> {
+        Arc::new(self.top.with_view(View::Snapshot(key)))
     }
 }
 

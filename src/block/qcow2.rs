@@ -8,6 +8,7 @@ use crate::error::{Error, Result};
 use crate::format::compressed;
 use crate::format::entry::CompressedDesc;
 use crate::format::header::CompressionType;
+use crate::format::units::HostOffset;
 use crate::storage::{Extent, Storage};
 use parking_lot::Mutex;
 use std::collections::VecDeque;
@@ -25,15 +26,15 @@ pub(crate) struct Shared {
     pub(crate) data_file: Option<(PathBuf, Arc<dyn Storage>)>,
     pub(crate) backing: Option<Arc<dyn BlockDev>>,
     compression: CompressionType,
-    compressed: Mutex<VecDeque<(u64, Arc<[u8]>)>>,
+    compressed: Mutex<VecDeque<(HostOffset, Arc<[u8]>)>>,
 }
 
 impl Shared {
-    pub(crate) fn write_data(&self, buf: &[u8], host: u64) -> Result<()> {
+    pub(crate) fn write_data(&self, buf: &[u8], host: HostOffset) -> Result<()> {
         let (path, store) = self.data_store();
         store
-            .write_at(buf, host)
-            .map_err(|e| Error::io(path, format!("writing data at {host:#x}"), e))
+            .write_at(buf, host.0)
+            .map_err(|e| Error::io(path, format!("writing data at {host}"), e))
     }
 
     pub(crate) fn new(
@@ -58,11 +59,11 @@ impl Shared {
         }
     }
 
-    fn read_data(&self, buf: &mut [u8], host: u64) -> Result<()> {
+    fn read_data(&self, buf: &mut [u8], host: HostOffset) -> Result<()> {
         let (path, store) = self.data_store();
         let mut done = 0;
         while done < buf.len() {
-            let at = host + done as u64;
+            let at = host.0 + done as u64;
             let n = store
                 .read_at(&mut buf[done..], at)
                 .map_err(|e| Error::io(path, format!("reading data at {at:#x}"), e))?;
@@ -93,18 +94,18 @@ impl Shared {
         // A compressed range may end past the end of the file; that part reads as zeros.
         image
             .storage()
-            .read_exact_or_zeros(&mut input, desc.offset)
+            .read_exact_or_zeros(&mut input, desc.offset.0)
             .map_err(|e| {
                 Error::io(
                     image.path(),
-                    format!("reading compressed data at {:#x}", desc.offset),
+                    format!("reading compressed data at {}", desc.offset),
                     e,
                 )
             })?;
         let mut out = vec![0u8; cs];
         compressed::decompress(self.compression, &input, &mut out).map_err(|e| {
             Error::corrupt(format!(
-                "compressed cluster at host offset {:#x} ({} bytes): {e}",
+                "compressed cluster at host offset {} ({} bytes): {e}",
                 desc.offset, desc.size
             ))
             .in_file(image.path())
@@ -183,7 +184,7 @@ impl BlockDev for Qcow2Layer {
             let cs = image.cluster_size();
             let start = off & !(cs - 1);
             let end = (off + buf.len() as u64).next_multiple_of(cs);
-            let _g = image.ranges.lock(start, end, false);
+            let _g = image.ranges().lock(start, end, false);
             return self.read_unlocked(buf, off);
         }
         self.read_unlocked(buf, off)
@@ -226,22 +227,22 @@ impl BlockDev for Qcow2Layer {
         Ok(match m.kind {
             // QEMU looks for host holes only in images that look preallocated.
             MapKind::Data { host } if !probe_host || !self.shared.image.looks_preallocated() => {
-                allocated(false, true, Some(host))
+                allocated(false, true, Some(host.0))
             }
             MapKind::Data { host } => {
                 // Like qemu-img map: data over a hole of the host file reads as zeros.
                 let (path, store) = self.shared.data_store();
                 let ext = store
-                    .extent(host, m.len)
-                    .map_err(|e| Error::io(path, format!("finding data at {host:#x}"), e))?;
+                    .extent(host.0, m.len)
+                    .map_err(|e| Error::io(path, format!("finding data at {host}"), e))?;
                 match ext {
                     Extent::Data(n) => Status {
                         len: n,
-                        ..allocated(false, true, Some(host))
+                        ..allocated(false, true, Some(host.0))
                     },
                     Extent::Hole(n) => Status {
                         len: n,
-                        ..allocated(true, true, Some(host))
+                        ..allocated(true, true, Some(host.0))
                     },
                 }
             }
@@ -249,7 +250,7 @@ impl BlockDev for Qcow2Layer {
                 compressed: true,
                 ..allocated(false, true, None)
             },
-            MapKind::Zero { host } => allocated(true, false, host),
+            MapKind::Zero { host } => allocated(true, false, host.map(|h| h.0)),
             MapKind::Unallocated { host } => match &self.shared.backing {
                 Some(b) if off < b.size() => {
                     let mut s = b.status(off, m.len.min(b.size() - off), probe_host)?;
@@ -263,7 +264,7 @@ impl BlockDev for Qcow2Layer {
                     zero: true,
                     data: false,
                     compressed: false,
-                    offset: host,
+                    offset: host.map(|h| h.0),
                 },
             },
         })

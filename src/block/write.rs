@@ -5,7 +5,7 @@
 
 use super::BlockDev;
 use super::qcow2::Qcow2Layer;
-use crate::engine::{ClusterWrite, View};
+use crate::engine::{ClusterWrite, RangeGuard, View};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Zeros written per request when the format cannot store a zero range.
@@ -46,18 +46,18 @@ impl Qcow2Layer {
         }
         self.check_range(off, buf.len() as u64)?;
         let (s, e) = self.lock_bounds(off, buf.len() as u64);
-        let _g = self.image().ranges.lock(s, e, true);
-        self.write_unlocked(buf, off)
+        let g = self.image().ranges().lock(s, e, true);
+        self.write_unlocked(&g, buf, off)
     }
 
-    /// The write protocol, with the range lock already held.
-    pub(crate) fn write_unlocked(&self, buf: &[u8], off: u64) -> Result<()> {
+    /// The write protocol, with the range lock `g` already held.
+    pub(crate) fn write_unlocked(&self, g: &RangeGuard, buf: &[u8], off: u64) -> Result<()> {
         let image = self.image();
-        let plans = image.plan_write(off, buf.len() as u64)?;
+        let plans = image.plan_write(g, off, buf.len() as u64)?;
         let written = self.write_planned(&plans, buf, off);
         // Publish even after a failed data write? No: the entries would point at garbage.
         written?;
-        image.publish(&plans)
+        image.publish(g, &plans)
     }
 
     /// Writes the data (and copy-on-write fill) of planned clusters. Consecutive clusters
@@ -67,7 +67,7 @@ impl Qcow2Layer {
         let mut i = 0;
         while i < plans.len() {
             let p = &plans[i];
-            let data_at = (p.guest + p.start - off) as usize;
+            let data_at = (p.guest.0 + p.start - off) as usize;
             if p.fill.is_empty() {
                 // Extend the run while the next cluster continues it on the host.
                 let mut j = i + 1;
@@ -80,7 +80,7 @@ impl Qcow2Layer {
                     j += 1;
                 }
                 let last = &plans[j - 1];
-                let data_end = (last.guest + last.end - off) as usize;
+                let data_end = (last.guest.0 + last.end - off) as usize;
                 self.shared
                     .write_data(&buf[data_at..data_end], p.host + p.start)?;
                 i = j;
@@ -104,7 +104,10 @@ impl Qcow2Layer {
                 .unwrap_or(p.end);
             let mut span = vec![0u8; (hi - lo) as usize];
             for &(a, b) in &p.fill {
-                self.read_unlocked(&mut span[(a - lo) as usize..(b - lo) as usize], p.guest + a)?;
+                self.read_unlocked(
+                    &mut span[(a - lo) as usize..(b - lo) as usize],
+                    p.guest.0 + a,
+                )?;
             }
             let n = (p.end - p.start) as usize;
             span[(p.start - lo) as usize..(p.start - lo) as usize + n]
@@ -122,19 +125,26 @@ impl Qcow2Layer {
         }
         self.check_range(off, len)?;
         let (s, e) = self.lock_bounds(off, len);
-        let _g = self.image().ranges.lock(s, e, true);
-        self.zero_unlocked(off, len, unmap)
+        let g = self.image().ranges().lock(s, e, true);
+        self.zero_unlocked(&g, off, len, unmap)
     }
 
-    pub(crate) fn zero_unlocked(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
+    /// Zeroes a range, with the range lock `g` already held.
+    pub(crate) fn zero_unlocked(
+        &self,
+        g: &RangeGuard,
+        off: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Result<()> {
         let has_backing = self.backing().is_some();
-        let rest = self.image().zero_range(off, len, unmap, has_backing)?;
+        let rest = self.image().zero_range(g, off, len, unmap, has_backing)?;
         let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
         for (o, l) in rest {
             let mut done = 0;
             while done < l {
                 let n = (l - done).min(ZERO_CHUNK);
-                self.write_unlocked(&zeros[..n as usize], o + done)?;
+                self.write_unlocked(g, &zeros[..n as usize], o + done)?;
                 done += n;
             }
         }
@@ -148,12 +158,12 @@ impl Qcow2Layer {
         let old = self.size();
         let image = self.image();
         let (s, _) = self.lock_bounds(old, 0);
-        let _g = image.ranges.lock(s, u64::MAX, true);
+        let g = image.ranges().lock(s, u64::MAX, true);
         image.resize(size)?;
         if let Some(b) = self.backing() {
             let end = b.size().min(self.size());
             if end > old {
-                self.zero_unlocked(old, end - old, false)?;
+                self.zero_unlocked(&g, old, end - old, false)?;
             }
         }
         Ok(())

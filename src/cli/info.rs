@@ -218,7 +218,7 @@ pub fn info_text(path: &Path, chain: &Chain) -> String {
             "{:<10}{:<18}{:>10}{:>21}{:>16}{:>11}{:>12}",
             "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT", "DISK SIZE"
         );
-        for sn in image.snapshots() {
+        for sn in image.snapshots().iter() {
             let e = &sn.entry;
             let icount = match e.icount {
                 Some(i) if i != u64::MAX => i.to_string(),

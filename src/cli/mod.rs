@@ -124,8 +124,8 @@ pub(crate) fn pick_view(chain: &Chain, key: Option<&str>) -> Result<Arc<dyn bloc
                 )
                 .in_file(chain.image().path())
             })?;
-            chain.image().check_snapshot(i)?;
-            Ok(chain.snapshot(i))
+            chain.image().check_snapshot(&i)?;
+            Ok(chain.snapshot(i.key))
         }
     }
 }

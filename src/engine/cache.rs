@@ -1,11 +1,19 @@
 //! A bounded metadata cache shared by every reader of one image: CLOCK eviction, lookups
 //! under a shared lock, insertion and eviction under the exclusive one. Values are handed
-//! out as `Arc`s, so an evicted table stays valid for whoever still holds it.
+//! out as `Arc`s, so an evicted table stays valid for whoever still holds it. The cache
+//! itself keeps the rule that a value not yet written back (a dirty L2 table) is never
+//! evicted: it grows past its capacity instead, and the owner flushes soon.
 
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// What the cache asks of a value: whether it must stay (it holds changes that are not
+/// on disk yet).
+pub trait Pinned {
+    fn pinned(&self) -> bool;
+}
 
 /// One L2 table, decoded to native-endian words. Entries are atomics so lookups need no
 /// lock on the table; they change only under the image's exclusive metadata lock.
@@ -70,6 +78,27 @@ impl L2Table {
         }
         out
     }
+
+    /// A dirty copy of this table (for a table shared with a snapshot, which is copied
+    /// before it changes).
+    pub fn copy_dirty(&self) -> L2Table {
+        let t = L2Table {
+            words: self
+                .words
+                .iter()
+                .map(|w| AtomicU64::new(w.load(Ordering::Acquire)))
+                .collect(),
+            dirty: AtomicBool::new(true),
+        };
+        t.mark_dirty();
+        t
+    }
+}
+
+impl Pinned for L2Table {
+    fn pinned(&self) -> bool {
+        self.is_dirty()
+    }
 }
 
 struct Slot<T> {
@@ -96,7 +125,7 @@ impl<T> std::fmt::Debug for Cache<T> {
     }
 }
 
-impl<T> Cache<T> {
+impl<T: Pinned> Cache<T> {
     pub fn new(capacity: usize) -> Self {
         Cache {
             inner: RwLock::new(Inner {
@@ -129,10 +158,10 @@ impl<T> Cache<T> {
     }
 
     /// Inserts `value` unless `key` is already cached, and returns the cached value.
-    /// When the cache is full, a value for which `evictable` says yes is dropped; if none
-    /// is, the cache grows past its capacity and the caller is expected to make some
-    /// evictable (write dirty tables back) soon.
-    pub fn insert(&self, key: u64, value: Arc<T>, evictable: impl Fn(&T) -> bool) -> Arc<T> {
+    /// When the cache is full, a value that is not pinned is dropped; if every value is
+    /// pinned, the cache grows past its capacity and its owner is expected to unpin some
+    /// (write dirty tables back) soon.
+    pub fn insert(&self, key: u64, value: Arc<T>) -> Arc<T> {
         let mut inner = self.inner.write();
         if let Some(&i) = inner.index.get(&key) {
             return inner.slots[i].value.clone();
@@ -156,7 +185,7 @@ impl<T> Cache<T> {
             if s.referenced.swap(false, Ordering::Relaxed) {
                 continue;
             }
-            if !evictable(&s.value) {
+            if s.value.pinned() {
                 continue;
             }
             let old = s.key;
@@ -198,13 +227,12 @@ impl<T> Cache<T> {
             .collect()
     }
 
-    /// Drops values `evictable` allows, least recently referenced first, until the cache
-    /// is back within its capacity.
-    pub fn shrink_to_capacity(&self, evictable: impl Fn(&T) -> bool) {
+    /// Drops values that are not pinned until the cache is back within its capacity.
+    pub fn shrink_to_capacity(&self) {
         let mut inner = self.inner.write();
         let mut i = 0;
         while inner.slots.len() > self.capacity && i < inner.slots.len() {
-            if evictable(&inner.slots[i].value) {
+            if !inner.slots[i].value.pinned() {
                 let slot = inner.slots.swap_remove(i);
                 inner.index.remove(&slot.key);
                 if i < inner.slots.len() {
@@ -230,30 +258,42 @@ impl<T> Cache<T> {
 mod tests {
     use super::*;
 
+    /// A value pinned when odd.
+    impl Pinned for u32 {
+        fn pinned(&self) -> bool {
+            self % 2 == 1
+        }
+    }
+
     #[test]
     fn evicts_unreferenced_and_respects_pins() {
         let c: Cache<u32> = Cache::new(2);
-        c.insert(1, Arc::new(1), |_| true);
-        c.insert(2, Arc::new(2), |_| true);
-        c.insert(3, Arc::new(3), |_| true);
+        c.insert(1, Arc::new(2));
+        c.insert(2, Arc::new(4));
+        c.insert(3, Arc::new(6));
         assert_eq!(c.len(), 2);
         assert!(c.get(3).is_some());
-        // Nothing evictable: the cache grows instead of dropping pinned values.
-        c.insert(4, Arc::new(4), |_| false);
+        // Only pinned values: the cache grows instead of dropping them.
+        let c: Cache<u32> = Cache::new(2);
+        for k in 1..=3 {
+            c.insert(k, Arc::new(1));
+        }
         assert_eq!(c.len(), 3);
         assert!(c.over_capacity());
-        assert_eq!(*c.remove(4).unwrap(), 4);
-        assert!(c.get(4).is_none());
+        c.shrink_to_capacity();
+        assert_eq!(c.len(), 3);
+        assert_eq!(*c.remove(3).unwrap(), 1);
+        assert!(c.get(3).is_none());
         assert!(!c.over_capacity());
     }
 
     #[test]
     fn insert_returns_existing() {
         let c: Cache<u32> = Cache::new(4);
-        let a = c.insert(7, Arc::new(1), |_| true);
-        let b = c.insert(7, Arc::new(2), |_| true);
-        assert_eq!(*a, 1);
-        assert_eq!(*b, 1);
+        let a = c.insert(7, Arc::new(2));
+        let b = c.insert(7, Arc::new(4));
+        assert_eq!(*a, 2);
+        assert_eq!(*b, 2);
     }
 
     #[test]

@@ -1,10 +1,11 @@
-//! Guest-to-host mapping: where a guest range lives, as one extent at a time (checklist
-//! section 10). Consecutive clusters that continue the same extent are merged, so a large
-//! read of contiguous data is one host read.
+//! Guest-to-host mapping: where a guest range lives, as one extent at a time.
+//! Consecutive clusters that continue the same extent are merged, so a large read of
+//! contiguous data is one host read.
 
 use super::image::{Image, View};
 use crate::error::{Error, Result};
 use crate::format::entry::{ClusterKind, CompressedDesc, SUBCLUSTERS};
+use crate::format::units::HostOffset;
 
 /// What an extent of guest space reads as. Host offsets are those of the extent's first
 /// byte.
@@ -12,11 +13,11 @@ use crate::format::entry::{ClusterKind, CompressedDesc, SUBCLUSTERS};
 pub enum MapKind {
     /// Not allocated in this image: the backing file (or zeros) provides it. `host` is a
     /// reserved host cluster (extended L2), if any.
-    Unallocated { host: Option<u64> },
+    Unallocated { host: Option<HostOffset> },
     /// Reads as zeros. `host` is the still-allocated host cluster, if any.
-    Zero { host: Option<u64> },
+    Zero { host: Option<HostOffset> },
     /// Data at `host` in the image file or, with an external data file, in that file.
-    Data { host: u64 },
+    Data { host: HostOffset },
     /// Part of a compressed cluster: decompress `desc`, then skip `in_cluster` bytes.
     Compressed {
         desc: CompressedDesc,
@@ -50,7 +51,7 @@ fn piece(kind: ClusterKind, in_cluster: u64) -> MapKind {
 
 /// Whether `next`, which starts `delta` bytes after `first`, continues the same extent.
 fn continues(first: &MapKind, next: &MapKind, delta: u64) -> bool {
-    let host_follows = |a: Option<u64>, b: Option<u64>| match (a, b) {
+    let host_follows = |a: Option<HostOffset>, b: Option<HostOffset>| match (a, b) {
         (None, None) => true,
         (Some(a), Some(b)) => a + delta == b,
         _ => false,
@@ -60,7 +61,7 @@ fn continues(first: &MapKind, next: &MapKind, delta: u64) -> bool {
             host_follows(*a, *b)
         }
         (MapKind::Zero { host: a }, MapKind::Zero { host: b }) => host_follows(*a, *b),
-        (MapKind::Data { host: a }, MapKind::Data { host: b }) => a + delta == *b,
+        (MapKind::Data { host: a }, MapKind::Data { host: b }) => *a + delta == *b,
         _ => false,
     }
 }
@@ -69,15 +70,17 @@ impl Image {
     /// The extent at guest offset `off` seen through `view`, at most `max_len` bytes and
     /// never past the view's size. `off` must be below the view's size.
     pub fn map(&self, view: View, off: u64, max_len: u64) -> Result<Mapping> {
-        let snapshot_l1;
+        if let View::Snapshot(k) = view {
+            // Snapshot L1 tables never change while they are cached (rule L4).
+            let l1 = self.snapshot_l1(k)?;
+            return self.map_l1(&l1, self.view_size(view), off, max_len);
+        }
         let meta = self.meta.read();
-        let (l1, size): (&[u64], u64) = match view {
-            View::Active => (&meta.l1, meta.header.virtual_size()),
-            View::Snapshot(i) => {
-                snapshot_l1 = self.snapshot_l1(i)?;
-                (&snapshot_l1, self.snapshots()[i].disk_size)
-            }
-        };
+        self.map_l1(&meta.t.l1, meta.t.header.virtual_size(), off, max_len)
+    }
+
+    /// The extent at `off` through L1 table `l1` of a disk of `size` bytes.
+    fn map_l1(&self, l1: &[u64], size: u64, off: u64, max_len: u64) -> Result<Mapping> {
         if off >= size {
             return Err(Error::new(
                 crate::error::ErrorKind::OutOfRange,
@@ -96,13 +99,13 @@ impl Image {
             let cluster = cur >> cb;
             let l1i = cluster / l2_entries;
             let l2_off = match l1.get(l1i as usize) {
-                None => 0,
+                None => HostOffset(0),
                 Some(&e) => layout.l1_l2_offset(e).map_err(|err| {
                     Error::corrupt(format!("L1 entry {l1i} (guest offset {cur:#x}): {err}"))
-                        .in_file(&self.path)
+                        .in_file(self.path())
                 })?,
             };
-            if l2_off == 0 {
+            if l2_off.0 == 0 {
                 // The whole range of this L1 entry is unallocated: no need to look at it
                 // cluster by cluster.
                 let next = MapKind::Unallocated { host: None };
@@ -131,9 +134,9 @@ impl Image {
                 };
                 let (kind, n) = layout.classify(entry, bitmap, sc).map_err(|err| {
                     Error::corrupt(format!(
-                        "L2 entry {l2i} of the table at {l2_off:#x} (guest offset {cur:#x}): {err}"
+                        "L2 entry {l2i} of the table at {l2_off} (guest offset {cur:#x}): {err}"
                     ))
-                    .in_file(&self.path)
+                    .in_file(self.path())
                 })?;
                 let run_end = if layout.extended_l2 && n < SUBCLUSTERS - sc {
                     (cluster << cb) + (sc + n) as u64 * sc_size

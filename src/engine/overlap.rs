@@ -9,6 +9,7 @@
 //! it out again). A data write onto metadata, or a metadata write onto a cluster that
 //! holds something else, is refused and the image is marked corrupt, as QEMU does.
 
+use crate::format::units::{HostCluster, HostOffset};
 use std::collections::HashMap;
 
 /// One kind of metadata structure (a bit in a cluster's set of owners).
@@ -79,23 +80,27 @@ pub(crate) struct MetaMap {
 
 impl MetaMap {
     /// Records `n` clusters from `first` as holding `kind`.
-    pub(crate) fn claim(&mut self, first: u64, n: u64, kind: MetaKind) {
-        for c in first..first.saturating_add(n) {
+    pub(crate) fn claim(&mut self, first: HostCluster, n: u64, kind: MetaKind) {
+        for c in first.0..first.0.saturating_add(n) {
             *self.owners.entry(c).or_default() |= kind as u16;
         }
     }
 
     /// Records the clusters that `len` bytes at host offset `off` touch.
-    pub(crate) fn claim_bytes(&mut self, off: u64, len: u64, cs: u64, kind: MetaKind) {
-        if len > 0 {
-            let first = off / cs;
-            self.claim(first, (off + len - 1) / cs + 1 - first, kind);
-        }
+    pub(crate) fn claim_bytes(
+        &mut self,
+        off: HostOffset,
+        len: u64,
+        cluster_bits: u32,
+        kind: MetaKind,
+    ) {
+        let (first, n) = off.clusters_spanned(len, cluster_bits);
+        self.claim(first, n, kind);
     }
 
     /// Forgets that `n` clusters from `first` hold `kind` (they were freed or moved).
-    pub(crate) fn release(&mut self, first: u64, n: u64, kind: MetaKind) {
-        for c in first..first.saturating_add(n) {
+    pub(crate) fn release(&mut self, first: HostCluster, n: u64, kind: MetaKind) {
+        for c in first.0..first.0.saturating_add(n) {
             if let Some(set) = self.owners.get_mut(&c) {
                 *set &= !(kind as u16);
                 if *set == 0 {
@@ -106,17 +111,17 @@ impl MetaMap {
     }
 
     /// Forgets every claim on cluster `c` (its refcount dropped to 0).
-    pub(crate) fn forget(&mut self, c: u64) {
-        self.owners.remove(&c);
+    pub(crate) fn forget(&mut self, c: HostCluster) {
+        self.owners.remove(&c.0);
     }
 
     /// What cluster `c` holds, if it holds metadata.
-    pub(crate) fn owner(&self, c: u64) -> Option<String> {
-        self.owners.get(&c).map(|&set| names(set))
+    pub(crate) fn owner(&self, c: HostCluster) -> Option<String> {
+        self.owners.get(&c.0).map(|&set| names(set))
     }
 
     /// Why guest data must not be written to cluster `c`, if it must not.
-    pub(crate) fn data_conflict(&self, c: u64) -> Option<String> {
+    pub(crate) fn data_conflict(&self, c: HostCluster) -> Option<String> {
         self.owner(c)
     }
 
@@ -124,8 +129,8 @@ impl MetaMap {
     /// also holds something else. An L2 table the active disk shares with a snapshot is
     /// never written in place (it is copied first), so a cluster that holds both means the
     /// refcounts or COPIED flags are wrong.
-    pub(crate) fn meta_conflict(&self, c: u64, kind: MetaKind) -> Option<String> {
-        let set = *self.owners.get(&c)?;
+    pub(crate) fn meta_conflict(&self, c: HostCluster, kind: MetaKind) -> Option<String> {
+        let set = *self.owners.get(&c.0)?;
         let others = set & !(kind as u16);
         let tolerated = if kind == MetaKind::SnapshotL2 {
             L2_KINDS
@@ -142,23 +147,27 @@ mod tests {
 
     #[test]
     fn conflicts_are_found_and_released() {
+        let c = HostCluster;
         let mut m = MetaMap::default();
-        m.claim(0, 1, MetaKind::Header);
-        m.claim_bytes(0x30000, 8, 0x10000, MetaKind::ActiveL1);
-        m.claim(4, 1, MetaKind::ActiveL2);
-        m.claim(4, 1, MetaKind::SnapshotL2);
-        assert_eq!(m.data_conflict(3).as_deref(), Some("the active L1 table"));
-        assert!(m.data_conflict(5).is_none());
-        assert!(m.meta_conflict(3, MetaKind::ActiveL1).is_none());
-        assert!(m.meta_conflict(3, MetaKind::ActiveL2).is_some());
+        m.claim(c(0), 1, MetaKind::Header);
+        m.claim_bytes(HostOffset(0x30000), 8, 16, MetaKind::ActiveL1);
+        m.claim(c(4), 1, MetaKind::ActiveL2);
+        m.claim(c(4), 1, MetaKind::SnapshotL2);
+        assert_eq!(
+            m.data_conflict(c(3)).as_deref(),
+            Some("the active L1 table")
+        );
+        assert!(m.data_conflict(c(5)).is_none());
+        assert!(m.meta_conflict(c(3), MetaKind::ActiveL1).is_none());
+        assert!(m.meta_conflict(c(3), MetaKind::ActiveL2).is_some());
         // Written in place while a snapshot shares it: refused.
         assert_eq!(
-            m.meta_conflict(4, MetaKind::ActiveL2).as_deref(),
+            m.meta_conflict(c(4), MetaKind::ActiveL2).as_deref(),
             Some("a snapshot's L2 table")
         );
-        m.release(4, 1, MetaKind::SnapshotL2);
-        assert!(m.meta_conflict(4, MetaKind::ActiveL2).is_none());
-        m.forget(4);
-        assert!(m.owner(4).is_none());
+        m.release(c(4), 1, MetaKind::SnapshotL2);
+        assert!(m.meta_conflict(c(4), MetaKind::ActiveL2).is_none());
+        m.forget(c(4));
+        assert!(m.owner(c(4)).is_none());
     }
 }

@@ -1,7 +1,8 @@
-//! Guest range locks for writable images (rule 5 in `engine`): a write holds its clusters
+//! Guest range locks for writable images (design.md, rule L5): a write holds its clusters
 //! exclusively from planning until its entries are published, a read of the active disk
 //! holds them shared while it maps and reads, so no request acts on a mapping another is
-//! halfway through changing, and no cluster is freed under a reader.
+//! halfway through changing, and no cluster is freed under a reader. The engine's write
+//! planner takes the guard as a parameter and checks that it covers what it plans.
 
 use parking_lot::{Condvar, Mutex};
 
@@ -31,6 +32,16 @@ pub struct RangeLocks {
 pub struct RangeGuard<'a> {
     locks: &'a RangeLocks,
     id: u64,
+    start: u64,
+    end: u64,
+    exclusive: bool,
+}
+
+impl RangeGuard<'_> {
+    /// Whether this guard holds `[start, end)` of `locks` exclusively.
+    pub fn holds_exclusive(&self, locks: &RangeLocks, start: u64, end: u64) -> bool {
+        std::ptr::eq(self.locks, locks) && self.exclusive && self.start <= start && end <= self.end
+    }
 }
 
 impl RangeLocks {
@@ -51,7 +62,13 @@ impl RangeLocks {
                     end,
                     exclusive,
                 });
-                return RangeGuard { locks: self, id };
+                return RangeGuard {
+                    locks: self,
+                    id,
+                    start,
+                    end,
+                    exclusive,
+                };
             }
             self.released.wait(&mut st);
         }

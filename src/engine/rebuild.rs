@@ -3,13 +3,16 @@
 //! table and refcount blocks past everything in use, switch the header to them, correct
 //! the COPIED flags, then clear the dirty bit.
 
-use super::image::{Image, Meta, decode_words, metadata_map};
-use super::refcount::{MetaIo, RefState};
+use super::alloc::Allocator;
+use super::image::{Image, Tables, WriteState};
+use super::metaio::MetaIo;
+use super::open::metadata_map;
 use crate::error::{Error, Result};
 use crate::format::bitmap;
-use crate::format::entry::{COMPRESSED, COPIED, OFFSET_MASK};
+use crate::format::entry::{COMPRESSED, COPIED, entry_host};
 use crate::format::header::{MAX_REFCOUNT_TABLE_BYTES, incompat};
 use crate::format::refcount::RefcountLayout;
+use crate::format::units::{HostCluster, HostOffset};
 
 /// Reference counts per host cluster.
 struct Counts {
@@ -53,38 +56,35 @@ impl Counts {
 impl Image {
     pub(crate) fn rebuild_refcounts(&self) -> Result<()> {
         let mut m = self.meta.write();
-        self.rebuild_locked(&mut m)
+        let (t, w) = m.writer(self.path())?;
+        self.rebuild_locked(t, w)
     }
 
     /// Counts the references an L1 table makes (its L2 tables and their data).
     fn count_l1(&self, l1: &[u64], counts: &mut Counts) -> Result<()> {
-        let path = &self.path;
+        let path = self.path();
         for (i, &e) in l1.iter().enumerate() {
-            let off = e & OFFSET_MASK;
-            if off == 0 {
+            let off = entry_host(e);
+            if off.0 == 0 {
                 continue;
             }
-            counts.add_cluster(off / counts.cs, &format!("L1 entry {i}"), path)?;
+            counts.add_cluster(off.0 / counts.cs, &format!("L1 entry {i}"), path)?;
             let t = self.l2_table(off)?;
             let step = if self.layout.extended_l2 { 2 } else { 1 };
             for j in (0..t.len()).step_by(step) {
                 let entry = t.word(j);
-                let what = format!("L2 entry {} of the table at {off:#x}", j / step);
+                let what = format!("L2 entry {} of the table at {off}", j / step);
                 if entry & COMPRESSED != 0 {
                     let d = self
                         .layout
                         .compressed_desc(entry)
                         .map_err(|err| Error::corrupt(format!("{what}: {err}")).in_file(path))?;
-                    counts.add_range(
-                        d.offset & !511,
-                        d.offset + d.size - (d.offset & !511),
-                        &what,
-                        path,
-                    )?;
+                    let start = d.offset.0 & !511;
+                    counts.add_range(start, d.offset.0 + d.size - start, &what, path)?;
                 } else if !self.layout.data_file {
-                    let host = entry & OFFSET_MASK;
-                    if host != 0 {
-                        counts.add_cluster(host / counts.cs, &what, path)?;
+                    let host = entry_host(entry);
+                    if host.0 != 0 {
+                        counts.add_cluster(host.0 / counts.cs, &what, path)?;
                     }
                 }
             }
@@ -92,20 +92,17 @@ impl Image {
         Ok(())
     }
 
-    fn rebuild_locked(&self, m: &mut Meta) -> Result<()> {
-        let io = self.io();
+    fn rebuild_locked(&self, t: &mut Tables, w: &mut WriteState) -> Result<()> {
+        let io = &self.io;
         let cs = self.cluster_size();
-        let path = self.path.clone();
-        let file_len = self
-            .file
-            .len()
-            .map_err(|e| Error::io(&path, "reading the file size", e))?;
+        let path = self.path().to_path_buf();
+        let file_len = io.len()?;
         let mut counts = Counts {
             v: Vec::new(),
             cs,
             limit: file_len.div_ceil(cs) + (1 << 20),
         };
-        let h = m.header.clone();
+        let h = t.header.clone();
         counts.add_cluster(0, "the header", &path)?;
         counts.add_range(
             h.l1_table_offset,
@@ -113,23 +110,25 @@ impl Image {
             "the L1 table",
             &path,
         )?;
-        self.count_l1(&m.l1, &mut counts)?;
-        if !self.snapshots().is_empty() {
-            let table_len: u64 = self
-                .snapshots()
-                .iter()
-                .map(|s| s.entry.encoded_len() as u64)
-                .sum();
+        self.count_l1(&t.l1, &mut counts)?;
+        let snapshots = t.snapshots.clone();
+        if !snapshots.is_empty() {
+            let table_len: u64 = snapshots.iter().map(|s| s.entry.encoded_len() as u64).sum();
             counts.add_range(h.snapshots_offset, table_len, "the snapshot table", &path)?;
-            for i in 0..self.snapshots().len() {
-                let e = &self.snapshots()[i].entry;
+            for s in snapshots.iter() {
+                let e = &s.entry;
                 counts.add_range(
                     e.l1_table_offset,
                     e.l1_size as u64 * 8,
                     "a snapshot L1 table",
                     &path,
                 )?;
-                let l1 = self.snapshot_l1(i)?;
+                self.check_snapshot(s)?;
+                let l1 = io.read_words(
+                    "a snapshot L1 table",
+                    HostOffset(e.l1_table_offset),
+                    e.l1_size as usize,
+                )?;
                 self.count_l1(&l1, &mut counts)?;
             }
         }
@@ -142,7 +141,7 @@ impl Image {
             )?;
             let dir = io.read(
                 "the bitmap directory",
-                ext.directory_offset,
+                HostOffset(ext.directory_offset),
                 ext.directory_size as usize,
             )?;
             let entries = bitmap::parse_directory(&dir, ext.nb_bitmaps, ext.directory_offset)
@@ -154,11 +153,15 @@ impl Image {
                     "a bitmap table",
                     &path,
                 )?;
-                let table = io.read("a bitmap table", b.table_offset, b.table_size as usize * 8)?;
-                for w in decode_words(&table) {
-                    let off = w & OFFSET_MASK;
-                    if off != 0 {
-                        counts.add_cluster(off / cs, "bitmap data", &path)?;
+                let table = io.read_words(
+                    "a bitmap table",
+                    HostOffset(b.table_offset),
+                    b.table_size as usize,
+                )?;
+                for word in table {
+                    let off = entry_host(word);
+                    if off.0 != 0 {
+                        counts.add_cluster(off.0 / cs, "bitmap data", &path)?;
                     }
                 }
             }
@@ -168,72 +171,57 @@ impl Image {
             cluster_bits: self.layout.cluster_bits,
         };
         let (table, table_offset, table_clusters) =
-            write_structures(&io, &mut counts, layout, file_len)?;
-        m.header.refcount_table_offset = table_offset;
-        m.header.refcount_table_clusters = table_clusters;
-        self.write_header(m)?;
-        let overlap = metadata_map(
-            &*self.file,
-            &path,
-            &m.header,
-            &m.l1,
-            &table,
-            self.snapshots(),
-            self.bitmaps(),
-        )?;
-        let end = self
-            .file
-            .len()
-            .map_err(|e| Error::io(&path, "reading the file size", e))?
-            .div_ceil(cs);
-        m.rc = Some(RefState::new(
+            write_structures(io, &mut counts, layout, file_len)?;
+        // F5: the header names the new table once it is durable.
+        t.header.refcount_table_offset = table_offset;
+        t.header.refcount_table_clusters = table_clusters;
+        self.write_header(t)?;
+        let overlap = metadata_map(io, &t.header, &t.l1, &table, &snapshots, self.bitmaps())?;
+        let end = io.len()?.div_ceil(cs);
+        w.alloc = Allocator::new(
             table,
-            table_offset,
+            HostOffset(table_offset),
             table_clusters,
             layout,
             64,
-            end,
+            HostCluster(end),
             overlap,
-        ));
+        );
         // COPIED flags: set exactly where the refcount is 1.
-        for i in 0..m.l1.len() {
-            let e = m.l1[i];
-            let off = e & OFFSET_MASK;
-            if off == 0 {
+        for i in 0..t.l1.len() {
+            let e = t.l1[i];
+            let off = entry_host(e);
+            if off.0 == 0 {
                 continue;
             }
-            let want = if counts.get(off / cs) == 1 {
-                off | COPIED
-            } else {
-                off
-            };
+            let want = crate::format::entry::encode_pointer(off, counts.get(off.0 / cs) == 1);
             if want != e {
-                m.l1[i] = want;
-                m.l1_dirty = true;
+                t.l1[i] = want;
+                t.l1_dirty = true;
             }
-            let t = self.l2_table(off)?;
+            let table = self.l2_table(off)?;
             let step = if self.layout.extended_l2 { 2 } else { 1 };
-            for j in (0..t.len()).step_by(step) {
-                let entry = t.word(j);
-                let host = entry & OFFSET_MASK;
+            for j in (0..table.len()).step_by(step) {
+                let entry = table.word(j);
+                let host = entry_host(entry);
                 let want = if entry & COMPRESSED != 0 {
                     entry & !COPIED
                 } else if self.layout.data_file {
                     entry
-                } else if host != 0 && counts.get(host / cs) == 1 {
+                } else if host.0 != 0 && counts.get(host.0 / cs) == 1 {
                     entry | COPIED
                 } else {
                     entry & !COPIED
                 };
                 if want != entry {
-                    t.set_word(j, want);
+                    table.set_word(j, want);
                 }
             }
         }
-        m.prepared = false;
-        self.flush_locked(m)?;
-        m.header.incompatible_features &= !incompat::DIRTY;
-        self.write_header(m)?;
+        w.prepared = false;
+        self.write_back(t, w)?;
+        t.header.incompatible_features &= !incompat::DIRTY;
+        self.write_header(t)?;
         log::warn!("{}: refcounts rebuilt", path.display());
         Ok(())
     }
@@ -281,13 +269,13 @@ fn write_structures(
     }
     if table_clusters * cs > MAX_REFCOUNT_TABLE_BYTES {
         return Err(
-            Error::corrupt("the rebuilt refcount table would exceed 8 MiB").in_file(io.path),
+            Error::corrupt("the rebuilt refcount table would exceed 8 MiB").in_file(io.path()),
         );
     }
     needed.sort_unstable();
     let table_offset = (p + new_blocks) * cs;
     for c in p..p + new_blocks + table_clusters {
-        counts.add_cluster(c, "the new refcount structures", io.path)?;
+        counts.add_cluster(c, "the new refcount structures", io.path())?;
     }
     let mut table = vec![0u64; (table_clusters * per_cluster) as usize];
     for (k, &ti) in needed.iter().enumerate() {
@@ -302,19 +290,19 @@ fn write_structures(
                     (ti * pb + i) * cs,
                     layout.bits()
                 ))
-                .in_file(io.path));
+                .in_file(io.path()));
             }
             if v != 0 {
                 layout.set(&mut data, i as usize, v);
             }
         }
-        io.write("a rebuilt refcount block", off, &data)?;
+        io.write("a rebuilt refcount block", HostOffset(off), &data)?;
     }
-    let mut bytes = Vec::with_capacity(table.len() * 8);
-    for e in &table {
-        bytes.extend_from_slice(&e.to_be_bytes());
-    }
-    io.write("the rebuilt refcount table", table_offset, &bytes)?;
+    io.write(
+        "the rebuilt refcount table",
+        HostOffset(table_offset),
+        &super::metaio::encode_words(&table, 0),
+    )?;
     io.sync()?;
     Ok((table, table_offset, table_clusters as u32))
 }

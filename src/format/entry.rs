@@ -1,6 +1,8 @@
 //! L1 and L2 table entries (standard and extended), and compressed-cluster descriptors:
-//! decoding a raw entry into what the guest range it covers reads as (checklist sections
-//! 6 to 9), and encoding the entries a writer stores.
+//! decoding a raw entry into what the guest range it covers reads as, and encoding the
+//! entries a writer stores (the encoders sit next to the decoders).
+
+use super::units::{HostCluster, HostOffset};
 
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
@@ -27,20 +29,20 @@ pub enum ClusterKind {
     /// Not allocated here: read the backing file, or zeros.
     Unallocated,
     /// Not allocated, but a host cluster is reserved for it (extended L2 only).
-    UnallocatedAlloc { host: u64 },
+    UnallocatedAlloc { host: HostOffset },
     /// Reads as zeros without consulting the backing file.
     ZeroPlain,
     /// Reads as zeros; a host cluster is still allocated and referenced.
-    ZeroAlloc { host: u64 },
+    ZeroAlloc { host: HostOffset },
     /// Data at `host` (+ offset in cluster).
-    Normal { host: u64 },
+    Normal { host: HostOffset },
     /// Compressed data: `size` bytes at host byte offset `offset`.
     Compressed(CompressedDesc),
 }
 
 impl ClusterKind {
     /// The host cluster this entry references, if any (compressed ranges excluded).
-    pub fn host_cluster(self) -> Option<u64> {
+    pub fn host_cluster(self) -> Option<HostOffset> {
         match self {
             ClusterKind::UnallocatedAlloc { host }
             | ClusterKind::ZeroAlloc { host }
@@ -53,8 +55,68 @@ impl ClusterKind {
 /// Where a compressed cluster's bytes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CompressedDesc {
-    pub offset: u64,
+    pub offset: HostOffset,
     pub size: u64,
+}
+
+/// The host offset an L1 or (standard) L2 entry points at; 0 means none.
+pub fn entry_host(entry: u64) -> HostOffset {
+    HostOffset(entry & OFFSET_MASK)
+}
+
+/// An L1 entry pointing at the L2 table at `l2`, or an L2 entry pointing at the data
+/// cluster at `host`; `copied` when this is the cluster's only reference (refcount 1).
+pub fn encode_pointer(host: HostOffset, copied: bool) -> u64 {
+    (host.0 & OFFSET_MASK) | if copied { COPIED } else { 0 }
+}
+
+/// A standard L2 entry that reads as zeros and keeps the allocation of `entry`
+/// (version 3 only).
+pub fn encode_zero_keeping(entry: u64) -> u64 {
+    (entry & (OFFSET_MASK | COPIED)) | ZERO_FLAG
+}
+
+/// The subcluster bitmap of an extended L2 entry: which of the 32 subclusters are
+/// allocated, and which read as zeros.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SubclusterBitmap {
+    pub alloc: u32,
+    pub zero: u32,
+}
+
+impl SubclusterBitmap {
+    pub fn decode(word: u64) -> Self {
+        SubclusterBitmap {
+            alloc: word as u32,
+            zero: (word >> 32) as u32,
+        }
+    }
+
+    pub fn encode(self) -> u64 {
+        self.alloc as u64 | ((self.zero as u64) << 32)
+    }
+
+    /// Every subcluster reads as zeros, none allocated.
+    pub const ALL_ZERO: SubclusterBitmap = SubclusterBitmap {
+        alloc: 0,
+        zero: u32::MAX,
+    };
+
+    /// Every subcluster allocated.
+    pub const ALL_ALLOCATED: SubclusterBitmap = SubclusterBitmap {
+        alloc: u32::MAX,
+        zero: 0,
+    };
+
+    /// The mask of subclusters `first..=last`.
+    pub fn range(first: u32, last: u32) -> u32 {
+        let hi = if last >= 31 {
+            u32::MAX
+        } else {
+            (1u32 << (last + 1)) - 1
+        };
+        hi & !((1u32 << first) - 1)
+    }
 }
 
 /// Why an entry cannot be used. The engine turns this into an EIO with the entry's
@@ -127,12 +189,35 @@ impl EntryLayout {
     }
 
     /// The L2 table offset an L1 entry points to; 0 means unallocated.
-    pub fn l1_l2_offset(&self, entry: u64) -> Result<u64, EntryError> {
-        let off = entry & OFFSET_MASK;
-        if off & (self.cluster_size() - 1) != 0 {
-            return Err(EntryError::UnalignedOffset(off));
+    pub fn l1_l2_offset(&self, entry: u64) -> Result<HostOffset, EntryError> {
+        let off = entry_host(entry);
+        if !off.is_aligned(self.cluster_bits) {
+            return Err(EntryError::UnalignedOffset(off.0));
         }
         Ok(off)
+    }
+
+    /// The host clusters an L2 entry references (none with an external data file, whose
+    /// clusters are not refcounted): what replacing the entry releases.
+    pub fn referenced_clusters(&self, entry: u64) -> Vec<HostCluster> {
+        if self.data_file {
+            return Vec::new();
+        }
+        if entry & COMPRESSED != 0 {
+            return match self.compressed_desc(entry) {
+                Ok(d) => {
+                    let start = HostOffset(d.offset.0 & !511);
+                    let (first, n) =
+                        start.clusters_spanned(d.offset.0 + d.size - start.0, self.cluster_bits);
+                    (0..n).map(|k| first + k).collect()
+                }
+                Err(_) => Vec::new(),
+            };
+        }
+        match entry_host(entry) {
+            HostOffset(0) => Vec::new(),
+            h => vec![h.cluster(self.cluster_bits)],
+        }
     }
 
     /// Decodes a compressed entry's descriptor.
@@ -145,14 +230,15 @@ impl EntryLayout {
         let count_mask = (1u64 << (self.cluster_bits - 8)) - 1;
         let sectors = ((entry >> shift) & count_mask) + 1;
         Ok(CompressedDesc {
-            offset,
+            offset: HostOffset(offset),
             size: sectors * 512 - (offset & 511),
         })
     }
 
     /// Encodes a compressed entry for `size` bytes of compressed data at `offset`.
-    pub fn encode_compressed(&self, offset: u64, size: u64) -> u64 {
+    pub fn encode_compressed(&self, offset: HostOffset, size: u64) -> u64 {
         let shift = 62 - (self.cluster_bits - 8);
+        let offset = offset.0;
         let sectors = (offset + size - 1) / 512 - offset / 512;
         COMPRESSED | (sectors << shift) | offset
     }
@@ -173,18 +259,18 @@ impl EntryLayout {
             }
             return Ok((ClusterKind::Compressed(self.compressed_desc(entry)?), rest));
         }
-        let host = entry & OFFSET_MASK;
+        let host = entry_host(entry);
         // With an external data file, COPIED and offset 0 is a real cluster at offset 0.
-        let allocated = host != 0 || (self.data_file && entry & COPIED != 0);
-        if allocated && host & (self.cluster_size() - 1) != 0 {
-            return Err(EntryError::UnalignedOffset(host));
+        let allocated = host.0 != 0 || (self.data_file && entry & COPIED != 0);
+        if allocated && !host.is_aligned(self.cluster_bits) {
+            return Err(EntryError::UnalignedOffset(host.0));
         }
         if !self.extended_l2 {
             if entry & ZERO_FLAG != 0 {
                 if !self.zero_flag {
                     return Err(EntryError::ZeroFlagInV2);
                 }
-                let kind = if host != 0 {
+                let kind = if host.0 != 0 {
                     ClusterKind::ZeroAlloc { host }
                 } else {
                     ClusterKind::ZeroPlain
@@ -243,11 +329,15 @@ mod tests {
         assert_eq!(l.classify(1, 0, 0).unwrap().0, ClusterKind::ZeroPlain);
         assert_eq!(
             l.classify(0x50000 | 1, 0, 0).unwrap().0,
-            ClusterKind::ZeroAlloc { host: 0x50000 }
+            ClusterKind::ZeroAlloc {
+                host: HostOffset(0x50000)
+            }
         );
         assert_eq!(
             l.classify(COPIED | 0x50000, 0, 0).unwrap().0,
-            ClusterKind::Normal { host: 0x50000 }
+            ClusterKind::Normal {
+                host: HostOffset(0x50000)
+            }
         );
         assert_eq!(
             l.classify(0x50200, 0, 0),
@@ -269,7 +359,9 @@ mod tests {
         };
         assert_eq!(
             df.classify(COPIED, 0, 0).unwrap().0,
-            ClusterKind::Normal { host: 0 }
+            ClusterKind::Normal {
+                host: HostOffset(0)
+            }
         );
     }
 
@@ -279,23 +371,35 @@ mod tests {
             extended_l2: true,
             ..std64()
         };
-        let host = 0x70000;
+        let host = HostOffset(0x70000);
         // subclusters 0-1 allocated, 2 zero, rest unallocated
-        let bm = 0b11u64 | (1u64 << 34);
+        let bm = SubclusterBitmap {
+            alloc: 0b11,
+            zero: 0b100,
+        }
+        .encode();
+        assert_eq!(bm, 0b11u64 | (1u64 << 34));
+        let host_word = encode_pointer(host, false);
         assert_eq!(
-            l.classify(host, bm, 0).unwrap(),
+            l.classify(host_word, bm, 0).unwrap(),
             (ClusterKind::Normal { host }, 2)
         );
         assert_eq!(
-            l.classify(host, bm, 2).unwrap(),
+            l.classify(host_word, bm, 2).unwrap(),
             (ClusterKind::ZeroAlloc { host }, 1)
         );
         assert_eq!(
-            l.classify(host, bm, 3).unwrap(),
+            l.classify(host_word, bm, 3).unwrap(),
             (ClusterKind::UnallocatedAlloc { host }, 29)
         );
+        assert_eq!(SubclusterBitmap::range(2, 4), 0b11100);
+        assert_eq!(SubclusterBitmap::range(0, 31), u32::MAX);
+        assert_eq!(
+            SubclusterBitmap::decode(SubclusterBitmap::ALL_ZERO.encode()),
+            SubclusterBitmap::ALL_ZERO
+        );
         assert!(matches!(
-            l.classify(host, 1 | (1 << 32), 0),
+            l.classify(host_word, 1 | (1 << 32), 0),
             Err(EntryError::SubclusterBothBits(_))
         ));
         assert!(matches!(
@@ -306,6 +410,25 @@ mod tests {
             l.classify(0, 0xffff_ffff_0000_0000, 5).unwrap(),
             (ClusterKind::ZeroPlain, 27)
         );
+    }
+
+    #[test]
+    fn references_and_encoders() {
+        let l = std64();
+        assert_eq!(
+            l.referenced_clusters(encode_pointer(HostOffset(0x50000), true)),
+            [HostCluster(5)]
+        );
+        assert!(l.referenced_clusters(ZERO_FLAG).is_empty());
+        let c = l.encode_compressed(HostOffset(0x1ff00), 0x200);
+        assert_eq!(l.referenced_clusters(c), [HostCluster(1), HostCluster(2)]);
+        let e = encode_pointer(HostOffset(0x50000), true);
+        assert_eq!(encode_zero_keeping(e), e | ZERO_FLAG);
+        let df = EntryLayout {
+            data_file: true,
+            ..l
+        };
+        assert!(df.referenced_clusters(e).is_empty());
     }
 
     #[test]
@@ -321,14 +444,14 @@ mod tests {
                 (0x1ff, 2),
                 (0x30001, (1 << cb) - 1),
             ] {
-                let e = l.encode_compressed(off, size);
+                let e = l.encode_compressed(HostOffset(off), size);
                 let d = l.compressed_desc(e).unwrap();
-                assert_eq!(d.offset, off);
+                assert_eq!(d.offset, HostOffset(off));
                 assert!(
                     d.size >= size && d.size < size + 512,
                     "cb {cb} off {off:#x}"
                 );
-                assert_eq!((d.offset + d.size) % 512, 0);
+                assert_eq!((d.offset.0 + d.size) % 512, 0);
             }
         }
     }

@@ -83,51 +83,47 @@ impl SnapshotEntry {
     }
 }
 
-/// Why a table could not be parsed from the bytes given.
+/// What parsing a table from the bytes given found: the entries, or that the table is
+/// longer than those bytes (parse again with at least this many).
 #[derive(Debug, PartialEq, Eq)]
-pub enum TableError {
-    /// The table is longer than the bytes given: call again with at least this many.
-    NeedMore(usize),
-    Invalid(FormatError),
+pub enum TableRead {
+    Entries(Vec<SnapshotEntry>),
+    NeedBytes(usize),
 }
 
 /// Parses `nb` entries from `bytes`, which start at file offset `table_offset`.
-pub fn parse_table(
-    bytes: &[u8],
-    nb: u32,
-    table_offset: u64,
-) -> Result<Vec<SnapshotEntry>, TableError> {
+pub fn parse_table(bytes: &[u8], nb: u32, table_offset: u64) -> Result<TableRead, FormatError> {
     let mut entries = Vec::with_capacity(nb.min(4096) as usize);
     let mut pos = 0usize;
     for i in 0..nb {
         let at = table_offset + pos as u64;
         let field = |name: &str| format!("snapshot table entry {i} {name}");
         if pos + FIXED_LEN > bytes.len() {
-            return Err(TableError::NeedMore(pos + FIXED_LEN));
+            return Ok(TableRead::NeedBytes(pos + FIXED_LEN));
         }
         let e = &bytes[pos..];
         let id_len = be16(e, 12) as usize;
         let name_len = be16(e, 14) as usize;
         let extra_len = be32(e, 36);
         if extra_len > MAX_EXTRA_DATA {
-            return Err(TableError::Invalid(FormatError::invalid(
+            return Err(FormatError::invalid(
                 field("extra_data_size"),
                 at + 36,
                 format!("{extra_len} bytes exceed the limit of {MAX_EXTRA_DATA}"),
-            )));
+            ));
         }
         // The padding after the last entry need not be in the file (QEMU leaves it out).
         let unpadded = FIXED_LEN + extra_len as usize + id_len + name_len;
         let len = unpadded.next_multiple_of(8);
         if (pos + len) as u64 > MAX_TABLE_BYTES {
-            return Err(TableError::Invalid(FormatError::invalid(
+            return Err(FormatError::invalid(
                 field("length"),
                 at,
                 "the snapshot table grows past the 64 MiB limit",
-            )));
+            ));
         }
         if pos + unpadded > bytes.len() {
-            return Err(TableError::NeedMore(pos + unpadded));
+            return Ok(TableRead::NeedBytes(pos + unpadded));
         }
         let extra = e[FIXED_LEN..FIXED_LEN + extra_len as usize].to_vec();
         let id_start = FIXED_LEN + extra_len as usize;
@@ -155,7 +151,7 @@ pub fn parse_table(
         });
         pos += len;
     }
-    Ok(entries)
+    Ok(TableRead::Entries(entries))
 }
 
 /// Encodes a whole table.
@@ -190,21 +186,25 @@ mod tests {
     fn roundtrip_and_need_more() {
         let t = vec![sample("1", "first"), sample("12", "")];
         let bytes = encode_table(&t);
-        assert_eq!(parse_table(&bytes, 2, 0x10000).unwrap(), t);
-        assert_eq!(encode_table(&parse_table(&bytes, 2, 0).unwrap()), bytes);
+        let entries = |r| match r {
+            Ok(TableRead::Entries(e)) => e,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(entries(parse_table(&bytes, 2, 0x10000)), t);
+        assert_eq!(encode_table(&entries(parse_table(&bytes, 2, 0))), bytes);
         match parse_table(&bytes[..50], 2, 0) {
-            Err(TableError::NeedMore(n)) => assert!(n > 50),
+            Ok(TableRead::NeedBytes(n)) => assert!(n > 50),
             other => panic!("unexpected {other:?}"),
         }
         // The last entry's padding may be missing.
         let unpadded = bytes.len() - 4;
-        assert_eq!(parse_table(&bytes[..unpadded], 2, 0).unwrap(), t);
+        assert_eq!(entries(parse_table(&bytes[..unpadded], 2, 0)), t);
     }
 
     #[test]
     fn extra_data_limit() {
         let mut b = encode_table(&[sample("1", "x")]);
         b[36..40].copy_from_slice(&5000u32.to_be_bytes());
-        assert!(matches!(parse_table(&b, 1, 0), Err(TableError::Invalid(_))));
+        assert!(parse_table(&b, 1, 0).is_err());
     }
 }

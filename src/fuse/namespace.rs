@@ -9,6 +9,7 @@
 //! - `layers/N-FILENAME.raw`: backing layer N, seen through its own chain.
 
 use crate::block::{BlockDev, Chain};
+use crate::engine::{Snapshot, SnapshotKey};
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -22,7 +23,7 @@ pub const ROOT_INO: u64 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FileRole {
     Active,
-    Snapshot(usize),
+    Snapshot(SnapshotKey),
     Layer(usize),
 }
 
@@ -196,9 +197,11 @@ impl Namespace {
             image_mtime,
         );
         let image = chain.image();
-        if opts.snapshots && !image.snapshots().is_empty() {
-            let usable: Vec<usize> = (0..image.snapshots().len())
-                .filter(|&i| match image.check_snapshot(i) {
+        let snapshots = image.snapshots();
+        if opts.snapshots && !snapshots.is_empty() {
+            let usable: Vec<&Snapshot> = snapshots
+                .iter()
+                .filter(|s| match image.check_snapshot(s) {
                     Ok(_) => true,
                     Err(e) => {
                         log::warn!("{e}; leaving this snapshot out of the mount");
@@ -208,10 +211,7 @@ impl Namespace {
                 .collect();
             let pairs: Vec<(String, Vec<u8>)> = usable
                 .iter()
-                .map(|&i| {
-                    let e = &image.snapshots()[i].entry;
-                    (e.id.clone(), e.name_bytes.clone())
-                })
+                .map(|s| (s.entry.id.clone(), s.entry.name_bytes.clone()))
                 .collect();
             let stems = snapshot_file_stems(&pairs);
             if !usable.is_empty() {
@@ -223,25 +223,14 @@ impl Namespace {
                     },
                     image_mtime,
                 );
-                for (&i, stem) in usable.iter().zip(stems) {
-                    let e = &image.snapshots()[i].entry;
+                for (s, stem) in usable.into_iter().zip(stems) {
+                    let e = &s.entry;
                     let mtime =
                         UNIX_EPOCH + Duration::new(e.date_sec as u64, e.date_nsec.min(999_999_999));
                     let name = raw_name(&stem);
-                    let dev = wrap(
-                        FileRole::Snapshot(i),
-                        &name.to_string_lossy(),
-                        chain.snapshot(i),
-                    )?;
-                    ns.push(
-                        dir,
-                        name,
-                        NodeKind::File {
-                            dev,
-                            role: FileRole::Snapshot(i),
-                        },
-                        mtime,
-                    );
+                    let role = FileRole::Snapshot(s.key);
+                    let dev = wrap(role, &name.to_string_lossy(), chain.snapshot(s.key))?;
+                    ns.push(dir, name, NodeKind::File { dev, role }, mtime);
                 }
             }
         }
