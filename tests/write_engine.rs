@@ -2,76 +2,21 @@
 //! images of every kind, checked against a raw model with qemu-img compare, and with
 //! `qemu-img check` clean afterwards; snapshots and backing files must not change.
 
-mod common;
+mod support;
 
-use common::{qemu_img, qemu_io, qemu_raw, qemu_snapshot_ids, qemu_snapshot_raw};
 use qcow2fs::block::{BlockDev, OpenOptions, open_chain};
 use qcow2fs::engine::ImageOptions;
 use std::path::{Path, PathBuf};
+use support::*;
 
-/// A small deterministic generator (xorshift), so failures reproduce.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
-fn open_rw(image: &Path) -> qcow2fs::block::Chain {
-    open_chain(
+fn open_rw_small_cache(image: &Path) -> qcow2fs::block::Chain {
+    open_with(
         image,
-        &OpenOptions {
-            image: ImageOptions {
-                writable: true,
-                cache_bytes: 256 << 10,
-            },
-            ..Default::default()
+        ImageOptions {
+            writable: true,
+            cache_bytes: 256 << 10,
         },
     )
-    .unwrap_or_else(|e| panic!("opening {} read-write: {e}", image.display()))
-}
-
-/// `qemu-img check` must find neither errors nor leaks.
-fn assert_check_clean(image: &Path) {
-    let dir = image.parent().unwrap();
-    let out = common::run_raw(
-        dir,
-        "qemu-img",
-        &["check", "--output=json", image.to_str().unwrap()],
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|_| {
-        panic!(
-            "qemu-img check printed no JSON: {text} {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    for field in [
-        "corruptions",
-        "leaks",
-        "check-errors",
-        "corruptions-fixed",
-        "leaks-fixed",
-    ] {
-        let n = v.get(field).and_then(|x| x.as_u64()).unwrap_or(0);
-        assert_eq!(
-            n,
-            0,
-            "qemu-img check reports {field} = {n} for {}: {text}",
-            image.display()
-        );
-    }
-    assert!(out.status.success(), "qemu-img check failed: {text}");
 }
 
 struct Case {
@@ -93,7 +38,7 @@ fn build(dir: &Path, c: &Case) -> PathBuf {
             dir,
             &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), &size],
         );
-        qemu_io(dir, &base, &[format!("write -P 0x5b 0 {}", c.size)]);
+        qemu_io(&base, &[format!("write -P 0x5b 0 {}", c.size)]);
         args.extend([
             "-b".into(),
             "base.qcow2".into(),
@@ -109,14 +54,12 @@ fn build(dir: &Path, c: &Case) -> PathBuf {
     if c.compressed {
         // QEMU compresses only into unallocated clusters: do it first.
         qemu_io(
-            dir,
             &img,
             &[format!("write -c -P 0x33 {} {}", 1u64 << 20, 1u64 << 16)],
         );
     }
     let cs_third = c.size / 3;
     qemu_io(
-        dir,
         &img,
         &[
             format!("write -P 0x11 4096 {cs_third}"),
@@ -125,13 +68,13 @@ fn build(dir: &Path, c: &Case) -> PathBuf {
     );
     if c.snapshot {
         qemu_img(dir, &["snapshot", "-c", "before", img.to_str().unwrap()]);
-        qemu_io(dir, &img, &[format!("write -P 0x44 {} 10000", c.size / 4)]);
+        qemu_io(&img, &[format!("write -P 0x44 {} 10000", c.size / 4)]);
     }
     img
 }
 
 fn run_case(c: &Case, seed: u64) {
-    let dir = common::tempdir();
+    let dir = tempdir();
     let img = build(dir.path(), c);
     let snaps_before: Vec<(String, Vec<u8>)> = qemu_snapshot_ids(&img)
         .into_iter()
@@ -145,10 +88,10 @@ fn run_case(c: &Case, seed: u64) {
         .then(|| std::fs::read(dir.path().join("base.qcow2")).unwrap());
     let mut model = qemu_raw(&img);
     {
-        let chain = open_rw(&img);
+        let chain = open_rw_small_cache(&img);
         let dev = &chain.top;
         let size = dev.size();
-        let mut rng = Rng(seed);
+        let mut rng = Rng::new(seed);
         for step in 0..120 {
             let op = rng.below(10);
             let off = rng.below(size);
@@ -179,7 +122,7 @@ fn run_case(c: &Case, seed: u64) {
                 // Reads through the engine see the writes at once.
                 let mut got = vec![0u8; len as usize];
                 dev.read_at(&mut got, off).unwrap();
-                common::assert_same_bytes(
+                assert_same_bytes(
                     &format!("{}: read back at step {step}", c.name),
                     &model[off as usize..(off + len) as usize],
                     &got,
@@ -189,13 +132,13 @@ fn run_case(c: &Case, seed: u64) {
         dev.close().unwrap();
     }
     assert_check_clean(&img);
-    common::assert_same_bytes(
+    assert_same_bytes(
         &format!("{}: qemu-img convert after writes", c.name),
         &model,
         &qemu_raw(&img),
     );
     for (id, before) in snaps_before {
-        common::assert_same_bytes(
+        assert_same_bytes(
             &format!("{}: snapshot {id} after writes", c.name),
             &before,
             &qemu_snapshot_raw(&img, &id),
@@ -248,7 +191,7 @@ cases! {
 
 #[test]
 fn grow_then_write_past_the_old_end() {
-    let dir = common::tempdir();
+    let dir = tempdir();
     let img = dir.path().join("g.qcow2");
     qemu_img(
         dir.path(),
@@ -263,9 +206,9 @@ fn grow_then_write_past_the_old_end() {
             "1M",
         ],
     );
-    qemu_io(dir.path(), &img, &["write -P 7 0 1M"]);
+    qemu_io(&img, &["write -P 7 0 1M"]);
     {
-        let chain = open_rw(&img);
+        let chain = open_rw_small_cache(&img);
         // 1 MiB -> 40 MiB needs a larger L1 table with 512-byte clusters.
         chain.top.resize(40 << 20).unwrap();
         chain.top.write_at(&[9u8; 5000], (40 << 20) - 5000).unwrap();
@@ -285,13 +228,13 @@ fn grow_then_write_past_the_old_end() {
 
 #[test]
 fn grow_over_a_larger_backing_file_reads_zeros() {
-    let dir = common::tempdir();
+    let dir = tempdir();
     let base = dir.path().join("base.qcow2");
     qemu_img(
         dir.path(),
         &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"],
     );
-    qemu_io(dir.path(), &base, &["write -P 0x66 0 8M"]);
+    qemu_io(&base, &["write -P 0x66 0 8M"]);
     let img = dir.path().join("top.qcow2");
     qemu_img(
         dir.path(),
@@ -309,7 +252,7 @@ fn grow_over_a_larger_backing_file_reads_zeros() {
         ],
     );
     {
-        let chain = open_rw(&img);
+        let chain = open_rw_small_cache(&img);
         chain.top.resize(6 << 20).unwrap();
         chain.top.close().unwrap();
     }
@@ -324,7 +267,7 @@ fn grow_over_a_larger_backing_file_reads_zeros() {
 
 #[test]
 fn dirty_lazy_refcount_image_is_rebuilt_before_writing() {
-    let dir = common::tempdir();
+    let dir = tempdir();
     let img = dir.path().join("dirty.qcow2");
     qemu_img(
         dir.path(),
@@ -339,14 +282,10 @@ fn dirty_lazy_refcount_image_is_rebuilt_before_writing() {
             "8M",
         ],
     );
-    qemu_io(dir.path(), &img, &["write -P 1 0 1M"]);
+    qemu_io(&img, &["write -P 1 0 1M"]);
     qemu_img(dir.path(), &["snapshot", "-c", "s", img.to_str().unwrap()]);
-    common::qemu_io_crash(
-        dir.path(),
-        &img,
-        &["write -P 2 512k 2M", "write -P 3 6M 100k", "abort"],
-    );
-    let info = common::qemu_info_json(&img);
+    qemu_io_crash(&img, &["write -P 2 512k 2M", "write -P 3 6M 100k", "abort"]);
+    let info = qemu_info_json(&img);
     assert_eq!(
         info["dirty-flag"], true,
         "the crash should leave the image dirty"
@@ -354,16 +293,16 @@ fn dirty_lazy_refcount_image_is_rebuilt_before_writing() {
     let mut model = qemu_raw(&img);
     let snap = qemu_snapshot_raw(&img, "1");
     {
-        let chain = open_rw(&img);
+        let chain = open_rw_small_cache(&img);
         let data = vec![0x77u8; 300_000];
         chain.top.write_at(&data, 5 << 20).unwrap();
         model[5 << 20..(5 << 20) + 300_000].copy_from_slice(&data);
         chain.top.close().unwrap();
     }
     assert_check_clean(&img);
-    assert_eq!(common::qemu_info_json(&img)["dirty-flag"], false);
-    common::assert_same_bytes("rebuilt image", &model, &qemu_raw(&img));
-    common::assert_same_bytes(
+    assert_eq!(qemu_info_json(&img)["dirty-flag"], false);
+    assert_same_bytes("rebuilt image", &model, &qemu_raw(&img));
+    assert_same_bytes(
         "snapshot of the rebuilt image",
         &snap,
         &qemu_snapshot_raw(&img, "1"),
@@ -372,7 +311,7 @@ fn dirty_lazy_refcount_image_is_rebuilt_before_writing() {
 
 #[test]
 fn corrupt_or_bitmap_images_are_refused_read_write() {
-    let dir = common::tempdir();
+    let dir = tempdir();
     let img = dir.path().join("bm.qcow2");
     qemu_img(
         dir.path(),
@@ -407,7 +346,7 @@ fn corrupt_or_bitmap_images_are_refused_read_write() {
 
 #[test]
 fn unknown_autoclear_bits_are_cleared_and_extensions_kept() {
-    let dir = common::tempdir();
+    let dir = tempdir();
     let img = dir.path().join("ac.qcow2");
     qemu_img(
         dir.path(),
@@ -429,7 +368,7 @@ fn unknown_autoclear_bits_are_cleared_and_extensions_kept() {
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, &c0, 0).unwrap();
     {
-        let chain = open_rw(&img);
+        let chain = open_rw_small_cache(&img);
         chain.top.write_at(&[1u8; 4096], 0).unwrap();
         chain.top.close().unwrap();
     }

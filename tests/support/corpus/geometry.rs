@@ -1,7 +1,7 @@
 //! Geometry (every cluster size, v2, empty disks), zero clusters, discards and
 //! preallocation modes.
 
-use crate::common::images::*;
+use crate::support::images::*;
 use std::path::PathBuf;
 
 /// Every cluster size with an unaligned virtual size (given unaligned to qemu-img, which
@@ -15,7 +15,7 @@ fn cluster_bits(ctx: &mut Ctx, cb: u32) -> PathBuf {
         10 => 17 * M + 512 - 100,   // L1: 136 entries, 2 clusters
         _ => 5 * cs + cs / 3 - 100,
     };
-    let size = round_up(asked, 512);
+    let size = asked.next_multiple_of(512);
     let img = ctx.create("disk.qcow2", asked, &format!("cluster_size={cs}"));
     let mut c = vec![
         ctx.w(0, 777),                  // partial first cluster
@@ -230,7 +230,7 @@ fn prealloc(ctx: &mut Ctx, mode: &str, cs: u64) -> PathBuf {
         size,
         &format!("preallocation={mode},cluster_size={cs}"),
     );
-    let size = round_up(size, 512);
+    let size = size.next_multiple_of(512);
     let c = vec![
         ctx.w(100, 5000),
         ctx.w(cs * 2 - 7, cs + 14),

@@ -1,8 +1,8 @@
 //! Backing chains: sizes that differ between layers, hidden data, raw and un-typed
 //! backing files, a deep chain across nested directories.
 
-use crate::common::images::*;
-use crate::common::patch;
+use crate::support::images::*;
+use crate::support::patch;
 use std::path::PathBuf;
 
 /// The overlay is larger than its backing file: reads past the backing file's end are
@@ -157,7 +157,7 @@ pub(super) fn backing_format_absent(ctx: &mut Ctx) -> PathBuf {
     let img = ctx.overlay("top.qcow2", "base.qcow2", "qcow2", None, "");
     let c = vec![ctx.w(M, 3333)];
     ctx.io("top.qcow2", &c);
-    patch::retype_extension(&img, patch::BACKING_FORMAT_EXT, 0x7777_0001);
+    patch::retype_extension(&img, patch::EXT_BACKING_FORMAT, 0x7777_0001);
     img
 }
 

@@ -1,7 +1,7 @@
 //! Compressed clusters: zlib and zstd, 512 B to 2 MiB clusters, written with `write -c`
 //! and `convert -c`, partial last clusters, copy-on-write, v2, extended L2, snapshots.
 
-use crate::common::images::*;
+use crate::support::images::*;
 use std::path::PathBuf;
 
 /// Compressed clusters written with `write -c`: runs of consecutive compressed clusters

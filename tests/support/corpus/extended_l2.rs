@@ -1,7 +1,7 @@
 //! Extended L2 entries: subcluster allocation and zero bits, over a backing file or not,
 //! preallocated under a backing file.
 
-use crate::common::images::*;
+use crate::support::images::*;
 use std::path::PathBuf;
 
 /// Subcluster operations on an extended-L2 image: partial and exact subcluster writes

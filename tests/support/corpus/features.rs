@@ -1,7 +1,7 @@
 //! Refcount widths and table growth, external data files, lazy refcounts, bitmaps.
 
-use crate::common::images::*;
-use crate::common::patch;
+use crate::support::images::*;
+use crate::support::patch;
 use std::path::PathBuf;
 
 fn refcount_bits(ctx: &mut Ctx, bits: u32) -> PathBuf {
