@@ -9,6 +9,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use support::images::create_image;
 use support::*;
 
 /// base.raw (data at 0..1M) <- mid.qcow2 (data at 1M..2M) <- top.qcow2 (data at 2M..2.5M),
@@ -20,37 +21,27 @@ fn chain3(dir: &Path) -> PathBuf {
         &["-f", "raw"],
         &["write -P 0x61 0 1M"],
     );
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            "mid.qcow2",
-        ],
-    );
-    qemu_io(&dir.join("mid.qcow2"), &["write -P 0x62 1M 1M"]);
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
-    qemu_io(&dir.join("top.qcow2"), &["write -P 0x63 2M 512k"]);
-    dir.join("top.qcow2")
+    let mid = create_image(dir, "mid.qcow2", None, "", Some(("base.raw", "raw")));
+    qemu_io(&mid, &["write -P 0x62 1M 1M"]);
+    let top = create_image(dir, "top.qcow2", None, "", Some(("mid.qcow2", "qcow2")));
+    qemu_io(&top, &["write -P 0x63 2M 512k"]);
+    top
+}
+
+/// [`chain3`] in a fresh temporary directory, with QEMU's rendering of the top image.
+fn chain3_in_tempdir() -> (tempfile::TempDir, PathBuf, Vec<u8>) {
+    let dir = tempdir();
+    let top = chain3(dir.path());
+    let before = qemu_raw(&top);
+    (dir, top, before)
+}
+
+/// After copy-on-read: the image checks clean and still reads `before`; returns the
+/// ranges it now holds itself.
+fn checked_after_copy_on_read(top: &Path, before: &[u8]) -> Vec<(u64, u64)> {
+    assert_check_clean(top);
+    assert_same_bytes("content after copy-on-read", before, &qemu_raw(top));
+    depth0_ranges(top)
 }
 
 /// Ranges of the top image's own map (depth 0, present) as (start, length).
@@ -72,9 +63,7 @@ fn covered(ranges: &[(u64, u64)], off: u64, len: u64) -> bool {
 
 #[test]
 fn copy_on_read_copies_what_reads_get_from_the_chain() {
-    let dir = tempdir();
-    let top = chain3(dir.path());
-    let before = qemu_raw(&top);
+    let (_dir, top, before) = chain3_in_tempdir();
     {
         let chain = open_rw(&top);
         let cor = CopyOnRead::new(chain.top.clone(), 2);
@@ -89,9 +78,7 @@ fn copy_on_read_copies_what_reads_get_from_the_chain() {
         );
         cor.close().unwrap();
     }
-    assert_check_clean(&top);
-    assert_same_bytes("content after copy-on-read", &before, &qemu_raw(&top));
-    let own = depth0_ranges(&top);
+    let own = checked_after_copy_on_read(&top, &before);
     assert!(
         covered(&own, 300 << 10, 100 << 10),
         "base data read is not at depth 0: {own:?}"
@@ -108,9 +95,7 @@ fn copy_on_read_copies_what_reads_get_from_the_chain() {
 
 #[test]
 fn cor_bottom_limits_the_copy_to_the_named_layers() {
-    let dir = tempdir();
-    let top = chain3(dir.path());
-    let before = qemu_raw(&top);
+    let (_dir, top, before) = chain3_in_tempdir();
     {
         let chain = open_rw(&top);
         // Bottom 1 = mid.qcow2: data from the raw base (depth 2) is read, not copied.
@@ -120,9 +105,7 @@ fn cor_bottom_limits_the_copy_to_the_named_layers() {
         assert_eq!(&buf[..], &before[..2 << 20]);
         cor.close().unwrap();
     }
-    assert_check_clean(&top);
-    assert_same_bytes("content after copy-on-read", &before, &qemu_raw(&top));
-    let own = depth0_ranges(&top);
+    let own = checked_after_copy_on_read(&top, &before);
     assert!(
         covered(&own, 1 << 20, 1 << 20),
         "mid's data was not copied: {own:?}"
@@ -232,37 +215,15 @@ fn stream_equals_the_chain_with_and_without_dropping_the_backing_file() {
 fn an_interrupted_stream_resumes() {
     let dir = tempdir();
     let d = dir.path();
-    qemu_img(
+    let base = create_image(d, "base.qcow2", Some(256 * M), "cluster_size=4096", None);
+    qemu_io(&base, &["write -P 0x71 0 256M"]);
+    let top = create_image(
         d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            "base.qcow2",
-            "256M",
-        ],
+        "top.qcow2",
+        None,
+        "cluster_size=4096",
+        Some(("base.qcow2", "qcow2")),
     );
-    qemu_io(&d.join("base.qcow2"), &["write -P 0x71 0 256M"]);
-    qemu_img(
-        d,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4096",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
-    let top = d.join("top.qcow2");
     let before = qemu_raw(&top);
     let mut child = Command::new(qcow2fs_bin())
         .args(["stream", "--drop-backing"])
@@ -368,9 +329,8 @@ fn overlay_lets_a_snapshot_guest_be_written_and_leaves_the_evidence_untouched() 
 fn kept_overlays_are_valid_qcow2_images() {
     let dir = tempdir();
     let d = dir.path();
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "disk.qcow2", "8M"]);
-    qemu_io(&d.join("disk.qcow2"), &["write -P 0x41 0 1M"]);
-    let img = d.join("disk.qcow2");
+    let img = create_image(d, "disk.qcow2", Some(8 * M), "", None);
+    qemu_io(&img, &["write -P 0x41 0 1M"]);
     let sum = sha256(&img);
     let ovdir = d.join("ov");
     std::fs::create_dir(&ovdir).unwrap();
@@ -412,9 +372,7 @@ fn kept_overlays_are_valid_qcow2_images() {
 
 #[test]
 fn copy_on_read_through_the_mount_and_its_option_rules() {
-    let dir = tempdir();
-    let top = chain3(dir.path());
-    let before = qemu_raw(&top);
+    let (dir, top, before) = chain3_in_tempdir();
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     // Copy-on-read needs rw.
@@ -430,9 +388,7 @@ fn copy_on_read_through_the_mount_and_its_option_rules() {
         let got = std::fs::read(mnt.join("top.raw")).unwrap();
         assert_same_bytes("read through copy-on-read", &before, &got);
     }
-    assert_check_clean(&top);
-    assert_same_bytes("content after copy-on-read", &before, &qemu_raw(&top));
-    let own = depth0_ranges(&top);
+    let own = checked_after_copy_on_read(&top, &before);
     assert!(
         covered(&own, 0, 2 << 20),
         "data read through the mount is not at depth 0: {own:?}"

@@ -21,25 +21,14 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use support::images::create_image;
 use support::*;
 
 const CS: u64 = 64 * K;
 
-fn create(dir: &Path, name: &str, size: &str, writes: &[&str]) -> PathBuf {
-    let img = dir.join(name);
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=65536",
-            img.to_str().unwrap(),
-            size,
-        ],
-    );
+/// A 64 KiB-cluster image `name` of `size` bytes in `dir`, with `writes` done by qemu-io.
+fn create(dir: &Path, name: &str, size: u64, writes: &[&str]) -> PathBuf {
+    let img = create_image(dir, name, Some(size), "cluster_size=65536", None);
     qemu_io(&img, writes);
     img
 }
@@ -74,7 +63,7 @@ fn data_cluster_read_error_reaches_the_reader() {
     let img = create(
         d.path(),
         "disk.qcow2",
-        "4M",
+        4 * M,
         &["write -P 0x5a 0 128k", "write -P 0x6b 1M 64k"],
     );
     let (fault, layer) = open_faulty(&img, false);
@@ -103,7 +92,7 @@ fn data_cluster_read_error_reaches_the_reader() {
 #[test]
 fn l2_table_read_error_reaches_the_reader() {
     let d = tempdir();
-    let img = create(d.path(), "disk.qcow2", "4M", &["write -P 0x5a 0 64k"]);
+    let img = create(d.path(), "disk.qcow2", 4 * M, &["write -P 0x5a 0 64k"]);
     let head = fs::read(&img).unwrap();
     let l1 = be64(&head, 40) as usize;
     let l2 = be64(&head, l1) & 0x00ff_ffff_ffff_fe00;
@@ -127,7 +116,7 @@ fn l2_table_read_error_reaches_the_reader() {
 #[test]
 fn enospc_from_the_store_is_enospc() {
     let d = tempdir();
-    let img = create(d.path(), "disk.qcow2", "4M", &["write -P 0x5a 0 64k"]);
+    let img = create(d.path(), "disk.qcow2", 4 * M, &["write -P 0x5a 0 64k"]);
     let (fault, layer) = open_faulty(&img, true);
     fault.fail(FaultOp::Write, 0, u64::MAX, libc::ENOSPC, 0);
     let err = layer.write_at(&[0x77; 4096], 2 * M).unwrap_err();
@@ -146,7 +135,7 @@ fn enospc_from_the_store_is_enospc() {
 #[test]
 fn failed_metadata_write_back_is_consistent_and_sticky() {
     let d = tempdir();
-    let orig = create(d.path(), "orig.qcow2", "1G", &["write -P 0x5a 0 64k"]);
+    let orig = create(d.path(), "orig.qcow2", 1 << 30, &["write -P 0x5a 0 64k"]);
     let mut cut = 0u64;
     loop {
         assert!(cut < 64, "flush never completed");
@@ -211,7 +200,7 @@ fn image_truncated_under_a_live_mount_gives_eio() {
     let img = create(
         d.path(),
         "disk.qcow2",
-        "4M",
+        4 * M,
         &["write -P 0x5a 0 128k", "write -P 0x6b 1M 1M"],
     );
     // Cut the file where the data of guest offset 1M starts.
@@ -248,7 +237,7 @@ fn image_deleted_under_a_live_mount_keeps_serving() {
     let img = create(
         d.path(),
         "disk.qcow2",
-        "4M",
+        4 * M,
         &["write -P 0x5a 0 64k", "write -P 0x6b 2M 64k"],
     );
     let m = Mount::new(&img, &mountpoint(d.path(), "mnt"), &[]);
@@ -288,7 +277,7 @@ fn full_filesystem_gives_enospc_and_a_consistent_image() {
         &mountpoint(d.path(), "fs"),
         "size=6m",
     );
-    let img = create(&fs_dir, "disk.qcow2", "64M", &[]);
+    let img = create(&fs_dir, "disk.qcow2", 64 * M, &[]);
     let mnt = mountpoint(d.path(), "mnt");
 
     {

@@ -10,6 +10,7 @@ mod support;
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use support::images::create_image;
 use support::patch::patch;
 use support::*;
 
@@ -21,20 +22,7 @@ const CS: u64 = 65536;
 /// A 4 MiB image with 64 KiB clusters, data at 0 and snapshots s1 and s2 (which holds
 /// the active disk's data).
 fn base(dir: &Path, name: &str) -> PathBuf {
-    let img = dir.join(name);
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=65536",
-            img.to_str().unwrap(),
-            "4M",
-        ],
-    );
+    let img = create_image(dir, name, Some(4 * M), "cluster_size=65536", None);
     qemu_io(&img, &["write -q -P 0x5a 0 128k"]);
     qemu_img(dir, &["snapshot", "-c", "s1", img.to_str().unwrap()]);
     qemu_io(&img, &["write -q -P 0x6b 64k 64k"]);
@@ -170,20 +158,7 @@ fn largest_allowed_l1_table_fits_the_cap() {
 #[test]
 fn too_many_header_extensions_are_refused() {
     let d = tempdir();
-    let img = d.path().join("ext.qcow2");
-    qemu_img(
-        d.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=2M",
-            img.to_str().unwrap(),
-            "4M",
-        ],
-    );
+    let img = create_image(d.path(), "ext.qcow2", Some(4 * M), "cluster_size=2M", None);
     let h = fs::read(&img).unwrap();
     let start = be32(&h, 100) as u64;
     // Empty records of an unknown type, filling cluster 0.
@@ -291,21 +266,15 @@ fn broken_snapshot_sizes_fail_only_that_snapshot() {
 fn deep_backing_chain_is_refused() {
     let d = tempdir();
     let dir = d.path();
-    qemu_img(dir, &["create", "-q", "-f", "qcow2", "layer0.qcow2", "1M"]);
+    create_image(dir, "layer0.qcow2", Some(M), "", None);
     for i in 1..=70 {
-        qemu_img(
+        let below = format!("layer{}.qcow2", i - 1);
+        create_image(
             dir,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                &format!("layer{}.qcow2", i - 1),
-                "-F",
-                "qcow2",
-                &format!("layer{i}.qcow2"),
-            ],
+            &format!("layer{i}.qcow2"),
+            None,
+            "",
+            Some((&below, "qcow2")),
         );
     }
     let top = dir.join("layer70.qcow2");

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+use support::images::{M, create_image};
 use support::patch::*;
 use support::*;
 
@@ -177,16 +178,13 @@ fn assert_read_fails(img: &Path, what: &str) -> String {
 // ---------------------------------------------------------------------------------------
 
 /// Creates `name` in `dir` with `qemu-img create -f qcow2 [-o opts] name size`.
-fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if !opts.is_empty() {
-        args.push("-o");
-        args.push(opts);
-    }
-    args.push(name);
-    args.push(size);
-    qemu_img(dir, &args);
-    dir.join(name)
+fn create(dir: &Path, name: &str, opts: &str, size: u64) -> PathBuf {
+    create_image(dir, name, Some(size), opts, None)
+}
+
+/// `name` in `dir`, a qcow2 overlay of `backing` (format `fmt`).
+fn overlay(dir: &Path, name: &str, backing: &str, fmt: &str) -> PathBuf {
+    create_image(dir, name, None, "", Some((backing, fmt)))
 }
 
 fn snapshot_create(dir: &Path, img: &Path, name: &str) {
@@ -209,7 +207,7 @@ fn copy(img: &Path, name: &str) -> PathBuf {
 
 /// A plain 64 KiB-cluster v3 image with a little data (and QEMU's feature-name table).
 fn plain(dir: &Path, name: &str) -> PathBuf {
-    let img = create(dir, name, "", "4M");
+    let img = create(dir, name, "", 4 * M);
     qemu_io(&img, &["write -P 0x11 0 128k"]);
     img
 }
@@ -316,7 +314,7 @@ fn reject_compression_type_mismatch() {
     put8(&img, hdr::COMPRESSION_TYPE, 1);
     rejected(&img, &["compression_type"], "zstd without bit 3");
     // A real zstd image with bit 3 cleared.
-    let img = create(d.path(), "zstd.qcow2", "compression_type=zstd", "4M");
+    let img = create(d.path(), "zstd.qcow2", "compression_type=zstd", 4 * M);
     assert_eq!(read_bytes(&img, hdr::COMPRESSION_TYPE, 1)[0], 1);
     let v = read_be64(&img, hdr::INCOMPAT);
     put64(&img, hdr::INCOMPAT, v & !(1 << 3));
@@ -455,7 +453,7 @@ fn reject_unaligned_table_offsets() {
 fn reject_l1_size_too_small() {
     let d = tempdir();
     // 64 KiB clusters: one L1 entry covers 512 MiB, so 1 GiB + 512 needs 3 entries.
-    let img = create(d.path(), "l1small.qcow2", "", "1073742336");
+    let img = create(d.path(), "l1small.qcow2", "", 1_073_742_336);
     assert_eq!(read_be32(&img, hdr::L1_SIZE), 3);
     for n in [2u32, 0] {
         let p = copy(&img, &format!("l1size{n}.qcow2"));
@@ -505,21 +503,7 @@ fn reject_extension_overrunning_the_area() {
         rejected(&img, &["extension"], &format!("extension length {len:#x}"));
     }
     // With a backing file, the area ends at the name: overrunning into it is an error too.
-    let top = d.path().join("ext-top.qcow2");
-    qemu_img(
-        d.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "ext.qcow2",
-            "-F",
-            "qcow2",
-            "ext-top.qcow2",
-        ],
-    );
+    let top = overlay(d.path(), "ext-top.qcow2", "ext.qcow2", "qcow2");
     let c0 = Cluster0::load(&top);
     let fmt = c0.ext(EXT_BACKING_FORMAT).unwrap().clone();
     let boff = read_be64(&top, hdr::BACKING_OFFSET);
@@ -541,21 +525,7 @@ fn reject_duplicate_known_extension() {
     rejected(&img, &["extension"], "feature table twice");
 
     plain(d.path(), "dup-base.qcow2");
-    qemu_img(
-        d.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "dup-base.qcow2",
-            "-F",
-            "qcow2",
-            "dup-fmt.qcow2",
-        ],
-    );
-    let top = d.path().join("dup-fmt.qcow2");
+    let top = overlay(d.path(), "dup-fmt.qcow2", "dup-base.qcow2", "qcow2");
     let c0 = Cluster0::load(&top);
     c0.with_ext(EXT_BACKING_FORMAT, b"raw").store(&top);
     rejected(&top, &["extension"], "backing format twice");
@@ -564,21 +534,7 @@ fn reject_duplicate_known_extension() {
 /// base.qcow2 (data 0x11) and top.qcow2 on it with a backing-format extension.
 fn backed(dir: &Path) -> (PathBuf, PathBuf) {
     let base = plain(dir, "base.qcow2");
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
-    let top = dir.join("top.qcow2");
+    let top = overlay(dir, "top.qcow2", "base.qcow2", "qcow2");
     qemu_io(&top, &["write -P 0x22 64k 64k"]);
     (base, top)
 }
@@ -617,22 +573,16 @@ fn reject_missing_backing_file() {
 fn reject_backing_loop() {
     let d = tempdir();
     let dir = d.path();
-    let a = create(dir, "a.qcow2", "", "1M");
-    qemu_img(
-        dir,
-        &[
-            "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
-        ],
-    );
+    let a = create(dir, "a.qcow2", "", M);
+    let b = overlay(dir, "b.qcow2", "a.qcow2", "qcow2");
     qemu_img(
         dir,
         &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"],
     );
     assert_open_rejected(&a, &a, &["backing"], false, "a -> b -> a");
-    let b = dir.join("b.qcow2");
     assert_open_rejected(&b, &b, &["backing"], false, "b -> a -> b");
     // An image that is its own backing file.
-    let s = create(dir, "self.qcow2", "", "1M");
+    let s = create(dir, "self.qcow2", "", M);
     qemu_img(
         dir,
         &[
@@ -654,21 +604,7 @@ fn reject_untyped_raw_backing_file() {
     let dir = d.path();
     let raw = dir.join("base.raw");
     fs::write(&raw, vec![0xabu8; 1 << 20]).unwrap();
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            "top.qcow2",
-        ],
-    );
-    let top = dir.join("top.qcow2");
+    let top = overlay(dir, "top.qcow2", "base.raw", "raw");
     // With the format extension, a raw backing file is fine.
     let out = cat(&top);
     check_ok(&out, "typed raw backing");
@@ -721,7 +657,7 @@ fn reject_pseudo_filename_backing() {
             fs::write(dir.join(name), vec![0xcdu8; 1 << 20]).unwrap();
         }
         for fmt in [Some("raw"), None] {
-            let img = create(dir, &format!("pseudo{i}-{}.qcow2", fmt.is_some()), "", "1M");
+            let img = create(dir, &format!("pseudo{i}-{}.qcow2", fmt.is_some()), "", M);
             let mut c0 = Cluster0::load(&img).with_backing(Some(name.as_bytes()));
             if let Some(f) = fmt {
                 c0 = c0.with_ext(EXT_BACKING_FORMAT, f.as_bytes());
@@ -752,7 +688,7 @@ fn reject_backing_file_not_regular() {
                 dir,
                 &format!("nonreg-{}-{}.qcow2", name.len(), fmt.unwrap_or("none")),
                 "",
-                "1M",
+                M,
             );
             let mut c0 = Cluster0::load(&img).with_backing(Some(name.as_bytes()));
             if let Some(f) = fmt {
@@ -786,7 +722,7 @@ fn reject_data_file_bit_without_extension() {
 fn reject_missing_data_file() {
     let d = tempdir();
     let dir = d.path();
-    let img = create(dir, "df.qcow2", "data_file=df.data", "1M");
+    let img = create(dir, "df.qcow2", "data_file=df.data", M);
     qemu_io(&img, &["write -P 0x11 0 64k"]);
     check_ok(&cat(&img), "data-file image");
     let data = dir.join("df.data");
@@ -810,7 +746,7 @@ fn reject_data_file_raw_without_data_file() {
 fn reject_extended_l2_with_small_clusters() {
     let d = tempdir();
     // A 4 KiB-cluster image with the extended-L2 bit.
-    let img = create(d.path(), "extl2-4k.qcow2", "cluster_size=4096", "1M");
+    let img = create(d.path(), "extl2-4k.qcow2", "cluster_size=4096", M);
     set_incompat_bit(&img, 4);
     rejected(
         &img,
@@ -822,7 +758,7 @@ fn reject_extended_l2_with_small_clusters() {
         d.path(),
         "extl2-16k.qcow2",
         "cluster_size=16384,extended_l2=on",
-        "1M",
+        M,
     );
     put32(&img, hdr::CLUSTER_BITS, 13);
     rejected(
@@ -922,7 +858,7 @@ fn reject_l1_table_past_eof() {
 /// [0, 64k) so the active L1 points to a private copy of the L2 table. Returns the image,
 /// a pristine copy, and the file offset of the active L2 entry for guest offset 0.
 fn eio_image(dir: &Path, name: &str, opts: &str) -> (PathBuf, PathBuf, Geo) {
-    let img = create(dir, name, opts, "4M");
+    let img = create(dir, name, opts, 4 * M);
     qemu_io(&img, &["write -P 0x11 0 192k"]);
     snapshot_create(dir, &img, "s1");
     qemu_io(&img, &["write -P 0x22 0 64k"]);
@@ -1019,7 +955,7 @@ fn eio_extended_l2_alloc_bits_without_host_offset() {
 fn eio_compressed_entry_in_data_file_image() {
     let d = tempdir();
     let dir = d.path();
-    let img = create(dir, "df-comp.qcow2", "data_file=df-comp.data", "1M");
+    let img = create(dir, "df-comp.qcow2", "data_file=df-comp.data", M);
     qemu_io(&img, &["write -P 0x11 0 128k"]);
     check_ok(&cat(&img), "data-file image before the patch");
     let g = Geo::read(&img);
@@ -1032,7 +968,7 @@ fn eio_compressed_entry_in_data_file_image() {
 /// A compressed cluster at guest 64k written after snapshot "s1" (which does not see it).
 /// Returns the image, a pristine copy, and the compressed range.
 fn compressed_image(dir: &Path, name: &str, ctype: &str) -> (PathBuf, PathBuf, (u64, u64)) {
-    let img = create(dir, name, &format!("compression_type={ctype}"), "4M");
+    let img = create(dir, name, &format!("compression_type={ctype}"), 4 * M);
     qemu_io(&img, &["write -P 0x11 0 64k"]);
     snapshot_create(dir, &img, "s1");
     qemu_io(&img, &["write -c -P 0x44 64k 64k"]);
@@ -1149,7 +1085,7 @@ fn eio_l2_table_past_eof() {
 
 /// Two snapshots (s1: 0x11 at 0; s2: also 0x22 at 64k), then 0x33 at 0 in the active disk.
 fn two_snapshots(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let img = create(dir, name, "", "4M");
+    let img = create(dir, name, "", 4 * M);
     qemu_io(&img, &["write -P 0x11 0 64k"]);
     snapshot_create(dir, &img, "s1");
     qemu_io(&img, &["write -P 0x22 64k 64k"]);
@@ -1389,29 +1325,18 @@ fn fuzz_ok(out: &Finished, what: &str) -> Result<(), TestCaseError> {
 fn random_corruption_never_panics_or_hangs() {
     let d = tempdir();
     let dir = d.path();
-    let base = create(dir, "base.qcow2", "cluster_size=4096", "1M");
+    let base = create(dir, "base.qcow2", "cluster_size=4096", M);
     qemu_io(
         &base,
         &["write -P 0xb1 0 256k", "write -c -P 0xb2 512k 64k"],
     );
-    qemu_img(
+    let top = create_image(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=8192",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "1M",
-        ],
+        "top.qcow2",
+        Some(M),
+        "cluster_size=8192",
+        Some(("base.qcow2", "qcow2")),
     );
-    let top = dir.join("top.qcow2");
     qemu_io(
         &top,
         &[
@@ -1496,12 +1421,8 @@ fn header_text_that_is_not_utf8_survives_a_rewrite() {
     use qcow2fs::format::header::Header;
     let dir = tempdir();
     let d = dir.path();
-    qemu_img(d, &["create", "-q", "-f", "qcow2", "base.qcow2", "1M"]);
-    let base = ["-b", "base.qcow2", "-F", "qcow2"];
-    qemu_img(
-        d,
-        &[&["create", "-q", "-f", "qcow2"][..], &base, &["top.qcow2"]].concat(),
-    );
+    create(d, "base.qcow2", "", M);
+    overlay(d, "top.qcow2", "base.qcow2", "qcow2");
     let mut c0 = fs::read(d.join("top.qcow2")).unwrap();
     c0.truncate(65536);
     // The backing format extension's data: "qcow2" right after its 8-byte header.

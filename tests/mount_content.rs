@@ -534,13 +534,7 @@ fn build_parallel_image(dir: &Path) -> (PathBuf, Vec<(String, Vec<u8>)>) {
     let mut ctx = Ctx::new(dir, "parallel");
     ctx.source("base.raw", 6 * M);
     ctx.convert("base.raw", "base.qcow2", true, "cluster_size=65536");
-    let top = ctx.overlay(
-        "top.qcow2",
-        "base.qcow2",
-        "qcow2",
-        Some(8 * M + 1536),
-        "cluster_size=32768",
-    );
+    let top = ctx.top_over_base(Some(8 * M + 1536), "cluster_size=32768");
     let mut c = ctx.fill(0, 2 * M, 150_000);
     c.extend([
         ctx.w(5 * M + 12_345, M),

@@ -7,6 +7,8 @@ mod support;
 use qcow2fs::block::{BlockDev, OpenOptions, open_chain};
 use qcow2fs::engine::ImageOptions;
 use std::path::{Path, PathBuf};
+use support::images::create_image;
+use support::patch::{patch, put8};
 use support::*;
 
 fn open_rw_small_cache(image: &Path) -> qcow2fs::block::Chain {
@@ -29,28 +31,12 @@ struct Case {
 }
 
 fn build(dir: &Path, c: &Case) -> PathBuf {
-    let img = dir.join("img.qcow2");
-    let size = c.size.to_string();
-    let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into()];
     if c.backing {
-        let base = dir.join("base.qcow2");
-        qemu_img(
-            dir,
-            &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), &size],
-        );
+        let base = create_image(dir, "base.qcow2", Some(c.size), "", None);
         qemu_io(&base, &[format!("write -P 0x5b 0 {}", c.size)]);
-        args.extend([
-            "-b".into(),
-            "base.qcow2".into(),
-            "-F".into(),
-            "qcow2".into(),
-        ]);
     }
-    if !c.create.is_empty() {
-        args.extend(["-o".into(), c.create.into()]);
-    }
-    args.extend([img.to_str().unwrap().to_string(), size]);
-    qemu_img(dir, &args);
+    let backing = c.backing.then_some(("base.qcow2", "qcow2"));
+    let img = create_image(dir, "img.qcow2", Some(c.size), c.create, backing);
     if c.compressed {
         // QEMU compresses only into unallocated clusters: do it first.
         qemu_io(
@@ -192,20 +178,7 @@ cases! {
 #[test]
 fn grow_then_write_past_the_old_end() {
     let dir = tempdir();
-    let img = dir.path().join("g.qcow2");
-    qemu_img(
-        dir.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            img.to_str().unwrap(),
-            "1M",
-        ],
-    );
+    let img = create_image(dir.path(), "g.qcow2", Some(M), "cluster_size=512", None);
     qemu_io(&img, &["write -P 7 0 1M"]);
     {
         let chain = open_rw_small_cache(&img);
@@ -229,27 +202,14 @@ fn grow_then_write_past_the_old_end() {
 #[test]
 fn grow_over_a_larger_backing_file_reads_zeros() {
     let dir = tempdir();
-    let base = dir.path().join("base.qcow2");
-    qemu_img(
-        dir.path(),
-        &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"],
-    );
+    let base = create_image(dir.path(), "base.qcow2", Some(8 * M), "", None);
     qemu_io(&base, &["write -P 0x66 0 8M"]);
-    let img = dir.path().join("top.qcow2");
-    qemu_img(
+    let img = create_image(
         dir.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            img.to_str().unwrap(),
-            "1000K",
-        ],
+        "top.qcow2",
+        Some(1000 * K),
+        "",
+        Some(("base.qcow2", "qcow2")),
     );
     {
         let chain = open_rw_small_cache(&img);
@@ -268,19 +228,12 @@ fn grow_over_a_larger_backing_file_reads_zeros() {
 #[test]
 fn dirty_lazy_refcount_image_is_rebuilt_before_writing() {
     let dir = tempdir();
-    let img = dir.path().join("dirty.qcow2");
-    qemu_img(
+    let img = create_image(
         dir.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "lazy_refcounts=on,cluster_size=4096",
-            img.to_str().unwrap(),
-            "8M",
-        ],
+        "dirty.qcow2",
+        Some(8 * M),
+        "lazy_refcounts=on,cluster_size=4096",
+        None,
     );
     qemu_io(&img, &["write -P 1 0 1M"]);
     qemu_img(dir.path(), &["snapshot", "-c", "s", img.to_str().unwrap()]);
@@ -312,11 +265,7 @@ fn dirty_lazy_refcount_image_is_rebuilt_before_writing() {
 #[test]
 fn corrupt_or_bitmap_images_are_refused_read_write() {
     let dir = tempdir();
-    let img = dir.path().join("bm.qcow2");
-    qemu_img(
-        dir.path(),
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"],
-    );
+    let img = create_image(dir.path(), "bm.qcow2", Some(M), "", None);
     qemu_img(
         dir.path(),
         &["bitmap", "--add", img.to_str().unwrap(), "backup-0"],
@@ -332,13 +281,8 @@ fn corrupt_or_bitmap_images_are_refused_read_write() {
     assert!(e.contains("backup-0") && e.contains("bitmap"), "{e}");
     // Read-only is fine.
     open_chain(&img, &OpenOptions::default()).unwrap();
-    let img2 = dir.path().join("corrupt.qcow2");
-    qemu_img(
-        dir.path(),
-        &["create", "-q", "-f", "qcow2", img2.to_str().unwrap(), "1M"],
-    );
-    let f = std::fs::OpenOptions::new().write(true).open(&img2).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &[2u8], 79).unwrap();
+    let img2 = create_image(dir.path(), "corrupt.qcow2", Some(M), "", None);
+    put8(&img2, 79, 2);
     let e = open_chain(&img2, &opts).unwrap_err().to_string();
     assert!(e.contains("corrupt"), "{e}");
     open_chain(&img2, &OpenOptions::default()).unwrap();
@@ -347,11 +291,7 @@ fn corrupt_or_bitmap_images_are_refused_read_write() {
 #[test]
 fn unknown_autoclear_bits_are_cleared_and_extensions_kept() {
     let dir = tempdir();
-    let img = dir.path().join("ac.qcow2");
-    qemu_img(
-        dir.path(),
-        &["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "1M"],
-    );
+    let img = create_image(dir.path(), "ac.qcow2", Some(M), "", None);
     // Autoclear bit 7 (unknown) and an unknown header extension before the end marker.
     let mut c0 = std::fs::read(&img).unwrap()[..65536].to_vec();
     c0[95] |= 0x80;
@@ -365,8 +305,7 @@ fn unknown_autoclear_bits_are_cleared_and_extensions_kept() {
     c0[off..off + 4].copy_from_slice(&0x1234_5678u32.to_be_bytes());
     c0[off + 4..off + 8].copy_from_slice(&5u32.to_be_bytes());
     c0[off + 8..off + 13].copy_from_slice(b"hello");
-    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&f, &c0, 0).unwrap();
+    patch(&img, 0, &c0);
     {
         let chain = open_rw_small_cache(&img);
         chain.top.write_at(&[1u8; 4096], 0).unwrap();

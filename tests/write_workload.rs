@@ -21,7 +21,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use support::images::{create_image, populate, wp};
+use support::images::{create_base, create_image, create_over_base, populate, wp, z};
 use support::patch::{hdr, read_be32};
 use support::*;
 
@@ -178,7 +178,6 @@ struct Built {
     cluster: u64,
 }
 
-#[derive(Default)]
 struct Extra {
     /// Mount options besides `rw`.
     options: &'static [&'static str],
@@ -191,6 +190,24 @@ struct Extra {
     /// External data file with data_file_raw: it must hold the disk's bytes.
     raw_data_file: Option<&'static str>,
     ops: Option<usize>,
+}
+
+/// No extras: 70 operations, no growth.
+const NONE: Extra = Extra {
+    options: &[],
+    grow_eighths: &[],
+    refcount_table_grows: false,
+    lazy: false,
+    raw_data_file: None,
+    ops: None,
+};
+
+/// Growing truncates at `eighths` of the size.
+const fn grow(eighths: &'static [u64]) -> Extra {
+    Extra {
+        grow_eighths: eighths,
+        ..NONE
+    }
 }
 
 /// Mount rw, run the random workload, verify through the mount, unmount, then check with
@@ -289,6 +306,7 @@ fn write_scenario(name: &str, build: impl FnOnce(&Path) -> Built, extra: Extra) 
     assert_check_clean(&b.image);
 }
 
+/// One image with data written by QEMU.
 fn simple(size: u64, opts: &'static str, cluster: u64) -> impl FnOnce(&Path) -> Built {
     move |dir: &Path| {
         let image = create_image(dir, "img.qcow2", Some(size), opts, None);
@@ -301,6 +319,7 @@ fn simple(size: u64, opts: &'static str, cluster: u64) -> impl FnOnce(&Path) -> 
     }
 }
 
+/// [`simple`], then `n` internal snapshots, each followed by more writes.
 fn with_snapshots(
     size: u64,
     opts: &'static str,
@@ -308,44 +327,33 @@ fn with_snapshots(
     n: usize,
 ) -> impl FnOnce(&Path) -> Built {
     move |dir: &Path| {
-        let image = create_image(dir, "img.qcow2", Some(size), opts, None);
-        populate(&image, size, cluster);
+        let built = simple(size, opts, cluster)(dir);
         for i in 0..n {
             qemu_img(
                 dir,
                 &["snapshot", "-c", &format!("s{}", i + 1), "img.qcow2"],
             );
             qemu_io(
-                &image,
+                &built.image,
                 &[
                     wp(0x50 + i as u8, (i as u64 + 1) * size / 8 + 1024, size / 5),
-                    format!("write -z {} {}", size / 2 + i as u64 * cluster, cluster),
+                    z(size / 2 + i as u64 * cluster, cluster),
                 ],
             );
         }
-        Built {
-            image,
-            backing: vec![],
-            cluster,
-        }
+        built
     }
 }
 
 /// A qcow2 image over a qcow2 base that has data almost everywhere.
 fn over_backing(size: u64, opts: &'static str, cluster: u64) -> impl FnOnce(&Path) -> Built {
     move |dir: &Path| {
-        let base = create_image(dir, "base.qcow2", Some(size), "", None);
-        qemu_io(
-            &base,
+        let base = create_base(
+            dir,
+            size,
             &[wp(0x5b, 0, size - 64 * K), wp(0x5c, size - 32 * K, 32 * K)],
         );
-        let image = create_image(
-            dir,
-            "img.qcow2",
-            Some(size),
-            opts,
-            Some(("base.qcow2", "qcow2")),
-        );
+        let image = create_over_base(dir, "img.qcow2", size, opts);
         populate(&image, size, cluster);
         Built {
             image,
@@ -355,232 +363,125 @@ fn over_backing(size: u64, opts: &'static str, cluster: u64) -> impl FnOnce(&Pat
     }
 }
 
-macro_rules! scenario {
-    ($name:ident, $build:expr) => {
-        scenario!($name, $build, Extra::default());
-    };
-    ($name:ident, $build:expr, $extra:expr) => {
-        #[test]
-        fn $name() {
-            write_scenario(stringify!($name), $build, $extra);
+/// 4 MiB, 64 KiB clusters created with `opts`: compressed clusters at `runs` (start,
+/// count), then QEMU's usual data; with `snapshot`, an internal snapshot.
+fn over_compressed(
+    opts: &'static str,
+    runs: &'static [(u64, u64)],
+    snapshot: bool,
+) -> impl FnOnce(&Path) -> Built {
+    move |dir: &Path| {
+        let image = create_image(dir, "img.qcow2", Some(4 * M), opts, None);
+        for &(start, n) in runs {
+            compressed_clusters(&image, start, 64 * K, n);
         }
+        populate(&image, 4 * M, 64 * K);
+        if snapshot {
+            qemu_img(dir, &["snapshot", "-c", "after-compress", "img.qcow2"]);
+        }
+        Built {
+            image,
+            backing: vec![],
+            cluster: 64 * K,
+        }
+    }
+}
+
+/// A qcow2 image over a qcow2 middle layer over a raw base.
+fn over_qcow2_and_raw(dir: &Path) -> Built {
+    let base = create_raw(dir, "base.raw", 6 * M);
+    let mid = create_image(dir, "mid.qcow2", Some(6 * M), "", Some(("base.raw", "raw")));
+    qemu_io(
+        &mid,
+        &[
+            wp(0x61, 512 * K, M),
+            wp(0x62, 4 * M, 300 * K),
+            z(2 * M, 256 * K),
+        ],
+    );
+    let image = create_image(
+        dir,
+        "img.qcow2",
+        Some(6 * M),
+        "",
+        Some(("mid.qcow2", "qcow2")),
+    );
+    populate(&image, 6 * M, 64 * K);
+    Built {
+        image,
+        backing: vec![base, mid],
+        cluster: 64 * K,
+    }
+}
+
+/// A 4 MiB image over an 8 MiB base full of data: growing must read zeros, not the base.
+fn over_larger_backing(dir: &Path) -> Built {
+    let base = create_base(dir, 8 * M, &[wp(0x5b, 0, 8 * M)]);
+    let image = create_over_base(dir, "img.qcow2", 4 * M, "");
+    qemu_io(&image, &[wp(0x21, 100 * K, 200 * K)]);
+    Built {
+        image,
+        backing: vec![base],
+        cluster: 64 * K,
+    }
+}
+
+/// One `#[test]` per line: `name: build, extra;`.
+macro_rules! write_scenarios {
+    ($($name:ident: $build:expr, $extra:expr;)*) => {
+        $(
+            #[test]
+            fn $name() {
+                write_scenario(stringify!($name), $build, $extra);
+            }
+        )*
     };
 }
 
-scenario!(
-    writes_64k_clusters,
-    simple(6 * M, "", 64 * K),
-    Extra {
-        grow_eighths: &[10, 13],
-        ..Default::default()
-    }
-);
-scenario!(
-    writes_512_byte_clusters_refcount_table_growth_small_cache,
-    simple(4 * M, "cluster_size=512,refcount_bits=64", 512),
-    Extra {
-        options: &["cache_size=1k"],
-        refcount_table_grows: true,
-        grow_eighths: &[9],
-        ops: Some(60),
-        ..Default::default()
-    }
-);
-scenario!(
-    writes_512_byte_clusters,
-    simple(3 * M, "cluster_size=512", 512)
-);
-scenario!(
-    writes_2m_clusters,
-    simple(8 * M, "cluster_size=2M", 2 * M),
-    Extra {
-        grow_eighths: &[11],
-        ..Default::default()
-    }
-);
-scenario!(
-    writes_refcount_bits_1,
-    simple(4 * M, "refcount_bits=1", 64 * K)
-);
-scenario!(
-    writes_refcount_bits_2_with_snapshot,
-    with_snapshots(4 * M, "refcount_bits=2", 64 * K, 1)
-);
-scenario!(
-    writes_refcount_bits_8_with_snapshot,
-    with_snapshots(4 * M, "refcount_bits=8", 64 * K, 1)
-);
-scenario!(
-    writes_refcount_bits_64,
-    simple(4 * M, "refcount_bits=64", 64 * K)
-);
-scenario!(
-    writes_v2_image,
-    simple(4 * M, "compat=0.10", 64 * K),
-    Extra {
-        grow_eighths: &[12],
-        ..Default::default()
-    }
-);
-scenario!(
-    writes_v2_image_over_backing,
-    over_backing(4 * M, "compat=0.10", 64 * K)
-);
-scenario!(writes_extended_l2, simple(4 * M, "extended_l2=on", 64 * K));
-scenario!(
-    writes_extended_l2_over_backing,
-    over_backing(4 * M, "extended_l2=on", 64 * K),
-    Extra {
-        grow_eighths: &[10],
-        ..Default::default()
-    }
-);
-scenario!(
-    writes_extended_l2_32k_clusters_over_backing,
-    over_backing(4 * M, "extended_l2=on,cluster_size=32k", 32 * K)
-);
-scenario!(
-    writes_over_zstd_compressed_clusters,
-    |dir: &Path| {
-        let image = create_image(dir, "img.qcow2", Some(4 * M), "compression_type=zstd", None);
-        compressed_clusters(&image, M + 256 * K, 64 * K, 12);
-        populate(&image, 4 * M, 64 * K);
-        Built {
-            image,
-            backing: vec![],
-            cluster: 64 * K,
-        }
-    },
-    Extra {
-        ops: Some(90),
-        ..Default::default()
-    }
-);
-scenario!(
-    writes_over_zlib_compressed_clusters_with_snapshot,
-    |dir: &Path| {
-        let image = create_image(dir, "img.qcow2", Some(4 * M), "", None);
-        compressed_clusters(&image, M + 256 * K, 64 * K, 12);
-        compressed_clusters(&image, 3 * M, 64 * K, 4);
-        populate(&image, 4 * M, 64 * K);
-        qemu_img(dir, &["snapshot", "-c", "after-compress", "img.qcow2"]);
-        Built {
-            image,
-            backing: vec![],
-            cluster: 64 * K,
-        }
-    },
-    Extra {
-        ops: Some(90),
-        ..Default::default()
-    }
-);
-scenario!(
-    writes_with_two_internal_snapshots,
-    with_snapshots(6 * M, "", 64 * K, 2),
-    Extra {
-        grow_eighths: &[11],
-        ..Default::default()
-    }
-);
-scenario!(
-    writes_over_backing_chain_qcow2_and_raw,
-    |dir: &Path| {
-        let base = create_raw(dir, "base.raw", 6 * M);
-        let mid = create_image(dir, "mid.qcow2", Some(6 * M), "", Some(("base.raw", "raw")));
-        qemu_io(
-            &mid,
-            &[
-                wp(0x61, 512 * K, M),
-                wp(0x62, 4 * M, 300 * K),
-                format!("write -z {} {}", 2 * M, 256 * K),
-            ],
-        );
-        let image = create_image(
-            dir,
-            "img.qcow2",
-            Some(6 * M),
-            "",
-            Some(("mid.qcow2", "qcow2")),
-        );
-        populate(&image, 6 * M, 64 * K);
-        Built {
-            image,
-            backing: vec![base, mid],
-            cluster: 64 * K,
-        }
-    },
-    Extra {
-        grow_eighths: &[10],
-        ..Default::default()
-    }
-);
-scenario!(
-    grow_over_larger_backing_file_reads_zeros,
-    |dir: &Path| {
-        let base = create_image(dir, "base.qcow2", Some(8 * M), "", None);
-        qemu_io(&base, &[wp(0x5b, 0, 8 * M)]);
-        let image = create_image(
-            dir,
-            "img.qcow2",
-            Some(4 * M),
-            "",
-            Some(("base.qcow2", "qcow2")),
-        );
-        qemu_io(&image, &[wp(0x21, 100 * K, 200 * K)]);
-        Built {
-            image,
-            backing: vec![base],
-            cluster: 64 * K,
-        }
-    },
-    Extra {
-        // 4 MiB -> 5 MiB + 512 -> 12 MiB: the base has data up to 8 MiB.
-        grow_eighths: &[10, 24],
-        ..Default::default()
-    }
-);
-scenario!(
-    writes_preallocation_metadata,
-    simple(4 * M, "preallocation=metadata", 64 * K)
-);
-scenario!(
-    writes_preallocation_falloc,
-    simple(4 * M, "preallocation=falloc", 64 * K)
-);
-scenario!(
-    writes_preallocation_full,
-    simple(4 * M, "preallocation=full", 64 * K),
-    Extra {
-        grow_eighths: &[10],
-        ..Default::default()
-    }
-);
-scenario!(
-    writes_external_data_file,
-    simple(4 * M, "data_file=img.data", 64 * K),
-    Extra {
-        grow_eighths: &[10],
-        ..Default::default()
-    }
-);
-scenario!(
-    writes_external_raw_data_file,
-    simple(4 * M, "data_file=img.data,data_file_raw=on", 64 * K),
-    Extra {
-        raw_data_file: Some("img.data"),
-        grow_eighths: &[10],
-        ..Default::default()
-    }
-);
-scenario!(
-    writes_lazy_refcounts,
-    with_snapshots(4 * M, "lazy_refcounts=on", 64 * K, 1),
-    Extra {
-        lazy: true,
-        ..Default::default()
-    }
-);
+write_scenarios! {
+    writes_64k_clusters: simple(6 * M, "", 64 * K), grow(&[10, 13]);
+    writes_512_byte_clusters_refcount_table_growth_small_cache:
+        simple(4 * M, "cluster_size=512,refcount_bits=64", 512),
+        Extra {
+            options: &["cache_size=1k"],
+            refcount_table_grows: true,
+            grow_eighths: &[9],
+            ops: Some(60),
+            ..NONE
+        };
+    writes_512_byte_clusters: simple(3 * M, "cluster_size=512", 512), NONE;
+    writes_2m_clusters: simple(8 * M, "cluster_size=2M", 2 * M), grow(&[11]);
+    writes_refcount_bits_1: simple(4 * M, "refcount_bits=1", 64 * K), NONE;
+    writes_refcount_bits_2_with_snapshot: with_snapshots(4 * M, "refcount_bits=2", 64 * K, 1), NONE;
+    writes_refcount_bits_8_with_snapshot: with_snapshots(4 * M, "refcount_bits=8", 64 * K, 1), NONE;
+    writes_refcount_bits_64: simple(4 * M, "refcount_bits=64", 64 * K), NONE;
+    writes_v2_image: simple(4 * M, "compat=0.10", 64 * K), grow(&[12]);
+    writes_v2_image_over_backing: over_backing(4 * M, "compat=0.10", 64 * K), NONE;
+    writes_extended_l2: simple(4 * M, "extended_l2=on", 64 * K), NONE;
+    writes_extended_l2_over_backing: over_backing(4 * M, "extended_l2=on", 64 * K), grow(&[10]);
+    writes_extended_l2_32k_clusters_over_backing:
+        over_backing(4 * M, "extended_l2=on,cluster_size=32k", 32 * K), NONE;
+    writes_over_zstd_compressed_clusters:
+        over_compressed("compression_type=zstd", &[(M + 256 * K, 12)], false),
+        Extra { ops: Some(90), ..NONE };
+    writes_over_zlib_compressed_clusters_with_snapshot:
+        over_compressed("", &[(M + 256 * K, 12), (3 * M, 4)], true),
+        Extra { ops: Some(90), ..NONE };
+    writes_with_two_internal_snapshots: with_snapshots(6 * M, "", 64 * K, 2), grow(&[11]);
+    writes_over_backing_chain_qcow2_and_raw: over_qcow2_and_raw, grow(&[10]);
+    // 4 MiB -> 5 MiB + 512 -> 12 MiB: the base has data up to 8 MiB.
+    grow_over_larger_backing_file_reads_zeros: over_larger_backing, grow(&[10, 24]);
+    writes_preallocation_metadata: simple(4 * M, "preallocation=metadata", 64 * K), NONE;
+    writes_preallocation_falloc: simple(4 * M, "preallocation=falloc", 64 * K), NONE;
+    writes_preallocation_full: simple(4 * M, "preallocation=full", 64 * K), grow(&[10]);
+    writes_external_data_file: simple(4 * M, "data_file=img.data", 64 * K), grow(&[10]);
+    writes_external_raw_data_file:
+        simple(4 * M, "data_file=img.data,data_file_raw=on", 64 * K),
+        Extra { raw_data_file: Some("img.data"), ..grow(&[10]) };
+    writes_lazy_refcounts:
+        with_snapshots(4 * M, "lazy_refcounts=on", 64 * K, 1),
+        Extra { lazy: true, ..NONE };
+}
 
 // ---------------------------------------------------------------------------------------
 // Concurrency
@@ -697,15 +598,12 @@ fn reader(path: PathBuf, initial: Arc<Vec<u8>>, stop: Arc<AtomicBool>, seed: u64
 fn concurrency(name: &str, top_opts: &str, mount_opts: &[&str], foreground: bool) {
     let tmp = tempdir();
     let dir = tmp.path();
-    let base = create_image(dir, "base.qcow2", Some(CONC_SIZE), "", None);
-    qemu_io(&base, &[wp(0x5b, 0, 3 * M), wp(0x5c, 5 * M, 3 * M)]);
-    let top = create_image(
+    let base = create_base(
         dir,
-        "top.qcow2",
-        Some(CONC_SIZE),
-        top_opts,
-        Some(("base.qcow2", "qcow2")),
+        CONC_SIZE,
+        &[wp(0x5b, 0, 3 * M), wp(0x5c, 5 * M, 3 * M)],
     );
+    let top = create_over_base(dir, "top.qcow2", CONC_SIZE, top_opts);
     qemu_io(
         &top,
         &[

@@ -67,6 +67,21 @@ impl Ctx {
         create_image(&self.dir, rel, size, opts, Some((backing, backing_fmt)))
     }
 
+    /// `base.qcow2` of `size` bytes created with `opts`, written whole in pieces of `piece`
+    /// bytes, each with its own pattern.
+    pub fn filled_base(&mut self, size: u64, opts: &str, piece: u64) -> PathBuf {
+        let base = self.create("base.qcow2", size, opts);
+        let c = self.fill(0, size, piece);
+        self.io("base.qcow2", &c);
+        base
+    }
+
+    /// `top.qcow2` over `base.qcow2` (qcow2), the overlay most scenarios build: see
+    /// [`Ctx::overlay`].
+    pub fn top_over_base(&self, size: Option<u64>, opts: &str) -> PathBuf {
+        self.overlay("top.qcow2", "base.qcow2", "qcow2", size, opts)
+    }
+
     /// Runs qemu-io commands on image `rel`.
     pub fn io(&self, rel: &str, cmds: &[String]) {
         qemu_io(&self.path(rel), cmds);
@@ -266,6 +281,18 @@ pub fn create_image(
     args.extend(size.as_deref());
     qemu_img(dir, &args);
     dir.join(name)
+}
+
+/// `dir/base.qcow2` of `size` bytes, written by qemu-io with `cmds`.
+pub fn create_base(dir: &Path, size: u64, cmds: &[String]) -> PathBuf {
+    let base = create_image(dir, "base.qcow2", Some(size), "", None);
+    qemu_io(&base, cmds);
+    base
+}
+
+/// `dir/NAME` of `size` bytes, created with `opts` over `dir/base.qcow2` (qcow2).
+pub fn create_over_base(dir: &Path, name: &str, size: u64, opts: &str) -> PathBuf {
+    create_image(dir, name, Some(size), opts, Some(("base.qcow2", "qcow2")))
 }
 
 /// A qemu-io `write` of the byte `pattern` (no pattern file: for tests that only need
