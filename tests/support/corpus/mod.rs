@@ -120,14 +120,12 @@ macro_rules! with_every_scenario {
 
 /// Generates one `#[test]` per scenario of the corpus, each calling `$check(name)`, plus
 /// `every_scenario_has_a_test`.
-#[allow(unused_macros)]
 macro_rules! scenario_tests {
     ($check:path) => {
         with_every_scenario!(scenario_tests_of! { $check });
     };
 }
 
-#[allow(unused_macros)]
 macro_rules! scenario_tests_of {
     ($check:path ; $($name:ident),* $(,)?) => {
         $(
