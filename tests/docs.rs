@@ -1,15 +1,16 @@
 //! The man pages and `--help` must agree on the commands and mount options.
 
+mod support;
+
 use std::collections::BTreeSet;
-use std::process::Command;
+use std::path::Path;
 
 fn help(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_qcow2fs"))
-        .args(args)
-        .output()
-        .expect("running qcow2fs");
-    assert!(out.status.success(), "qcow2fs {args:?} --help failed");
-    String::from_utf8(out.stdout).unwrap()
+    String::from_utf8(support::qcow2fs(
+        Path::new(env!("CARGO_MANIFEST_DIR")),
+        args,
+    ))
+    .unwrap()
 }
 
 /// Option names listed in the "Mount options" part of `qcow2fs mount --help`.

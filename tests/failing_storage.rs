@@ -11,9 +11,8 @@
 //!   and once space is back the image checks clean, keeps its fsync'd data, and mounts
 //!   read-write again.
 
-mod common;
+mod support;
 
-use common::{Mount, qemu_img, qemu_io, run_raw, tempdir};
 use qcow2fs::block::{BlockDev, Qcow2Layer};
 use qcow2fs::engine::{Image, ImageOptions, MapKind, View};
 use qcow2fs::storage::{FaultOp, FaultStorage, FileStorage};
@@ -22,27 +21,15 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use support::images::create_image;
+use support::*;
 
-const K: u64 = 1024;
-const M: u64 = 1024 * 1024;
 const CS: u64 = 64 * K;
 
-fn create(dir: &Path, name: &str, size: &str, writes: &[&str]) -> PathBuf {
-    let img = dir.join(name);
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=65536",
-            img.to_str().unwrap(),
-            size,
-        ],
-    );
-    qemu_io(dir, &img, writes);
+/// A 64 KiB-cluster image `name` of `size` bytes in `dir`, with `writes` done by qemu-io.
+fn create(dir: &Path, name: &str, size: u64, writes: &[&str]) -> PathBuf {
+    let img = create_image(dir, name, Some(size), "cluster_size=65536", None);
+    qemu_io(&img, writes);
     img
 }
 
@@ -70,34 +57,13 @@ fn host_of(layer: &Qcow2Layer, guest: u64) -> u64 {
     }
 }
 
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
-}
-
-/// `qemu-img check`: 0 (clean) or 3 (leaked clusters only) is fine; 2 is corruption.
-fn assert_check_clean(img: &Path) {
-    let out = run_raw(
-        img.parent().unwrap(),
-        "qemu-img",
-        &["check", img.to_str().unwrap()],
-    );
-    let code = out.status.code();
-    assert!(
-        matches!(code, Some(0) | Some(3)),
-        "qemu-img check {} exited {code:?}:\n{}{}",
-        img.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn data_cluster_read_error_reaches_the_reader() {
     let d = tempdir();
     let img = create(
         d.path(),
         "disk.qcow2",
-        "4M",
+        4 * M,
         &["write -P 0x5a 0 128k", "write -P 0x6b 1M 64k"],
     );
     let (fault, layer) = open_faulty(&img, false);
@@ -126,7 +92,7 @@ fn data_cluster_read_error_reaches_the_reader() {
 #[test]
 fn l2_table_read_error_reaches_the_reader() {
     let d = tempdir();
-    let img = create(d.path(), "disk.qcow2", "4M", &["write -P 0x5a 0 64k"]);
+    let img = create(d.path(), "disk.qcow2", 4 * M, &["write -P 0x5a 0 64k"]);
     let head = fs::read(&img).unwrap();
     let l1 = be64(&head, 40) as usize;
     let l2 = be64(&head, l1) & 0x00ff_ffff_ffff_fe00;
@@ -150,7 +116,7 @@ fn l2_table_read_error_reaches_the_reader() {
 #[test]
 fn enospc_from_the_store_is_enospc() {
     let d = tempdir();
-    let img = create(d.path(), "disk.qcow2", "4M", &["write -P 0x5a 0 64k"]);
+    let img = create(d.path(), "disk.qcow2", 4 * M, &["write -P 0x5a 0 64k"]);
     let (fault, layer) = open_faulty(&img, true);
     fault.fail(FaultOp::Write, 0, u64::MAX, libc::ENOSPC, 0);
     let err = layer.write_at(&[0x77; 4096], 2 * M).unwrap_err();
@@ -158,8 +124,8 @@ fn enospc_from_the_store_is_enospc() {
     fault.clear();
     let _ = layer.close();
     drop(layer);
-    assert_check_clean(&img);
-    let raw = common::qemu_raw(&img);
+    assert_no_corruption(&img);
+    let raw = qemu_raw(&img);
     assert!(raw[..CS as usize].iter().all(|&b| b == 0x5a));
 }
 
@@ -169,7 +135,7 @@ fn enospc_from_the_store_is_enospc() {
 #[test]
 fn failed_metadata_write_back_is_consistent_and_sticky() {
     let d = tempdir();
-    let orig = create(d.path(), "orig.qcow2", "1G", &["write -P 0x5a 0 64k"]);
+    let orig = create(d.path(), "orig.qcow2", 1 << 30, &["write -P 0x5a 0 64k"]);
     let mut cut = 0u64;
     loop {
         assert!(cut < 64, "flush never completed");
@@ -186,7 +152,7 @@ fn failed_metadata_write_back_is_consistent_and_sticky() {
             assert!(fault.failures().is_empty());
             layer.close().unwrap();
             drop(layer);
-            assert_check_clean(&img);
+            assert_no_corruption(&img);
             assert!(cut >= 3, "only {cut} metadata writes to cut");
             break;
         }
@@ -205,8 +171,8 @@ fn failed_metadata_write_back_is_consistent_and_sticky() {
         );
         let _ = layer.close();
         drop(layer);
-        assert_check_clean(&img);
-        qemu_io(d.path(), &img, &["read -q -P 0x5a 0 64k"]);
+        assert_no_corruption(&img);
+        qemu_io(&img, &["read -q -P 0x5a 0 64k"]);
         cut += 1;
     }
 
@@ -219,12 +185,6 @@ fn failed_metadata_write_back_is_consistent_and_sticky() {
     assert!(layer.flush().is_err());
     fault.clear();
     assert_eq!(layer.write_at(&[1; 512], 0).unwrap_err().errno(), libc::EIO);
-}
-
-fn mountpoint(dir: &Path) -> PathBuf {
-    let m = dir.join("mnt");
-    fs::create_dir_all(&m).unwrap();
-    m
 }
 
 fn read_at(path: &Path, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
@@ -240,16 +200,16 @@ fn image_truncated_under_a_live_mount_gives_eio() {
     let img = create(
         d.path(),
         "disk.qcow2",
-        "4M",
+        4 * M,
         &["write -P 0x5a 0 128k", "write -P 0x6b 1M 1M"],
     );
     // Cut the file where the data of guest offset 1M starts.
-    let chain = common::open(&img);
+    let chain = open(&img);
     let cut = host_of(&chain.top, M);
     assert!(host_of(&chain.top, CS) < cut);
     drop(chain);
 
-    let m = Mount::new(&img, &mountpoint(d.path()), &[]);
+    let m = Mount::new(&img, &mountpoint(d.path(), "mnt"), &[]);
     let disk = m.path("disk.raw");
     assert!(read_at(&disk, 0, 4096).unwrap().iter().all(|&b| b == 0x5a));
     OpenOptions::new()
@@ -277,58 +237,16 @@ fn image_deleted_under_a_live_mount_keeps_serving() {
     let img = create(
         d.path(),
         "disk.qcow2",
-        "4M",
+        4 * M,
         &["write -P 0x5a 0 64k", "write -P 0x6b 2M 64k"],
     );
-    let m = Mount::new(&img, &mountpoint(d.path()), &[]);
+    let m = Mount::new(&img, &mountpoint(d.path(), "mnt"), &[]);
     let disk = m.path("disk.raw");
     assert!(read_at(&disk, 0, 4096).unwrap().iter().all(|&b| b == 0x5a));
     fs::remove_file(&img).unwrap();
     let later = read_at(&disk, 2 * M, CS as usize).unwrap();
     assert!(later.iter().all(|&b| b == 0x6b));
     assert!(m.is_mounted());
-}
-
-/// A tmpfs of a given size, unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn new(path: &Path, size: &str) -> Tmpfs {
-        fs::create_dir_all(path).unwrap();
-        let out = run_raw(
-            Path::new("/"),
-            "mount",
-            &[
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size}"),
-                "tmpfs",
-                path.to_str().unwrap(),
-            ],
-        );
-        assert!(out.status.success(), "mounting a tmpfs: {out:?}");
-        Tmpfs(path.to_path_buf())
-    }
-
-    fn resize(&self, size: &str) {
-        let out = run_raw(
-            Path::new("/"),
-            "mount",
-            &[
-                "-o",
-                &format!("remount,size={size}"),
-                self.0.to_str().unwrap(),
-            ],
-        );
-        assert!(out.status.success(), "resizing the tmpfs: {out:?}");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = run_raw(Path::new("/"), "umount", &["-l", self.0.to_str().unwrap()]);
-    }
 }
 
 /// Writes `byte` from `start` in 256 KiB steps until a write or the final fsync fails;
@@ -353,9 +271,14 @@ fn fill_until_error(disk: &Path, start: u64, end: u64, byte: u8) -> Option<i32> 
 fn full_filesystem_gives_enospc_and_a_consistent_image() {
     let d = tempdir();
     let fs_dir = d.path().join("fs");
-    let tmpfs = Tmpfs::new(&fs_dir, "6m");
-    let img = create(&fs_dir, "disk.qcow2", "64M", &[]);
-    let mnt = mountpoint(d.path());
+    let tmpfs = PlainMount::with_type(
+        Some("tmpfs"),
+        "tmpfs",
+        &mountpoint(d.path(), "fs"),
+        "size=6m",
+    );
+    let img = create(&fs_dir, "disk.qcow2", 64 * M, &[]);
+    let mnt = mountpoint(d.path(), "mnt");
 
     {
         let m = Mount::new(&img, &mnt, &["rw"]);
@@ -373,9 +296,9 @@ fn full_filesystem_gives_enospc_and_a_consistent_image() {
         assert!(m.is_mounted());
     }
 
-    tmpfs.resize("256m");
-    assert_check_clean(&img);
-    qemu_io(&fs_dir, &img, &["read -q -P 0xa5 0 1M"]);
+    tmpfs.remount("size=256m");
+    assert_no_corruption(&img);
+    qemu_io(&img, &["read -q -P 0xa5 0 1M"]);
 
     // The image takes writes again once there is room.
     {
@@ -385,10 +308,6 @@ fn full_filesystem_gives_enospc_and_a_consistent_image() {
         f.write_all_at(&vec![0x77; M as usize], 8 * M).unwrap();
         f.sync_all().unwrap();
     }
-    assert_check_clean(&img);
-    qemu_io(
-        &fs_dir,
-        &img,
-        &["read -q -P 0xa5 0 1M", "read -q -P 0x77 8M 1M"],
-    );
+    assert_no_corruption(&img);
+    qemu_io(&img, &["read -q -P 0xa5 0 1M", "read -q -P 0x77 8M 1M"]);
 }

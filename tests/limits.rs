@@ -5,54 +5,27 @@
 //! the field; never a signal, an abort or an allocation failure. A mount under the same
 //! limit serves the active disk and the healthy snapshots of an image with a broken one.
 
-mod common;
+mod support;
 
-use common::{Mount, qemu_img, qemu_io, run_in, tempdir};
 use std::fs::{self, OpenOptions};
-use std::os::unix::fs::FileExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use support::images::create_image;
+use support::patch::patch;
+use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_qcow2fs");
 /// The address-space cap every run gets.
 const AS_LIMIT: &str = "--as=1073741824";
 const LIMIT: Duration = Duration::from_secs(60);
 const CS: u64 = 65536;
 
-fn be32(b: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
-}
-
-fn be64(b: &[u8], at: usize) -> u64 {
-    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
-}
-
-fn patch(img: &Path, off: u64, bytes: &[u8]) {
-    let f = OpenOptions::new().write(true).open(img).unwrap();
-    f.write_all_at(bytes, off).unwrap();
-}
-
 /// A 4 MiB image with 64 KiB clusters, data at 0 and snapshots s1 and s2 (which holds
 /// the active disk's data).
 fn base(dir: &Path, name: &str) -> PathBuf {
-    let img = dir.join(name);
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=65536",
-            img.to_str().unwrap(),
-            "4M",
-        ],
-    );
-    qemu_io(dir, &img, &["write -q -P 0x5a 0 128k"]);
+    let img = create_image(dir, name, Some(4 * M), "cluster_size=65536", None);
+    qemu_io(&img, &["write -q -P 0x5a 0 128k"]);
     qemu_img(dir, &["snapshot", "-c", "s1", img.to_str().unwrap()]);
-    qemu_io(dir, &img, &["write -q -P 0x6b 64k 64k"]);
+    qemu_io(&img, &["write -q -P 0x6b 64k 64k"]);
     qemu_img(dir, &["snapshot", "-c", "s2", img.to_str().unwrap()]);
     img
 }
@@ -67,15 +40,15 @@ fn expected_active() -> Vec<u8> {
 /// Runs `qcow2fs args` under the address-space cap and checks it ended cleanly; with exit
 /// status 1, stderr must be one line containing `field`. Returns (exit code, stdout).
 fn run_capped(dir: &Path, args: &[&str], field: &str) -> (i32, Vec<u8>) {
-    let mut all = vec![AS_LIMIT, BIN];
+    let mut all = vec![AS_LIMIT, qcow2fs_bin()];
     all.extend_from_slice(args);
     let r = run_in(dir, "prlimit", &all, LIMIT);
-    let status = r.status.unwrap_or_else(|| panic!("hung: {}", r.describe()));
-    assert!(status.signal().is_none(), "signal: {}", r.describe());
+    assert!(!r.timed_out(), "hung: {}", r.describe());
+    assert!(r.signal().is_none(), "signal: {}", r.describe());
     for bad in ["panicked", "memory allocation", "abort", "out of memory"] {
         assert!(!r.stderr.contains(bad), "{bad}: {}", r.describe());
     }
-    let code = status.code().unwrap();
+    let code = r.code().unwrap();
     match code {
         0 => {}
         1 => {
@@ -88,7 +61,7 @@ fn run_capped(dir: &Path, args: &[&str], field: &str) -> (i32, Vec<u8>) {
         }
         _ => panic!("unexpected exit status: {}", r.describe()),
     }
-    (code, r.stdout.into_bytes())
+    (code, r.stdout)
 }
 
 /// info, map and cat of `img`; cat's output, when it succeeds, must be `expect`.
@@ -185,20 +158,7 @@ fn largest_allowed_l1_table_fits_the_cap() {
 #[test]
 fn too_many_header_extensions_are_refused() {
     let d = tempdir();
-    let img = d.path().join("ext.qcow2");
-    qemu_img(
-        d.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=2M",
-            img.to_str().unwrap(),
-            "4M",
-        ],
-    );
+    let img = create_image(d.path(), "ext.qcow2", Some(4 * M), "cluster_size=2M", None);
     let h = fs::read(&img).unwrap();
     let start = be32(&h, 100) as u64;
     // Empty records of an unknown type, filling cluster 0.
@@ -280,7 +240,13 @@ fn broken_snapshot_sizes_fail_only_that_snapshot() {
         let r = run_in(
             dir,
             "prlimit",
-            &[AS_LIMIT, BIN, "mount", path, mnt.to_str().unwrap()],
+            &[
+                AS_LIMIT,
+                qcow2fs_bin(),
+                "mount",
+                path,
+                mnt.to_str().unwrap(),
+            ],
             LIMIT,
         );
         let m = Mount::adopt(&mnt);
@@ -300,21 +266,15 @@ fn broken_snapshot_sizes_fail_only_that_snapshot() {
 fn deep_backing_chain_is_refused() {
     let d = tempdir();
     let dir = d.path();
-    qemu_img(dir, &["create", "-q", "-f", "qcow2", "layer0.qcow2", "1M"]);
+    create_image(dir, "layer0.qcow2", Some(M), "", None);
     for i in 1..=70 {
-        qemu_img(
+        let below = format!("layer{}.qcow2", i - 1);
+        create_image(
             dir,
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                &format!("layer{}.qcow2", i - 1),
-                "-F",
-                "qcow2",
-                &format!("layer{i}.qcow2"),
-            ],
+            &format!("layer{i}.qcow2"),
+            None,
+            "",
+            Some((&below, "qcow2")),
         );
     }
     let top = dir.join("layer70.qcow2");

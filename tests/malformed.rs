@@ -6,144 +6,53 @@
 //!   line naming the offset, a healthy snapshot still reads correctly;
 //! - never a panic (101), a signal or a hang, also under random corruption (property test).
 
+mod support;
+
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use std::ffi::OsStr;
 use std::fs;
-use std::io::Read;
-use std::os::unix::fs::FileExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
-use tempfile::TempDir;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use support::images::{M, create_image};
+use support::patch::*;
+use support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_qcow2fs");
 /// How long one qcow2fs run may take before it counts as a hang.
 const TIMEOUT: Duration = Duration::from_secs(10);
 const KIB: u64 = 1024;
-
-const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
-const EXT_FEATURE_TABLE: u32 = 0x6803_F857;
-const EXT_BITMAPS: u32 = 0x2385_2875;
-const EXT_FDE: u32 = 0x0537_BE77;
-
-const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-const COPIED: u64 = 1 << 63;
-const COMPRESSED: u64 = 1 << 62;
 
 // ---------------------------------------------------------------------------------------
 // Running qcow2fs
 // ---------------------------------------------------------------------------------------
 
-#[derive(Debug)]
-struct Outcome {
-    code: Option<i32>,
-    signal: Option<i32>,
-    stdout: Vec<u8>,
-    stderr: String,
-    timed_out: bool,
-    /// Stdout passed the cap and the process was killed (a large, valid disk).
-    capped: bool,
-}
-
-impl Outcome {
-    fn describe(&self) -> String {
-        format!(
-            "code {:?}, signal {:?}, timed out {}, capped {}, {} stdout bytes, stderr:\n{}",
-            self.code,
-            self.signal,
-            self.timed_out,
-            self.capped,
-            self.stdout.len(),
-            self.stderr
-        )
-    }
-}
-
 /// Runs qcow2fs with `args`, killing it after `timeout` or once stdout exceeds `cap` bytes.
-fn run_limited<S: AsRef<OsStr>>(args: &[S], timeout: Duration, cap: usize) -> Outcome {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning qcow2fs");
-    let capped = Arc::new(AtomicBool::new(false));
-    let mut so = child.stdout.take().unwrap();
-    let mut se = child.stderr.take().unwrap();
-    let flag = capped.clone();
-    let out_thread = std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        let mut chunk = vec![0u8; 1 << 16];
-        loop {
-            match so.read(&mut chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(n) if kept.len() + n > cap => flag.store(true, Ordering::SeqCst),
-                Ok(n) => kept.extend_from_slice(&chunk[..n]),
-            }
-        }
-        kept
-    });
-    let err_thread = std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        let mut chunk = vec![0u8; 1 << 12];
-        loop {
-            match se.read(&mut chunk) {
-                Ok(0) | Err(_) => break,
-                Ok(n) if kept.len() < (1 << 20) => kept.extend_from_slice(&chunk[..n]),
-                Ok(_) => {}
-            }
-        }
-        kept
-    });
-    let deadline = Instant::now() + timeout;
-    let mut timed_out = false;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("waiting for qcow2fs") {
-            break st;
-        }
-        if capped.load(Ordering::SeqCst) {
-            let _ = child.kill();
-            break child.wait().expect("waiting for qcow2fs");
-        }
-        if Instant::now() >= deadline {
-            timed_out = true;
-            let _ = child.kill();
-            break child.wait().expect("waiting for qcow2fs");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
-    let stdout = out_thread.join().unwrap();
-    let stderr = String::from_utf8_lossy(&err_thread.join().unwrap()).into_owned();
-    Outcome {
-        code: status.code(),
-        signal: status.signal(),
-        stdout,
-        stderr,
-        timed_out,
-        capped: capped.load(Ordering::SeqCst),
-    }
+fn run_limited<S: AsRef<OsStr>>(args: &[S], timeout: Duration, cap: u64) -> Finished {
+    run_capped(
+        Command::new(qcow2fs_bin())
+            .args(args)
+            .env_remove("RUST_LOG"),
+        timeout,
+        cap,
+    )
 }
 
-fn qcow2fs<S: AsRef<OsStr>>(args: &[S]) -> Outcome {
+fn qcow2fs<S: AsRef<OsStr>>(args: &[S]) -> Finished {
     run_limited(args, TIMEOUT, 1 << 30)
 }
 
-fn info(img: &Path) -> Outcome {
+fn info(img: &Path) -> Finished {
     qcow2fs(&[OsStr::new("info"), img.as_os_str()])
 }
 
-fn cat(img: &Path) -> Outcome {
+fn cat(img: &Path) -> Finished {
     qcow2fs(&[OsStr::new("cat"), img.as_os_str()])
 }
 
-fn cat_snapshot(img: &Path, snap: &str) -> Outcome {
+fn cat_snapshot(img: &Path, snap: &str) -> Finished {
     qcow2fs(&[
         OsStr::new("cat"),
         OsStr::new("--snapshot"),
@@ -158,22 +67,22 @@ fn show(p: &Path) -> String {
 
 /// Checks the failure contract (status 1, no panic/signal/hang, one stderr line starting
 /// with "qcow2fs: ") and returns the line.
-fn error_line(out: &Outcome, what: &str) -> String {
-    assert!(!out.timed_out, "{what}: qcow2fs hung: {}", out.describe());
+fn error_line(out: &Finished, what: &str) -> String {
+    assert!(!out.timed_out(), "{what}: qcow2fs hung: {}", out.describe());
     assert_ne!(
-        out.code,
+        out.code(),
         Some(101),
         "{what}: qcow2fs panicked: {}",
         out.describe()
     );
     assert_eq!(
-        out.signal,
+        out.signal(),
         None,
         "{what}: killed by a signal: {}",
         out.describe()
     );
     assert_eq!(
-        out.code,
+        out.code(),
         Some(1),
         "{what}: expected exit status 1: {}",
         out.describe()
@@ -219,10 +128,10 @@ fn has_hex(line: &str) -> bool {
     })
 }
 
-fn check_ok(out: &Outcome, what: &str) {
-    assert!(!out.timed_out, "{what}: qcow2fs hung: {}", out.describe());
+fn check_ok(out: &Finished, what: &str) {
+    assert!(!out.timed_out(), "{what}: qcow2fs hung: {}", out.describe());
     assert_eq!(
-        out.code,
+        out.code(),
         Some(0),
         "{what}: expected success: {}",
         out.describe()
@@ -265,80 +174,29 @@ fn assert_read_fails(img: &Path, what: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------------------
-// QEMU tools
+// Images
 // ---------------------------------------------------------------------------------------
 
-fn tool(dir: &Path, prog: &str, args: &[&str]) {
-    let out = Command::new(prog)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap_or_else(|e| panic!("running {prog}: {e}"));
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn qemu_img(dir: &Path, args: &[&str]) {
-    tool(dir, "qemu-img", args);
-}
-
-/// Runs qemu-io commands on a qcow2 image (stdout discarded).
-fn qemu_io(dir: &Path, img: &Path, cmds: &[&str]) {
-    let mut args = vec!["-f", "qcow2"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    let p = show(img);
-    args.push(&p);
-    tool(dir, "qemu-io", &args);
-}
-
 /// Creates `name` in `dir` with `qemu-img create -f qcow2 [-o opts] name size`.
-fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if !opts.is_empty() {
-        args.push("-o");
-        args.push(opts);
-    }
-    args.push(name);
-    args.push(size);
-    qemu_img(dir, &args);
-    dir.join(name)
+fn create(dir: &Path, name: &str, opts: &str, size: u64) -> PathBuf {
+    create_image(dir, name, Some(size), opts, None)
+}
+
+/// `name` in `dir`, a qcow2 overlay of `backing` (format `fmt`).
+fn overlay(dir: &Path, name: &str, backing: &str, fmt: &str) -> PathBuf {
+    create_image(dir, name, None, "", Some((backing, fmt)))
 }
 
 fn snapshot_create(dir: &Path, img: &Path, name: &str) {
     qemu_img(dir, &["snapshot", "-c", name, &show(img)]);
 }
 
-static RAW_COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// The raw disk QEMU renders for `img` (or one of its snapshots).
-fn qemu_raw(dir: &Path, img: &Path, snap: Option<&str>) -> Vec<u8> {
-    let out = dir.join(format!(
-        "expected-{}.raw",
-        RAW_COUNTER.fetch_add(1, Ordering::SeqCst)
-    ));
-    let mut args = vec!["convert", "-f", "qcow2", "-O", "raw"];
-    let opt;
-    if let Some(s) = snap {
-        opt = format!("snapshot.name={s}");
-        args.push("-l");
-        args.push(&opt);
+/// The raw disk QEMU renders for `img` (or its snapshot named `snap`).
+fn rendered(img: &Path, snap: Option<&str>) -> Vec<u8> {
+    match snap {
+        Some(s) => qemu_snapshot_raw(img, s),
+        None => qemu_raw_as(img, Some("qcow2")),
     }
-    let (i, o) = (show(img), show(&out));
-    args.push(&i);
-    args.push(&o);
-    qemu_img(dir, &args);
-    let v = fs::read(&out).unwrap();
-    fs::remove_file(&out).unwrap();
-    v
 }
 
 fn copy(img: &Path, name: &str) -> PathBuf {
@@ -347,308 +205,11 @@ fn copy(img: &Path, name: &str) -> PathBuf {
     to
 }
 
-// ---------------------------------------------------------------------------------------
-// Byte patching
-// ---------------------------------------------------------------------------------------
-
-fn read_bytes(p: &Path, off: u64, len: usize) -> Vec<u8> {
-    let f = fs::File::open(p).unwrap();
-    let mut b = vec![0u8; len];
-    let mut done = 0;
-    while done < len {
-        let n = f.read_at(&mut b[done..], off + done as u64).unwrap();
-        if n == 0 {
-            break;
-        }
-        done += n;
-    }
-    b
-}
-
-fn be32(p: &Path, off: u64) -> u32 {
-    u32::from_be_bytes(read_bytes(p, off, 4).try_into().unwrap())
-}
-
-fn be64(p: &Path, off: u64) -> u64 {
-    u64::from_be_bytes(read_bytes(p, off, 8).try_into().unwrap())
-}
-
-fn patch(p: &Path, off: u64, bytes: &[u8]) {
-    let f = fs::OpenOptions::new().write(true).open(p).unwrap();
-    f.write_all_at(bytes, off).unwrap();
-}
-
-fn put8(p: &Path, off: u64, v: u8) {
-    patch(p, off, &[v]);
-}
-
-fn put32(p: &Path, off: u64, v: u32) {
-    patch(p, off, &v.to_be_bytes());
-}
-
-fn put64(p: &Path, off: u64, v: u64) {
-    patch(p, off, &v.to_be_bytes());
-}
-
-fn file_len(p: &Path) -> u64 {
-    fs::metadata(p).unwrap().len()
-}
-
-/// A cluster-aligned offset well past the end of the file.
-fn past_eof(p: &Path, cs: u64) -> u64 {
-    file_len(p).next_multiple_of(cs) + 16 * cs
-}
-
-/// Header fields at their fixed offsets (checklist section 1).
-mod hdr {
-    pub const VERSION: u64 = 4;
-    pub const BACKING_OFFSET: u64 = 8;
-    pub const BACKING_SIZE: u64 = 16;
-    pub const CLUSTER_BITS: u64 = 20;
-    pub const CRYPT_METHOD: u64 = 32;
-    pub const L1_SIZE: u64 = 36;
-    pub const L1_OFFSET: u64 = 40;
-    pub const REFCOUNT_OFFSET: u64 = 48;
-    pub const REFCOUNT_CLUSTERS: u64 = 56;
-    pub const NB_SNAPSHOTS: u64 = 60;
-    pub const SNAPSHOTS_OFFSET: u64 = 64;
-    pub const INCOMPAT: u64 = 72;
-    pub const AUTOCLEAR: u64 = 88;
-    pub const REFCOUNT_ORDER: u64 = 96;
-    pub const HEADER_LENGTH: u64 = 100;
-    pub const COMPRESSION_TYPE: u64 = 104;
-}
-
-/// The geometry of a (still valid) image, read straight from its header.
-#[derive(Clone, Debug)]
-struct Geo {
-    version: u32,
-    cluster_bits: u32,
-    l1_size: u32,
-    l1_offset: u64,
-    refcount_offset: u64,
-    nb_snapshots: u32,
-    snapshots_offset: u64,
-    extended: bool,
-    header_length: u64,
-}
-
-impl Geo {
-    fn read(p: &Path) -> Geo {
-        let version = be32(p, hdr::VERSION);
-        let incompat = if version >= 3 {
-            be64(p, hdr::INCOMPAT)
-        } else {
-            0
-        };
-        Geo {
-            version,
-            cluster_bits: be32(p, hdr::CLUSTER_BITS),
-            l1_size: be32(p, hdr::L1_SIZE),
-            l1_offset: be64(p, hdr::L1_OFFSET),
-            refcount_offset: be64(p, hdr::REFCOUNT_OFFSET),
-            nb_snapshots: be32(p, hdr::NB_SNAPSHOTS),
-            snapshots_offset: be64(p, hdr::SNAPSHOTS_OFFSET),
-            extended: incompat & (1 << 4) != 0,
-            header_length: if version >= 3 {
-                be32(p, hdr::HEADER_LENGTH) as u64
-            } else {
-                72
-            },
-        }
-    }
-
-    fn cs(&self) -> u64 {
-        1 << self.cluster_bits
-    }
-
-    fn l2_entry_size(&self) -> u64 {
-        if self.extended { 16 } else { 8 }
-    }
-
-    fn l2_entries(&self) -> u64 {
-        self.cs() / self.l2_entry_size()
-    }
-
-    /// File offset of the entry for `guest` in the L1 table at `l1_offset`.
-    fn l1_entry_at(&self, l1_offset: u64, guest: u64) -> u64 {
-        l1_offset + 8 * ((guest >> self.cluster_bits) / self.l2_entries())
-    }
-
-    /// File offset of the L2 entry for `guest` reached through the L1 table at `l1_offset`.
-    fn l2_entry_at(&self, p: &Path, l1_offset: u64, guest: u64) -> u64 {
-        let l2 = be64(p, self.l1_entry_at(l1_offset, guest)) & OFFSET_MASK;
-        assert_ne!(l2, 0, "no L2 table for guest offset {guest:#x}");
-        l2 + self.l2_entry_size() * ((guest >> self.cluster_bits) % self.l2_entries())
-    }
-
-    /// File offset of the active L2 entry for `guest`.
-    fn l2_entry(&self, p: &Path, guest: u64) -> u64 {
-        self.l2_entry_at(p, self.l1_offset, guest)
-    }
-
-    /// (offset, length) of the compressed data a compressed L2 entry describes.
-    fn compressed_range(&self, entry: u64) -> (u64, u64) {
-        assert!(
-            entry & COMPRESSED != 0,
-            "entry {entry:#x} is not compressed"
-        );
-        let x = 62 - (self.cluster_bits - 8);
-        let off = entry & ((1u64 << x) - 1);
-        let count = (entry >> x) & ((1u64 << (self.cluster_bits - 8)) - 1);
-        (off, (count + 1) * 512 - (off & 511))
-    }
-}
-
-/// One header-extension record.
-#[derive(Clone, Debug)]
-struct Ext {
-    /// File offset of the record (its type field).
-    off: u64,
-    kind: u32,
-    data: Vec<u8>,
-}
-
-/// Cluster 0 split into its parts, so extensions and the backing name can be rewritten.
-struct Cluster0 {
-    fixed: Vec<u8>,
-    exts: Vec<Ext>,
-    backing: Option<Vec<u8>>,
-    cs: usize,
-}
-
-impl Cluster0 {
-    fn load(p: &Path) -> Cluster0 {
-        let g = Geo::read(p);
-        let cs = g.cs() as usize;
-        let c0 = read_bytes(p, 0, cs);
-        let boff = u64::from_be_bytes(c0[8..16].try_into().unwrap()) as usize;
-        let bsize = u32::from_be_bytes(c0[16..20].try_into().unwrap()) as usize;
-        let end = if boff != 0 { boff } else { cs };
-        let mut exts = Vec::new();
-        let mut off = g.header_length as usize;
-        while off + 8 <= end {
-            let kind = u32::from_be_bytes(c0[off..off + 4].try_into().unwrap());
-            let len = u32::from_be_bytes(c0[off + 4..off + 8].try_into().unwrap()) as usize;
-            if kind == 0 {
-                break;
-            }
-            exts.push(Ext {
-                off: off as u64,
-                kind,
-                data: c0[off + 8..off + 8 + len].to_vec(),
-            });
-            off += 8 + len.next_multiple_of(8);
-        }
-        Cluster0 {
-            fixed: c0[..g.header_length as usize].to_vec(),
-            exts,
-            backing: (boff != 0).then(|| c0[boff..boff + bsize].to_vec()),
-            cs,
-        }
-    }
-
-    fn ext(&self, kind: u32) -> Option<&Ext> {
-        self.exts.iter().find(|e| e.kind == kind)
-    }
-
-    fn without(mut self, kind: u32) -> Cluster0 {
-        self.exts.retain(|e| e.kind != kind);
-        self
-    }
-
-    fn with_ext(mut self, kind: u32, data: &[u8]) -> Cluster0 {
-        self.exts.push(Ext {
-            off: 0,
-            kind,
-            data: data.to_vec(),
-        });
-        self
-    }
-
-    fn with_backing(mut self, name: Option<&[u8]>) -> Cluster0 {
-        self.backing = name.map(<[u8]>::to_vec);
-        self
-    }
-
-    /// Writes cluster 0 back in QEMU's layout (header, extensions, end marker, name).
-    fn store(&self, p: &Path) {
-        let mut b = self.fixed.clone();
-        for e in &self.exts {
-            b.extend_from_slice(&e.kind.to_be_bytes());
-            b.extend_from_slice(&(e.data.len() as u32).to_be_bytes());
-            b.extend_from_slice(&e.data);
-            b.resize(b.len().next_multiple_of(8), 0);
-        }
-        b.extend_from_slice(&[0u8; 8]);
-        match &self.backing {
-            Some(name) => {
-                let off = b.len() as u64;
-                b[8..16].copy_from_slice(&off.to_be_bytes());
-                b[16..20].copy_from_slice(&(name.len() as u32).to_be_bytes());
-                b.extend_from_slice(name);
-            }
-            None => b[8..20].fill(0),
-        }
-        assert!(b.len() <= self.cs, "cluster 0 overflows");
-        b.resize(self.cs, 0);
-        patch(p, 0, &b);
-    }
-}
-
-/// One snapshot-table entry as stored.
-#[derive(Clone, Debug)]
-struct SnapRec {
-    /// File offset of the entry.
-    off: u64,
-    l1_offset: u64,
-    name: String,
-}
-
-fn snapshots(p: &Path) -> Vec<SnapRec> {
-    let g = Geo::read(p);
-    let mut out = Vec::new();
-    let mut off = g.snapshots_offset;
-    for _ in 0..g.nb_snapshots {
-        let e = read_bytes(p, off, 40);
-        let id_len = u16::from_be_bytes([e[12], e[13]]) as u64;
-        let name_len = u16::from_be_bytes([e[14], e[15]]) as u64;
-        let extra = u32::from_be_bytes(e[36..40].try_into().unwrap()) as u64;
-        let name = read_bytes(p, off + 40 + extra + id_len, name_len as usize);
-        out.push(SnapRec {
-            off,
-            l1_offset: u64::from_be_bytes(e[0..8].try_into().unwrap()),
-            name: String::from_utf8(name).unwrap(),
-        });
-        off += (40 + extra + id_len + name_len).next_multiple_of(8);
-    }
-    out
-}
-
-fn snapshot_named(p: &Path, name: &str) -> SnapRec {
-    snapshots(p)
-        .into_iter()
-        .find(|s| s.name == name)
-        .unwrap_or_else(|| panic!("no snapshot {name}"))
-}
-
-fn tmp() -> TempDir {
-    tempfile::Builder::new()
-        .prefix("qcow2fs-malformed-")
-        .tempdir()
-        .unwrap()
-}
-
 /// A plain 64 KiB-cluster v3 image with a little data (and QEMU's feature-name table).
 fn plain(dir: &Path, name: &str) -> PathBuf {
-    let img = create(dir, name, "", "4M");
-    qemu_io(dir, &img, &["write -P 0x11 0 128k"]);
+    let img = create(dir, name, "", 4 * M);
+    qemu_io(&img, &["write -P 0x11 0 128k"]);
     img
-}
-
-fn set_incompat_bit(p: &Path, bit: u32) {
-    let v = be64(p, hdr::INCOMPAT);
-    put64(p, hdr::INCOMPAT, v | (1u64 << bit));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -657,7 +218,7 @@ fn set_incompat_bit(p: &Path, bit: u32) {
 
 #[test]
 fn reject_bad_magic() {
-    let d = tmp();
+    let d = tempdir();
     let img = plain(d.path(), "magic.qcow2");
     patch(&img, 0, b"QFI\xfa");
     rejected(&img, &["magic"], "magic QFI\\xfa");
@@ -667,7 +228,7 @@ fn reject_bad_magic() {
 
 #[test]
 fn reject_bad_version() {
-    let d = tmp();
+    let d = tempdir();
     for v in [1u32, 4, 0, 0xffff_ffff] {
         let img = plain(d.path(), &format!("version{v}.qcow2"));
         put32(&img, hdr::VERSION, v);
@@ -677,7 +238,7 @@ fn reject_bad_version() {
 
 #[test]
 fn reject_bad_cluster_bits() {
-    let d = tmp();
+    let d = tempdir();
     for bits in [8u32, 22, 0, 63, 64, 0xffff_ffff] {
         let img = plain(d.path(), &format!("cb{bits}.qcow2"));
         put32(&img, hdr::CLUSTER_BITS, bits);
@@ -687,7 +248,7 @@ fn reject_bad_cluster_bits() {
 
 #[test]
 fn reject_bad_header_length() {
-    let d = tmp();
+    let d = tempdir();
     // 100 (< 104), > cluster size (multiple of 8), and not a multiple of 8.
     for len in [100u32, 0, 65536 + 8, 0xffff_fff8, 108, 113] {
         let img = plain(d.path(), &format!("hl{len}.qcow2"));
@@ -698,7 +259,7 @@ fn reject_bad_header_length() {
 
 #[test]
 fn reject_unknown_incompatible_bits() {
-    let d = tmp();
+    let d = tempdir();
     for bit in [5u32, 40, 63] {
         let img = plain(d.path(), &format!("incompat{bit}.qcow2"));
         set_incompat_bit(&img, bit);
@@ -712,7 +273,7 @@ fn reject_unknown_incompatible_bits() {
 
 #[test]
 fn reject_unknown_incompatible_bit_named_in_feature_table() {
-    let d = tmp();
+    let d = tempdir();
     for (bit, entry, name) in [(5u8, 0usize, "frobnicated blocks"), (40, 3, "quantum L3")] {
         let img = plain(d.path(), &format!("named{bit}.qcow2"));
         let c0 = Cluster0::load(&img);
@@ -743,7 +304,7 @@ fn reject_unknown_incompatible_bit_named_in_feature_table() {
 
 #[test]
 fn reject_compression_type_mismatch() {
-    let d = tmp();
+    let d = tempdir();
     // Bit 3 set, type 0 (zlib).
     let img = plain(d.path(), "bit3-zlib.qcow2");
     set_incompat_bit(&img, 3);
@@ -753,16 +314,16 @@ fn reject_compression_type_mismatch() {
     put8(&img, hdr::COMPRESSION_TYPE, 1);
     rejected(&img, &["compression_type"], "zstd without bit 3");
     // A real zstd image with bit 3 cleared.
-    let img = create(d.path(), "zstd.qcow2", "compression_type=zstd", "4M");
+    let img = create(d.path(), "zstd.qcow2", "compression_type=zstd", 4 * M);
     assert_eq!(read_bytes(&img, hdr::COMPRESSION_TYPE, 1)[0], 1);
-    let v = be64(&img, hdr::INCOMPAT);
+    let v = read_be64(&img, hdr::INCOMPAT);
     put64(&img, hdr::INCOMPAT, v & !(1 << 3));
     rejected(&img, &["compression_type"], "zstd image, bit 3 cleared");
 }
 
 #[test]
 fn reject_unknown_compression_type() {
-    let d = tmp();
+    let d = tempdir();
     for t in [2u8, 0xff] {
         let img = plain(d.path(), &format!("ctype{t}.qcow2"));
         put8(&img, hdr::COMPRESSION_TYPE, t);
@@ -777,7 +338,7 @@ fn reject_unknown_compression_type() {
 
 #[test]
 fn reject_refcount_order_7() {
-    let d = tmp();
+    let d = tempdir();
     for order in [7u32, 64, 0xffff_ffff] {
         let img = plain(d.path(), &format!("ro{order}.qcow2"));
         put32(&img, hdr::REFCOUNT_ORDER, order);
@@ -791,7 +352,7 @@ fn reject_refcount_order_7() {
 
 #[test]
 fn reject_crypt_method_3() {
-    let d = tmp();
+    let d = tempdir();
     for m in [3u32, 0xffff_ffff] {
         let img = plain(d.path(), &format!("crypt{m}.qcow2"));
         put32(&img, hdr::CRYPT_METHOD, m);
@@ -820,17 +381,17 @@ fn encrypted(dir: &Path, name: &str, format: &str) -> PathBuf {
 
 #[test]
 fn reject_encrypted_luks() {
-    let d = tmp();
+    let d = tempdir();
     let img = encrypted(d.path(), "luks.qcow2", "luks");
-    assert_eq!(be32(&img, hdr::CRYPT_METHOD), 2);
+    assert_eq!(read_be32(&img, hdr::CRYPT_METHOD), 2);
     rejected(&img, &["crypt_method", "encrypt", "not supported"], "LUKS");
 }
 
 #[test]
 fn reject_encrypted_legacy_aes() {
-    let d = tmp();
+    let d = tempdir();
     let img = encrypted(d.path(), "aes.qcow2", "aes");
-    assert_eq!(be32(&img, hdr::CRYPT_METHOD), 1);
+    assert_eq!(read_be32(&img, hdr::CRYPT_METHOD), 1);
     rejected(
         &img,
         &["crypt_method", "encrypt", "not supported"],
@@ -840,7 +401,7 @@ fn reject_encrypted_legacy_aes() {
 
 #[test]
 fn reject_luks_without_fde_extension() {
-    let d = tmp();
+    let d = tempdir();
     // A real LUKS image whose FDE pointer was removed.
     let img = encrypted(d.path(), "luks-nofde.qcow2", "luks");
     let c0 = Cluster0::load(&img);
@@ -855,7 +416,7 @@ fn reject_luks_without_fde_extension() {
 
 #[test]
 fn reject_fde_extension_without_luks() {
-    let d = tmp();
+    let d = tempdir();
     let img = encrypted(d.path(), "fde-nocrypt.qcow2", "luks");
     put32(&img, hdr::CRYPT_METHOD, 0);
     rejected(&img, &["extension"], "FDE extension with crypt_method 0");
@@ -863,7 +424,7 @@ fn reject_fde_extension_without_luks() {
 
 #[test]
 fn reject_unaligned_table_offsets() {
-    let d = tmp();
+    let d = tempdir();
     let base = plain(d.path(), "aligned.qcow2");
     snapshot_create(d.path(), &base, "s1");
     for (field, at) in [
@@ -873,13 +434,13 @@ fn reject_unaligned_table_offsets() {
     ] {
         for delta in [0x200u64, 8, 1] {
             let img = copy(&base, &format!("{field}-{delta}.qcow2"));
-            put64(&img, at, be64(&img, at) + delta);
+            put64(&img, at, read_be64(&img, at) + delta);
             rejected(&img, &[field], &format!("{field} + {delta:#x}"));
         }
     }
     // QEMU checks the snapshot-table alignment even without snapshots.
     let img = plain(d.path(), "nosnap-unaligned.qcow2");
-    assert_eq!(be32(&img, hdr::NB_SNAPSHOTS), 0);
+    assert_eq!(read_be32(&img, hdr::NB_SNAPSHOTS), 0);
     put64(&img, hdr::SNAPSHOTS_OFFSET, 0x200);
     rejected(
         &img,
@@ -890,10 +451,10 @@ fn reject_unaligned_table_offsets() {
 
 #[test]
 fn reject_l1_size_too_small() {
-    let d = tmp();
+    let d = tempdir();
     // 64 KiB clusters: one L1 entry covers 512 MiB, so 1 GiB + 512 needs 3 entries.
-    let img = create(d.path(), "l1small.qcow2", "", "1073742336");
-    assert_eq!(be32(&img, hdr::L1_SIZE), 3);
+    let img = create(d.path(), "l1small.qcow2", "", 1_073_742_336);
+    assert_eq!(read_be32(&img, hdr::L1_SIZE), 3);
     for n in [2u32, 0] {
         let p = copy(&img, &format!("l1size{n}.qcow2"));
         put32(&p, hdr::L1_SIZE, n);
@@ -903,7 +464,7 @@ fn reject_l1_size_too_small() {
 
 #[test]
 fn reject_huge_l1_size() {
-    let d = tmp();
+    let d = tempdir();
     let img = plain(d.path(), "l1huge.qcow2");
     for n in [0x0040_0001u32, 0x1000_0000, 0xffff_ffff] {
         let p = copy(&img, &format!("l1huge{n:x}.qcow2"));
@@ -914,7 +475,7 @@ fn reject_huge_l1_size() {
 
 #[test]
 fn reject_refcount_table_clusters_zero() {
-    let d = tmp();
+    let d = tempdir();
     let img = plain(d.path(), "rtc0.qcow2");
     put32(&img, hdr::REFCOUNT_CLUSTERS, 0);
     rejected(
@@ -926,7 +487,7 @@ fn reject_refcount_table_clusters_zero() {
 
 #[test]
 fn reject_extension_overrunning_the_area() {
-    let d = tmp();
+    let d = tempdir();
     let base = plain(d.path(), "ext.qcow2");
     let table = Cluster0::load(&base)
         .ext(EXT_FEATURE_TABLE)
@@ -942,24 +503,10 @@ fn reject_extension_overrunning_the_area() {
         rejected(&img, &["extension"], &format!("extension length {len:#x}"));
     }
     // With a backing file, the area ends at the name: overrunning into it is an error too.
-    let top = d.path().join("ext-top.qcow2");
-    qemu_img(
-        d.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "ext.qcow2",
-            "-F",
-            "qcow2",
-            "ext-top.qcow2",
-        ],
-    );
+    let top = overlay(d.path(), "ext-top.qcow2", "ext.qcow2", "qcow2");
     let c0 = Cluster0::load(&top);
     let fmt = c0.ext(EXT_BACKING_FORMAT).unwrap().clone();
-    let boff = be64(&top, hdr::BACKING_OFFSET);
+    let boff = read_be64(&top, hdr::BACKING_OFFSET);
     put32(&top, fmt.off + 4, (boff - (fmt.off + 8) + 1) as u32);
     rejected(
         &top,
@@ -970,7 +517,7 @@ fn reject_extension_overrunning_the_area() {
 
 #[test]
 fn reject_duplicate_known_extension() {
-    let d = tmp();
+    let d = tempdir();
     let img = plain(d.path(), "dup-table.qcow2");
     let c0 = Cluster0::load(&img);
     let table = c0.ext(EXT_FEATURE_TABLE).unwrap().data.clone();
@@ -978,21 +525,7 @@ fn reject_duplicate_known_extension() {
     rejected(&img, &["extension"], "feature table twice");
 
     plain(d.path(), "dup-base.qcow2");
-    qemu_img(
-        d.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "dup-base.qcow2",
-            "-F",
-            "qcow2",
-            "dup-fmt.qcow2",
-        ],
-    );
-    let top = d.path().join("dup-fmt.qcow2");
+    let top = overlay(d.path(), "dup-fmt.qcow2", "dup-base.qcow2", "qcow2");
     let c0 = Cluster0::load(&top);
     c0.with_ext(EXT_BACKING_FORMAT, b"raw").store(&top);
     rejected(&top, &["extension"], "backing format twice");
@@ -1001,31 +534,17 @@ fn reject_duplicate_known_extension() {
 /// base.qcow2 (data 0x11) and top.qcow2 on it with a backing-format extension.
 fn backed(dir: &Path) -> (PathBuf, PathBuf) {
     let base = plain(dir, "base.qcow2");
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
-    let top = dir.join("top.qcow2");
-    qemu_io(dir, &top, &["write -P 0x22 64k 64k"]);
+    let top = overlay(dir, "top.qcow2", "base.qcow2", "qcow2");
+    qemu_io(&top, &["write -P 0x22 64k 64k"]);
     (base, top)
 }
 
 #[test]
 fn reject_backing_name_too_long_or_outside_cluster0() {
-    let d = tmp();
+    let d = tempdir();
     let (_base, top) = backed(d.path());
     let cs = Geo::read(&top).cs();
-    let boff = be64(&top, hdr::BACKING_OFFSET);
+    let boff = read_be64(&top, hdr::BACKING_OFFSET);
     let cases: [(&str, u64, u32); 5] = [
         ("size 1024", boff, 1024),
         ("size 0xffffffff", boff, 0xffff_ffff),
@@ -1043,7 +562,7 @@ fn reject_backing_name_too_long_or_outside_cluster0() {
 
 #[test]
 fn reject_missing_backing_file() {
-    let d = tmp();
+    let d = tempdir();
     let (base, top) = backed(d.path());
     fs::remove_file(&base).unwrap();
     // The line names the missing file (the file at fault) and says it is the backing file.
@@ -1052,24 +571,18 @@ fn reject_missing_backing_file() {
 
 #[test]
 fn reject_backing_loop() {
-    let d = tmp();
+    let d = tempdir();
     let dir = d.path();
-    let a = create(dir, "a.qcow2", "", "1M");
-    qemu_img(
-        dir,
-        &[
-            "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2",
-        ],
-    );
+    let a = create(dir, "a.qcow2", "", M);
+    let b = overlay(dir, "b.qcow2", "a.qcow2", "qcow2");
     qemu_img(
         dir,
         &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"],
     );
     assert_open_rejected(&a, &a, &["backing"], false, "a -> b -> a");
-    let b = dir.join("b.qcow2");
     assert_open_rejected(&b, &b, &["backing"], false, "b -> a -> b");
     // An image that is its own backing file.
-    let s = create(dir, "self.qcow2", "", "1M");
+    let s = create(dir, "self.qcow2", "", M);
     qemu_img(
         dir,
         &[
@@ -1087,29 +600,15 @@ fn reject_backing_loop() {
 
 #[test]
 fn reject_untyped_raw_backing_file() {
-    let d = tmp();
+    let d = tempdir();
     let dir = d.path();
     let raw = dir.join("base.raw");
     fs::write(&raw, vec![0xabu8; 1 << 20]).unwrap();
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            "top.qcow2",
-        ],
-    );
-    let top = dir.join("top.qcow2");
+    let top = overlay(dir, "top.qcow2", "base.raw", "raw");
     // With the format extension, a raw backing file is fine.
     let out = cat(&top);
     check_ok(&out, "typed raw backing");
-    assert_eq!(out.stdout, qemu_raw(dir, &top, None));
+    assert_eq!(out.stdout, rendered(&top, None));
     // Without it, the raw file must never be exposed.
     Cluster0::load(&top).without(EXT_BACKING_FORMAT).store(&top);
     assert_open_rejected(
@@ -1123,13 +622,13 @@ fn reject_untyped_raw_backing_file() {
 
 #[test]
 fn accept_untyped_qcow2_backing_file() {
-    let d = tmp();
+    let d = tempdir();
     let (_base, top) = backed(d.path());
     Cluster0::load(&top).without(EXT_BACKING_FORMAT).store(&top);
     assert!(Cluster0::load(&top).ext(EXT_BACKING_FORMAT).is_none());
     let out = cat(&top);
     check_ok(&out, "qcow2 backing without format");
-    let expected = qemu_raw(d.path(), &top, None);
+    let expected = rendered(&top, None);
     assert_eq!(out.stdout.len(), expected.len());
     assert!(
         out.stdout == expected,
@@ -1141,7 +640,7 @@ fn accept_untyped_qcow2_backing_file() {
 
 #[test]
 fn reject_pseudo_filename_backing() {
-    let d = tmp();
+    let d = tempdir();
     let dir = d.path();
     fs::write(dir.join("base.raw"), vec![0xabu8; 1 << 20]).unwrap();
     let json = r#"json:{"driver":"raw","file":{"driver":"file","filename":"base.raw"}}"#;
@@ -1158,7 +657,7 @@ fn reject_pseudo_filename_backing() {
             fs::write(dir.join(name), vec![0xcdu8; 1 << 20]).unwrap();
         }
         for fmt in [Some("raw"), None] {
-            let img = create(dir, &format!("pseudo{i}-{}.qcow2", fmt.is_some()), "", "1M");
+            let img = create(dir, &format!("pseudo{i}-{}.qcow2", fmt.is_some()), "", M);
             let mut c0 = Cluster0::load(&img).with_backing(Some(name.as_bytes()));
             if let Some(f) = fmt {
                 c0 = c0.with_ext(EXT_BACKING_FORMAT, f.as_bytes());
@@ -1177,7 +676,7 @@ fn reject_pseudo_filename_backing() {
 
 #[test]
 fn reject_backing_file_not_regular() {
-    let d = tmp();
+    let d = tempdir();
     let dir = d.path();
     fs::create_dir(dir.join("subdir")).unwrap();
     for (name, shown) in [
@@ -1189,7 +688,7 @@ fn reject_backing_file_not_regular() {
                 dir,
                 &format!("nonreg-{}-{}.qcow2", name.len(), fmt.unwrap_or("none")),
                 "",
-                "1M",
+                M,
             );
             let mut c0 = Cluster0::load(&img).with_backing(Some(name.as_bytes()));
             if let Some(f) = fmt {
@@ -1209,7 +708,7 @@ fn reject_backing_file_not_regular() {
 
 #[test]
 fn reject_data_file_bit_without_extension() {
-    let d = tmp();
+    let d = tempdir();
     let img = plain(d.path(), "df-bit.qcow2");
     set_incompat_bit(&img, 2);
     rejected(
@@ -1221,10 +720,10 @@ fn reject_data_file_bit_without_extension() {
 
 #[test]
 fn reject_missing_data_file() {
-    let d = tmp();
+    let d = tempdir();
     let dir = d.path();
-    let img = create(dir, "df.qcow2", "data_file=df.data", "1M");
-    qemu_io(dir, &img, &["write -P 0x11 0 64k"]);
+    let img = create(dir, "df.qcow2", "data_file=df.data", M);
+    qemu_io(&img, &["write -P 0x11 0 64k"]);
     check_ok(&cat(&img), "data-file image");
     let data = dir.join("df.data");
     fs::remove_file(&data).unwrap();
@@ -1233,9 +732,9 @@ fn reject_missing_data_file() {
 
 #[test]
 fn reject_data_file_raw_without_data_file() {
-    let d = tmp();
+    let d = tempdir();
     let img = plain(d.path(), "dfraw.qcow2");
-    put64(&img, hdr::AUTOCLEAR, be64(&img, hdr::AUTOCLEAR) | 2);
+    put64(&img, hdr::AUTOCLEAR, read_be64(&img, hdr::AUTOCLEAR) | 2);
     rejected(
         &img,
         &["autoclear_features"],
@@ -1245,9 +744,9 @@ fn reject_data_file_raw_without_data_file() {
 
 #[test]
 fn reject_extended_l2_with_small_clusters() {
-    let d = tmp();
+    let d = tempdir();
     // A 4 KiB-cluster image with the extended-L2 bit.
-    let img = create(d.path(), "extl2-4k.qcow2", "cluster_size=4096", "1M");
+    let img = create(d.path(), "extl2-4k.qcow2", "cluster_size=4096", M);
     set_incompat_bit(&img, 4);
     rejected(
         &img,
@@ -1259,7 +758,7 @@ fn reject_extended_l2_with_small_clusters() {
         d.path(),
         "extl2-16k.qcow2",
         "cluster_size=16384,extended_l2=on",
-        "1M",
+        M,
     );
     put32(&img, hdr::CLUSTER_BITS, 13);
     rejected(
@@ -1278,7 +777,7 @@ fn with_snapshot(dir: &Path, name: &str) -> PathBuf {
 
 #[test]
 fn reject_snapshot_table_outside_file() {
-    let d = tmp();
+    let d = tempdir();
     let base = with_snapshot(d.path(), "snaptab.qcow2");
     let g = Geo::read(&base);
     // The table starts past EOF.
@@ -1303,7 +802,7 @@ fn reject_snapshot_table_outside_file() {
 
 #[test]
 fn reject_too_many_snapshots() {
-    let d = tmp();
+    let d = tempdir();
     let img = with_snapshot(d.path(), "nb70000.qcow2");
     put32(&img, hdr::NB_SNAPSHOTS, 70000);
     rejected(&img, &["nb_snapshots"], "nb_snapshots 70000");
@@ -1311,7 +810,7 @@ fn reject_too_many_snapshots() {
 
 #[test]
 fn reject_snapshot_extra_data_too_large() {
-    let d = tmp();
+    let d = tempdir();
     let img = with_snapshot(d.path(), "extra5000.qcow2");
     let s = &snapshots(&img)[0];
     put32(&img, s.off + 36, 5000);
@@ -1324,10 +823,14 @@ fn reject_snapshot_extra_data_too_large() {
 
 #[test]
 fn reject_bitmaps_extension_with_zero_bitmaps() {
-    let d = tmp();
+    let d = tempdir();
     let img = plain(d.path(), "bm0.qcow2");
     qemu_img(d.path(), &["bitmap", "--add", &show(&img), "bm0"]);
-    assert_eq!(be64(&img, hdr::AUTOCLEAR) & 1, 1, "bitmaps autoclear bit");
+    assert_eq!(
+        read_be64(&img, hdr::AUTOCLEAR) & 1,
+        1,
+        "bitmaps autoclear bit"
+    );
     let ext = Cluster0::load(&img).ext(EXT_BITMAPS).unwrap().clone();
     assert_eq!(u32::from_be_bytes(ext.data[0..4].try_into().unwrap()), 1);
     put32(&img, ext.off + 8, 0);
@@ -1336,7 +839,7 @@ fn reject_bitmaps_extension_with_zero_bitmaps() {
 
 #[test]
 fn reject_l1_table_past_eof() {
-    let d = tmp();
+    let d = tempdir();
     let img = plain(d.path(), "l1eof.qcow2");
     let g = Geo::read(&img);
     put64(&img, hdr::L1_OFFSET, past_eof(&img, g.cs()));
@@ -1355,14 +858,14 @@ fn reject_l1_table_past_eof() {
 /// [0, 64k) so the active L1 points to a private copy of the L2 table. Returns the image,
 /// a pristine copy, and the file offset of the active L2 entry for guest offset 0.
 fn eio_image(dir: &Path, name: &str, opts: &str) -> (PathBuf, PathBuf, Geo) {
-    let img = create(dir, name, opts, "4M");
-    qemu_io(dir, &img, &["write -P 0x11 0 192k"]);
+    let img = create(dir, name, opts, 4 * M);
+    qemu_io(&img, &["write -P 0x11 0 192k"]);
     snapshot_create(dir, &img, "s1");
-    qemu_io(dir, &img, &["write -P 0x22 0 64k"]);
+    qemu_io(&img, &["write -P 0x22 0 64k"]);
     let g = Geo::read(&img);
     let s1 = snapshot_named(&img, "s1");
-    let active_l2 = be64(&img, g.l1_entry_at(g.l1_offset, 0)) & OFFSET_MASK;
-    let snap_l2 = be64(&img, g.l1_entry_at(s1.l1_offset, 0)) & OFFSET_MASK;
+    let active_l2 = read_be64(&img, g.l1_entry_at(g.l1_offset, 0)) & OFFSET_MASK;
+    let snap_l2 = read_be64(&img, g.l1_entry_at(s1.l1_offset, 0)) & OFFSET_MASK;
     assert_ne!(active_l2, snap_l2, "the active L2 table must be private");
     let pristine = copy(&img, &format!("pristine-{name}"));
     (img, pristine, g)
@@ -1372,7 +875,7 @@ fn eio_image(dir: &Path, name: &str, opts: &str) -> (PathBuf, PathBuf, Geo) {
 fn healthy_snapshot_still_reads(img: &Path, pristine: &Path, what: &str) {
     let out = cat_snapshot(img, "s1");
     check_ok(&out, &format!("{what}: cat --snapshot s1"));
-    let expected = qemu_raw(img.parent().unwrap(), pristine, Some("s1"));
+    let expected = rendered(pristine, Some("s1"));
     assert!(
         out.stdout == expected,
         "{what}: snapshot s1 differs from qemu-img convert ({} vs {} bytes)",
@@ -1384,10 +887,10 @@ fn healthy_snapshot_still_reads(img: &Path, pristine: &Path, what: &str) {
 
 #[test]
 fn eio_unaligned_l2_offset_in_l1() {
-    let d = tmp();
+    let d = tempdir();
     let (img, pristine, g) = eio_image(d.path(), "l1-unaligned.qcow2", "");
     let at = g.l1_entry_at(g.l1_offset, 0);
-    put64(&img, at, be64(&img, at) + 0x200);
+    put64(&img, at, read_be64(&img, at) + 0x200);
     let line = assert_read_fails(&img, "unaligned L2 offset");
     assert_mentions(&line, &["l1"], "unaligned L2 offset");
     healthy_snapshot_still_reads(&img, &pristine, "unaligned L2 offset");
@@ -1395,10 +898,10 @@ fn eio_unaligned_l2_offset_in_l1() {
 
 #[test]
 fn eio_unaligned_data_offset_in_l2() {
-    let d = tmp();
+    let d = tempdir();
     let (img, pristine, g) = eio_image(d.path(), "l2-unaligned.qcow2", "");
     let at = g.l2_entry(&img, 0);
-    put64(&img, at, be64(&img, at) + 0x200);
+    put64(&img, at, read_be64(&img, at) + 0x200);
     let line = assert_read_fails(&img, "unaligned data offset");
     assert_mentions(&line, &["l2"], "unaligned data offset");
     healthy_snapshot_still_reads(&img, &pristine, "unaligned data offset");
@@ -1406,11 +909,11 @@ fn eio_unaligned_data_offset_in_l2() {
 
 #[test]
 fn eio_zero_flag_in_v2_image() {
-    let d = tmp();
+    let d = tempdir();
     let (img, pristine, g) = eio_image(d.path(), "v2-zero.qcow2", "compat=0.10");
     assert_eq!(g.version, 2);
     let at = g.l2_entry(&img, 0);
-    put64(&img, at, be64(&img, at) | 1);
+    put64(&img, at, read_be64(&img, at) | 1);
     let line = assert_read_fails(&img, "v2 zero flag");
     assert_mentions(&line, &["zero"], "v2 zero flag");
     healthy_snapshot_still_reads(&img, &pristine, "v2 zero flag");
@@ -1418,11 +921,15 @@ fn eio_zero_flag_in_v2_image() {
 
 #[test]
 fn eio_extended_l2_alloc_and_zero_bits() {
-    let d = tmp();
+    let d = tempdir();
     let (img, pristine, g) = eio_image(d.path(), "extl2-both.qcow2", "extended_l2=on");
     assert!(g.extended);
     let at = g.l2_entry(&img, 0);
-    assert_eq!(be64(&img, at + 8), 0xffff_ffff, "all subclusters allocated");
+    assert_eq!(
+        read_be64(&img, at + 8),
+        0xffff_ffff,
+        "all subclusters allocated"
+    );
     put64(&img, at + 8, 0xffff_ffff | (1 << 32));
     assert_read_fails(&img, "alloc and zero bits");
     healthy_snapshot_still_reads(&img, &pristine, "alloc and zero bits");
@@ -1433,7 +940,7 @@ fn eio_extended_l2_alloc_and_zero_bits() {
 
 #[test]
 fn eio_extended_l2_alloc_bits_without_host_offset() {
-    let d = tmp();
+    let d = tempdir();
     let (img, pristine, g) = eio_image(d.path(), "extl2-nohost.qcow2", "extended_l2=on");
     let at = g.l2_entry(&img, 0);
     put64(&img, at, 0);
@@ -1446,14 +953,14 @@ fn eio_extended_l2_alloc_bits_without_host_offset() {
 
 #[test]
 fn eio_compressed_entry_in_data_file_image() {
-    let d = tmp();
+    let d = tempdir();
     let dir = d.path();
-    let img = create(dir, "df-comp.qcow2", "data_file=df-comp.data", "1M");
-    qemu_io(dir, &img, &["write -P 0x11 0 128k"]);
+    let img = create(dir, "df-comp.qcow2", "data_file=df-comp.data", M);
+    qemu_io(&img, &["write -P 0x11 0 128k"]);
     check_ok(&cat(&img), "data-file image before the patch");
     let g = Geo::read(&img);
     let at = g.l2_entry(&img, 0);
-    let e = be64(&img, at);
+    let e = read_be64(&img, at);
     put64(&img, at, (e & !COPIED) | COMPRESSED);
     assert_read_fails(&img, "compressed entry with a data file");
 }
@@ -1461,15 +968,15 @@ fn eio_compressed_entry_in_data_file_image() {
 /// A compressed cluster at guest 64k written after snapshot "s1" (which does not see it).
 /// Returns the image, a pristine copy, and the compressed range.
 fn compressed_image(dir: &Path, name: &str, ctype: &str) -> (PathBuf, PathBuf, (u64, u64)) {
-    let img = create(dir, name, &format!("compression_type={ctype}"), "4M");
-    qemu_io(dir, &img, &["write -P 0x11 0 64k"]);
+    let img = create(dir, name, &format!("compression_type={ctype}"), 4 * M);
+    qemu_io(&img, &["write -P 0x11 0 64k"]);
     snapshot_create(dir, &img, "s1");
-    qemu_io(dir, &img, &["write -c -P 0x44 64k 64k"]);
+    qemu_io(&img, &["write -c -P 0x44 64k 64k"]);
     let good = cat(&img);
     check_ok(&good, "compressed image before the patch");
-    assert_eq!(good.stdout, qemu_raw(dir, &img, None));
+    assert_eq!(good.stdout, rendered(&img, None));
     let g = Geo::read(&img);
-    let range = g.compressed_range(be64(&img, g.l2_entry(&img, 64 * KIB)));
+    let range = g.compressed_range(read_be64(&img, g.l2_entry(&img, 64 * KIB)));
     let pristine = copy(&img, &format!("pristine-{name}"));
     (img, pristine, range)
 }
@@ -1522,7 +1029,7 @@ fn check_bad_compressed(img: &Path, pristine: &Path, range: (u64, u64), stream: 
 
 #[test]
 fn eio_short_decompression_zlib() {
-    let d = tmp();
+    let d = tempdir();
     let (img, pristine, range) = compressed_image(d.path(), "zlib.qcow2", "zlib");
     check_bad_compressed(
         &img,
@@ -1537,7 +1044,7 @@ fn eio_short_decompression_zlib() {
 
 #[test]
 fn eio_short_decompression_zstd() {
-    let d = tmp();
+    let d = tempdir();
     let (img, pristine, range) = compressed_image(d.path(), "zstd.qcow2", "zstd");
     let (p, r) = (&img, &pristine);
     check_bad_compressed(p, r, range, &zstd_raw_frame(10), "zstd to 10 bytes");
@@ -1554,7 +1061,7 @@ fn eio_short_decompression_zstd() {
 
 #[test]
 fn eio_data_offset_past_eof() {
-    let d = tmp();
+    let d = tempdir();
     let (img, pristine, g) = eio_image(d.path(), "data-eof.qcow2", "");
     let at = g.l2_entry(&img, 0);
     put64(&img, at, COPIED | past_eof(&img, g.cs()));
@@ -1564,7 +1071,7 @@ fn eio_data_offset_past_eof() {
 
 #[test]
 fn eio_l2_table_past_eof() {
-    let d = tmp();
+    let d = tempdir();
     let (img, pristine, g) = eio_image(d.path(), "l2-eof.qcow2", "");
     let at = g.l1_entry_at(g.l1_offset, 0);
     put64(&img, at, COPIED | past_eof(&img, g.cs()));
@@ -1578,23 +1085,22 @@ fn eio_l2_table_past_eof() {
 
 /// Two snapshots (s1: 0x11 at 0; s2: also 0x22 at 64k), then 0x33 at 0 in the active disk.
 fn two_snapshots(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-    let img = create(dir, name, "", "4M");
-    qemu_io(dir, &img, &["write -P 0x11 0 64k"]);
+    let img = create(dir, name, "", 4 * M);
+    qemu_io(&img, &["write -P 0x11 0 64k"]);
     snapshot_create(dir, &img, "s1");
-    qemu_io(dir, &img, &["write -P 0x22 64k 64k"]);
+    qemu_io(&img, &["write -P 0x22 64k 64k"]);
     snapshot_create(dir, &img, "s2");
-    qemu_io(dir, &img, &["write -P 0x33 0 64k"]);
+    qemu_io(&img, &["write -P 0x33 0 64k"]);
     let pristine = copy(&img, &format!("pristine-{name}"));
     (img, pristine)
 }
 
 fn only_broken_snapshot_fails(img: &Path, pristine: &Path, what: &str) {
-    let dir = img.parent().unwrap();
     check_ok(&info(img), &format!("{what}: info"));
     let active = cat(img);
     check_ok(&active, &format!("{what}: cat of the active disk"));
     assert!(
-        active.stdout == qemu_raw(dir, pristine, None),
+        active.stdout == rendered(pristine, None),
         "{what}: active disk differs from qemu-img convert"
     );
     let line = error_line(
@@ -1607,14 +1113,14 @@ fn only_broken_snapshot_fails(img: &Path, pristine: &Path, what: &str) {
     let s2 = cat_snapshot(img, "s2");
     check_ok(&s2, &format!("{what}: cat --snapshot s2"));
     assert!(
-        s2.stdout == qemu_raw(dir, pristine, Some("s2")),
+        s2.stdout == rendered(pristine, Some("s2")),
         "{what}: snapshot s2 differs from qemu-img convert"
     );
 }
 
 #[test]
 fn broken_snapshot_unaligned_l1() {
-    let d = tmp();
+    let d = tempdir();
     let (img, pristine) = two_snapshots(d.path(), "snap-unaligned.qcow2");
     let s1 = snapshot_named(&img, "s1");
     put64(&img, s1.off, s1.l1_offset + 0x200);
@@ -1623,7 +1129,7 @@ fn broken_snapshot_unaligned_l1() {
 
 #[test]
 fn broken_snapshot_l1_past_eof() {
-    let d = tmp();
+    let d = tempdir();
     let (img, pristine) = two_snapshots(d.path(), "snap-eof.qcow2");
     let s1 = snapshot_named(&img, "s1");
     let cs = Geo::read(&img).cs();
@@ -1637,14 +1143,14 @@ fn broken_snapshot_l1_past_eof() {
 
 #[test]
 fn corrupt_bit_warning_keeps_the_error_one_line() {
-    let d = tmp();
+    let d = tempdir();
     let (img, _pristine, g) = eio_image(d.path(), "corrupt-bit.qcow2", "");
     // A read-only open of an image marked corrupt is allowed...
     set_incompat_bit(&img, 1);
     check_ok(&cat(&img), "corrupt bit alone");
     // ...but when the read then fails, stderr must still hold exactly one line.
     let at = g.l2_entry(&img, 0);
-    put64(&img, at, be64(&img, at) + 0x200);
+    put64(&img, at, read_be64(&img, at) + 0x200);
     assert_read_fails(&img, "corrupt bit and an unaligned data offset");
     let out = cat(&img);
     assert!(
@@ -1667,7 +1173,7 @@ fn fuzz_regions(p: &Path) -> Vec<Vec<(u64, u64)>> {
     let g = Geo::read(p);
     let cs = g.cs();
     // Only the L2 entries that cover the disk matter.
-    let size = be64(p, 24);
+    let size = read_be64(p, 24);
     let l2_used = size.div_ceil(cs).min(g.l2_entries()) * g.l2_entry_size();
     let snaps = snapshots(p);
     let table_end = snaps
@@ -1676,19 +1182,19 @@ fn fuzz_regions(p: &Path) -> Vec<Vec<(u64, u64)>> {
         .unwrap_or(g.snapshots_offset + 64);
     let mut l1s = vec![(g.l1_offset, g.l1_size as u64)];
     for s in &snaps {
-        l1s.push((s.l1_offset, be32(p, s.off + 8) as u64));
+        l1s.push((s.l1_offset, read_be32(p, s.off + 8) as u64));
     }
     let mut l2s = Vec::new();
     let mut compressed = Vec::new();
     for &(l1, n) in &l1s {
         for i in 0..n {
-            let l2 = be64(p, l1 + 8 * i) & OFFSET_MASK;
+            let l2 = read_be64(p, l1 + 8 * i) & OFFSET_MASK;
             if l2 == 0 || l2s.contains(&(l2, l2_used)) {
                 continue;
             }
             l2s.push((l2, l2_used));
             for j in 0..g.l2_entries() {
-                let e = be64(p, l2 + j * g.l2_entry_size());
+                let e = read_be64(p, l2 + j * g.l2_entry_size());
                 if e & COMPRESSED != 0 && !compressed.contains(&g.compressed_range(e)) {
                     compressed.push(g.compressed_range(e));
                 }
@@ -1785,21 +1291,21 @@ fn apply(bytes: &mut [u8], regions: &[Vec<(u64, u64)>], cs: u64, m: &Mutation) {
     }
 }
 
-fn fuzz_ok(out: &Outcome, what: &str) -> Result<(), TestCaseError> {
-    prop_assert!(!out.timed_out, "{what}: hung: {}", out.describe());
+fn fuzz_ok(out: &Finished, what: &str) -> Result<(), TestCaseError> {
+    prop_assert!(!out.timed_out(), "{what}: hung: {}", out.describe());
     if out.capped {
         // A (valid) huge disk streaming out: not a hang.
         return Ok(());
     }
-    prop_assert_eq!(out.signal, None, "{}: signal: {}", what, out.describe());
+    prop_assert_eq!(out.signal(), None, "{}: signal: {}", what, out.describe());
     prop_assert!(
-        out.code == Some(0) || out.code == Some(1),
+        out.code() == Some(0) || out.code() == Some(1),
         "{}: exit status {:?}: {}",
         what,
-        out.code,
+        out.code(),
         out.describe()
     );
-    if out.code == Some(1) {
+    if out.code() == Some(1) {
         let mut lines: Vec<&str> = out.stderr.split_inclusive('\n').collect();
         // Warnings are lines of their own before the one error line.
         while lines.len() > 1 && lines[0].starts_with("qcow2fs: warn: ") {
@@ -1817,34 +1323,21 @@ fn fuzz_ok(out: &Outcome, what: &str) -> Result<(), TestCaseError> {
 
 #[test]
 fn random_corruption_never_panics_or_hangs() {
-    let d = tmp();
+    let d = tempdir();
     let dir = d.path();
-    let base = create(dir, "base.qcow2", "cluster_size=4096", "1M");
+    let base = create(dir, "base.qcow2", "cluster_size=4096", M);
     qemu_io(
-        dir,
         &base,
         &["write -P 0xb1 0 256k", "write -c -P 0xb2 512k 64k"],
     );
-    qemu_img(
+    let top = create_image(
         dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=8192",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "1M",
-        ],
+        "top.qcow2",
+        Some(M),
+        "cluster_size=8192",
+        Some(("base.qcow2", "qcow2")),
     );
-    let top = dir.join("top.qcow2");
     qemu_io(
-        dir,
         &top,
         &[
             "write -P 0x11 0 64k",
@@ -1854,17 +1347,16 @@ fn random_corruption_never_panics_or_hangs() {
     );
     snapshot_create(dir, &top, "s1");
     qemu_io(
-        dir,
         &top,
         &["write -P 0x33 32k 64k", "write -c -P 0x44 640k 16k"],
     );
     // Sanity: the pristine overlay renders like QEMU, active and snapshot.
     let out = cat(&top);
     check_ok(&out, "pristine fuzz image");
-    assert!(out.stdout == qemu_raw(dir, &top, None));
+    assert!(out.stdout == rendered(&top, None));
     let out = cat_snapshot(&top, "s1");
     check_ok(&out, "pristine fuzz image, snapshot");
-    assert!(out.stdout == qemu_raw(dir, &top, Some("s1")));
+    assert!(out.stdout == rendered(&top, Some("s1")));
 
     let pristine = fs::read(&top).unwrap();
     let regions = fuzz_regions(&top);
@@ -1927,35 +1419,10 @@ fn random_corruption_never_panics_or_hangs() {
 #[test]
 fn header_text_that_is_not_utf8_survives_a_rewrite() {
     use qcow2fs::format::header::Header;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir();
     let d = dir.path();
-    for (args, name) in [
-        (
-            vec!["create", "-q", "-f", "qcow2", "base.qcow2", "1M"],
-            "base",
-        ),
-        (
-            vec![
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                "top.qcow2",
-            ],
-            "top",
-        ),
-    ] {
-        let out = Command::new("qemu-img")
-            .args(&args)
-            .current_dir(d)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "qemu-img create {name}: {out:?}");
-    }
+    create(d, "base.qcow2", "", M);
+    overlay(d, "top.qcow2", "base.qcow2", "qcow2");
     let mut c0 = fs::read(d.join("top.qcow2")).unwrap();
     c0.truncate(65536);
     // The backing format extension's data: "qcow2" right after its 8-byte header.

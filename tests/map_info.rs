@@ -9,11 +9,12 @@
 //!   list and `format-specific`) must be equal, for the top image and each qcow2 layer.
 
 #[macro_use]
-mod common;
+mod support;
 
-use common::*;
 use serde_json::Value;
 use std::path::Path;
+use support::corpus;
+use support::*;
 
 const MAP_FIELDS: [&str; 8] = [
     "start",
@@ -220,71 +221,11 @@ fn check_info(name: &str) {
 mod map {
     use super::check_map;
 
-    scenario_tests! {
-        check_map;
-        cluster_bits_9, cluster_bits_10, cluster_bits_11, cluster_bits_12, cluster_bits_13,
-        cluster_bits_14, cluster_bits_15, cluster_bits_16, cluster_bits_17, cluster_bits_18,
-        cluster_bits_19, cluster_bits_20, cluster_bits_21,
-        compat_v2, virtual_size_0, virtual_size_0_overlay,
-        zero_clusters, zero_clusters_small, zero_clusters_over_backing,
-        discards, discards_over_backing, discards_v2_over_backing,
-        prealloc_off, prealloc_metadata, prealloc_falloc, prealloc_full,
-        compressed_write_zlib_512, compressed_write_zlib_4k, compressed_write_zlib_64k,
-        compressed_write_zlib_2m, compressed_write_zstd_512, compressed_write_zstd_4k,
-        compressed_write_zstd_64k, compressed_write_zstd_2m,
-        compressed_convert_zlib_512, compressed_convert_zlib_4k, compressed_convert_zlib_64k,
-        compressed_convert_zlib_2m, compressed_convert_zstd_512, compressed_convert_zstd_4k,
-        compressed_convert_zstd_64k, compressed_convert_zstd_2m,
-        compressed_partial_last_cluster_zlib, compressed_partial_last_cluster_zstd,
-        compressed_cow_zlib_64k, compressed_cow_zstd_512, compressed_v2,
-        compressed_extended_l2, compressed_shared_by_snapshots,
-        extended_l2_16k, extended_l2_32k, extended_l2_64k, extended_l2_512k, extended_l2_2m,
-        extended_l2_no_backing, extended_l2_prealloc_metadata_backing,
-        backing_smaller, backing_larger, overlay_grown, overlay_shrunk,
-        backing_hidden_by_small_middle, backing_vmstate_hidden, backing_raw,
-        backing_raw_unaligned, backing_format_absent, deep_chain,
-        snapshots_distinct, snapshots_id_gap_dup_names, snapshot_disk_size_grown,
-        snapshot_disk_size_shrunk, snapshot_vmstate, snapshots_of_overlay, snapshots_v2,
-        snapshots_extended_l2, snapshot_refcount_bits_2, snapshot_table_at_eof,
-        refcount_bits_1, refcount_bits_2, refcount_bits_4, refcount_bits_8, refcount_bits_16,
-        refcount_bits_32, refcount_bits_64, refcount_table_growth,
-        data_file, data_file_raw, data_file_with_backing,
-        lazy_refcounts_clean, lazy_refcounts_dirty, bitmaps, bitmaps_in_use,
-    }
+    scenario_tests!(check_map);
 }
 
 mod info {
     use super::check_info;
 
-    scenario_tests! {
-        check_info;
-        cluster_bits_9, cluster_bits_10, cluster_bits_11, cluster_bits_12, cluster_bits_13,
-        cluster_bits_14, cluster_bits_15, cluster_bits_16, cluster_bits_17, cluster_bits_18,
-        cluster_bits_19, cluster_bits_20, cluster_bits_21,
-        compat_v2, virtual_size_0, virtual_size_0_overlay,
-        zero_clusters, zero_clusters_small, zero_clusters_over_backing,
-        discards, discards_over_backing, discards_v2_over_backing,
-        prealloc_off, prealloc_metadata, prealloc_falloc, prealloc_full,
-        compressed_write_zlib_512, compressed_write_zlib_4k, compressed_write_zlib_64k,
-        compressed_write_zlib_2m, compressed_write_zstd_512, compressed_write_zstd_4k,
-        compressed_write_zstd_64k, compressed_write_zstd_2m,
-        compressed_convert_zlib_512, compressed_convert_zlib_4k, compressed_convert_zlib_64k,
-        compressed_convert_zlib_2m, compressed_convert_zstd_512, compressed_convert_zstd_4k,
-        compressed_convert_zstd_64k, compressed_convert_zstd_2m,
-        compressed_partial_last_cluster_zlib, compressed_partial_last_cluster_zstd,
-        compressed_cow_zlib_64k, compressed_cow_zstd_512, compressed_v2,
-        compressed_extended_l2, compressed_shared_by_snapshots,
-        extended_l2_16k, extended_l2_32k, extended_l2_64k, extended_l2_512k, extended_l2_2m,
-        extended_l2_no_backing, extended_l2_prealloc_metadata_backing,
-        backing_smaller, backing_larger, overlay_grown, overlay_shrunk,
-        backing_hidden_by_small_middle, backing_vmstate_hidden, backing_raw,
-        backing_raw_unaligned, backing_format_absent, deep_chain,
-        snapshots_distinct, snapshots_id_gap_dup_names, snapshot_disk_size_grown,
-        snapshot_disk_size_shrunk, snapshot_vmstate, snapshots_of_overlay, snapshots_v2,
-        snapshots_extended_l2, snapshot_refcount_bits_2, snapshot_table_at_eof,
-        refcount_bits_1, refcount_bits_2, refcount_bits_4, refcount_bits_8, refcount_bits_16,
-        refcount_bits_32, refcount_bits_64, refcount_table_growth,
-        data_file, data_file_raw, data_file_with_backing,
-        lazy_refcounts_clean, lazy_refcounts_dirty, bitmaps, bitmaps_in_use,
-    }
+    scenario_tests!(check_info);
 }

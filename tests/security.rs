@@ -10,12 +10,8 @@
 //! - `qcow2fs umount` and root's plain `umount` return only once the image is free;
 //! - writes straddling the end, unaligned sizes, backing loops and error messages.
 
-#[allow(unused_macros)]
-mod common;
-#[path = "common/rw.rs"]
-mod rw;
+mod support;
 
-use rw::*;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -23,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
+use support::*;
 
 const TEST_USER: &str = "qcow2fs-test";
 
@@ -94,7 +91,7 @@ fn user_writes(path: &Path) -> bool {
 
 /// A temporary directory the test user may enter.
 fn open_dir() -> tempfile::TempDir {
-    let d = common::tempdir();
+    let d = tempdir();
     fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
     d
 }
@@ -104,7 +101,7 @@ fn chmod(p: &Path, mode: u32) {
 }
 
 fn new_image(dir: &Path, name: &str, size: &str) -> PathBuf {
-    img(dir, &["create", "-q", "-f", "qcow2", name, size]);
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", name, size]);
     dir.join(name)
 }
 
@@ -118,8 +115,8 @@ fn mnt_in(dir: &Path, name: &str) -> PathBuf {
 fn other_users_get_no_more_than_the_image_allows() {
     let d = open_dir();
     let image = new_image(d.path(), "i.qcow2", "4M");
-    io(&image, &["write -P 0x5a 0 1M".to_string()]);
-    let before = common::qemu_raw(&image);
+    qemu_io(&image, &["write -P 0x5a 0 1M"]);
+    let before = qemu_raw(&image);
     let mut wrong = Vec::new();
     let (uid, _) = test_user();
     let owned_by_user = format!("rw,allow_other,uid={uid}");
@@ -142,7 +139,7 @@ fn other_users_get_no_more_than_the_image_allows() {
     for &(mode, opts, may_read, may_write) in cases {
         chmod(&image, mode);
         let mnt = mnt_in(d.path(), "m");
-        let m = RwMount::mount(&image, &mnt, &[opts]);
+        let m = Mount::new(&image, &mnt, &[opts]);
         let disk = m.path("i.raw");
         let (r, w) = (user_reads(&disk), user_writes(&disk));
         if (r, w) != (may_read, may_write) {
@@ -161,7 +158,7 @@ fn other_users_get_no_more_than_the_image_allows() {
         m.umount();
     }
     chmod(&image, 0o644);
-    let after = common::qemu_raw(&image);
+    let after = qemu_raw(&image);
     let writes_allowed = 1; // the one case where the user may write
     let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
     assert!(
@@ -185,7 +182,7 @@ fn a_backing_file_is_not_readable_through_the_mount_by_users_who_cannot_read_it(
     .unwrap();
     chmod(&secret, 0o600);
     let image = d.path().join("h.qcow2");
-    img(
+    qemu_img(
         d.path(),
         &[
             "create",
@@ -204,7 +201,7 @@ fn a_backing_file_is_not_readable_through_the_mount_by_users_who_cannot_read_it(
     let mut wrong = Vec::new();
     for opts in ["ro,allow_other", "rw,allow_other", "overlay,allow_other"] {
         let mnt = mnt_in(d.path(), "m");
-        let m = RwMount::mount(&image, &mnt, &[opts]);
+        let m = Mount::new(&image, &mnt, &[opts]);
         let layer = m.path("layers/1-shadow.raw");
         for f in [&layer, &m.path("h.raw")] {
             if user_reads(f) {
@@ -221,7 +218,7 @@ fn a_backing_file_is_not_readable_through_the_mount_by_users_who_cannot_read_it(
     // Readable to all: then the layer is too.
     chmod(&secret, 0o644);
     let mnt = mnt_in(d.path(), "m");
-    let m = RwMount::mount(&image, &mnt, &["ro,allow_other"]);
+    let m = Mount::new(&image, &mnt, &["ro,allow_other"]);
     if !user_reads(&m.path("layers/1-shadow.raw")) {
         wrong.push("a world-readable backing file is not readable through its layer".into());
     }
@@ -230,11 +227,9 @@ fn a_backing_file_is_not_readable_through_the_mount_by_users_who_cannot_read_it(
 }
 
 /// `qcow2fs ARGS` with a short time limit: a FIFO must never be waited on.
-fn qcow2fs_quick(dir: &Path, args: &[&str]) -> Out {
-    run_limited(
-        Command::new(common::qcow2fs_bin())
-            .args(args)
-            .current_dir(dir),
+fn qcow2fs_quick(dir: &Path, args: &[&str]) -> Finished {
+    run_timeout(
+        Command::new(qcow2fs_bin()).args(args).current_dir(dir),
         Duration::from_secs(20),
     )
 }
@@ -247,18 +242,18 @@ fn mkfifo(p: &Path) {
 
 #[test]
 fn fifos_are_refused_without_hanging() {
-    let d = common::tempdir();
+    let d = tempdir();
     let dir = d.path();
     mkfifo(&dir.join("f.qcow2"));
     mkfifo(&dir.join("fifo"));
     // An image whose raw backing file is a FIFO, and one whose data file is.
-    img(
+    qemu_img(
         dir,
         &[
             "create", "-q", "-f", "qcow2", "-u", "-b", "fifo", "-F", "raw", "b.qcow2", "1M",
         ],
     );
-    img(
+    qemu_img(
         dir,
         &[
             "create",
@@ -288,8 +283,8 @@ fn fifos_are_refused_without_hanging() {
                     out.describe()
                 ));
             }
-            if is_qcow2fs_mount(&mnt) {
-                lazy_unmount(&mnt);
+            if mount_info(&mnt).is_some_and(|m| m.fstype == "fuse.qcow2fs") {
+                let _ = force_unmount(&mnt, Some("fuse.qcow2fs"));
                 wrong.push(format!("qcow2fs {args:?} left a mount"));
             }
         }
@@ -302,7 +297,7 @@ fn fifos_are_refused_without_hanging() {
 /// table, 5 the first data cluster) is set to 0.
 fn damaged_refcount_image(dir: &Path, name: &str, cluster: u64) -> PathBuf {
     let image = new_image(dir, name, "64M");
-    io(&image, &["write -P 0x11 0 1M".to_string()]);
+    qemu_io(&image, &["write -P 0x11 0 1M"]);
     let f = OpenOptions::new().write(true).open(&image).unwrap();
     // 16-bit refcounts, the refcount block at 0x20000.
     f.write_all_at(&[0, 0], 0x20000 + 2 * cluster).unwrap();
@@ -312,9 +307,10 @@ fn damaged_refcount_image(dir: &Path, name: &str, cluster: u64) -> PathBuf {
 /// The number of errors `qemu-img check` reports (leaks are not errors).
 fn check_errors(image: &Path) -> usize {
     let out = run_in(
-        &dir_of(image),
+        &image_dir(image),
         "qemu-img",
         &["check", image.to_str().unwrap()],
+        COMMAND_LIMIT,
     );
     out.all_output()
         .lines()
@@ -324,7 +320,7 @@ fn check_errors(image: &Path) -> usize {
 
 #[test]
 fn writes_to_images_with_damaged_refcounts_keep_every_byte() {
-    let d = common::tempdir();
+    let d = tempdir();
     let mut wrong = Vec::new();
     for (cluster, what) in [
         (1, "refcount table"),
@@ -337,7 +333,7 @@ fn writes_to_images_with_damaged_refcounts_keep_every_byte() {
         assert!(errors >= 1, "{what}: the damage was not made");
         {
             let mnt = mountpoint(d.path(), &format!("m{cluster}"));
-            let m = RwMount::mount(&image, &mnt, &["rw"]);
+            let m = Mount::new(&image, &mnt, &["rw"]);
             let f = OpenOptions::new().write(true).open(m.disk()).unwrap();
             // Single clusters, then a longer run, where freed-looking clusters lie.
             for (off, len) in [(8 << 20, 64 << 10), (9 << 20, 1536 << 10)] {
@@ -363,8 +359,9 @@ fn writes_to_images_with_damaged_refcounts_keep_every_byte() {
                 "read -P 0x22 9M 1536k",
                 image.to_str().unwrap(),
             ],
+            COMMAND_LIMIT,
         );
-        if out.all_output().contains("Pattern verification failed") || !out.ok() {
+        if out.all_output().contains("Pattern verification failed") || !out.success() {
             wrong.push(format!("{what}: data lost: {}", out.describe()));
         }
         let now = check_errors(&image);
@@ -379,9 +376,9 @@ fn writes_to_images_with_damaged_refcounts_keep_every_byte() {
 
 #[test]
 fn a_write_onto_metadata_fails_and_marks_the_image_corrupt() {
-    let d = common::tempdir();
+    let d = tempdir();
     let image = new_image(d.path(), "o.qcow2", "64M");
-    io(&image, &["write -P 0x11 0 64k".to_string()]);
+    qemu_io(&image, &["write -P 0x11 0 64k"]);
     // The L2 entry of guest cluster 0 (L2 table at 0x40000) now points at the refcount
     // table (0x10000), flagged as used only here, so a write would go there in place.
     let f = OpenOptions::new().write(true).open(&image).unwrap();
@@ -398,7 +395,7 @@ fn a_write_onto_metadata_fails_and_marks_the_image_corrupt() {
     };
     let table_before = reftable(&image);
     let mnt = mountpoint(d.path(), "m");
-    let m = RwMount::mount(&image, &mnt, &["rw"]);
+    let m = Mount::new(&image, &mnt, &["rw"]);
     let f = OpenOptions::new().write(true).open(m.disk()).unwrap();
     let r = f.write_all_at(&[0x33; 4096], 0).and_then(|()| f.sync_all());
     let err = r.expect_err("a write onto the refcount table succeeded");
@@ -416,7 +413,7 @@ fn a_write_onto_metadata_fails_and_marks_the_image_corrupt() {
         table_before,
         "the refcount table was overwritten"
     );
-    let info = img(d.path(), &["info", "--output=json", "o.qcow2"]);
+    let info = qemu_img(d.path(), &["info", "--output=json", "o.qcow2"]);
     assert!(
         info.contains("\"corrupt\": true"),
         "the image is not marked corrupt: {info}"
@@ -427,7 +424,7 @@ fn a_write_onto_metadata_fails_and_marks_the_image_corrupt() {
 fn overlays_are_private_and_vanish_even_when_the_daemon_is_killed() {
     let d = open_dir();
     let image = new_image(d.path(), "ev.qcow2", "4M");
-    io(&image, &["write -P 0x5e 0 1M".to_string()]);
+    qemu_io(&image, &["write -P 0x5e 0 1M"]);
     chmod(&image, 0o600);
     let ovdir = d.path().join("ov");
     fs::create_dir(&ovdir).unwrap();
@@ -436,7 +433,7 @@ fn overlays_are_private_and_vanish_even_when_the_daemon_is_killed() {
     // Kept overlays: files of mode 0600 in a directory only root may enter.
     let mnt = mnt_in(d.path(), "m");
     let opts = format!("overlay={},keep_overlay,allow_other", ovdir.display());
-    let m = RwMount::mount(&image, &mnt, &[&opts]);
+    let m = Mount::new(&image, &mnt, &[&opts]);
     let f = OpenOptions::new().write(true).open(m.disk()).unwrap();
     f.write_all_at(b"X", 4096).unwrap();
     f.sync_all().unwrap();
@@ -461,7 +458,7 @@ fn overlays_are_private_and_vanish_even_when_the_daemon_is_killed() {
     }
     // Throwaway overlays have no name: nothing is left, even after kill -9.
     let opts = format!("overlay={}", ovdir.display());
-    let m = RwMount::mount(&image, &mnt, &[&opts]);
+    let m = Mount::new(&image, &mnt, &[&opts]);
     let f = OpenOptions::new().write(true).open(m.disk()).unwrap();
     f.write_all_at(&[0x77; 8192], 8192).unwrap();
     f.sync_all().unwrap();
@@ -472,7 +469,7 @@ fn overlays_are_private_and_vanish_even_when_the_daemon_is_killed() {
     assert_eq!(listed(&private), 0, "an overlay is left after kill -9");
     // Nothing of the evidence can be found in the overlay directory's files.
     assert_eq!(
-        common::qemu_raw(&image)[..1 << 20],
+        qemu_raw(&image)[..1 << 20],
         vec![0x5e; 1 << 20][..],
         "the evidence changed"
     );
@@ -503,14 +500,14 @@ fn load_cpus(
 
 #[test]
 fn qcow2fs_umount_returns_only_when_the_image_is_free() {
-    let d = common::tempdir();
+    let d = tempdir();
     let image = new_image(d.path(), "c.qcow2", "16M");
     let mnt = mountpoint(d.path(), "m");
     let (stop, threads) = load_cpus(2);
     let mut failures = Vec::new();
     for i in 0..500 {
         let opts = if i % 2 == 0 { "rw" } else { "ro" };
-        let m = match RwMount::try_mount(&image, &mnt, &[opts]) {
+        let m = match Mount::try_new(&image, &mnt, &[opts]) {
             Ok(m) => m,
             Err(o) => {
                 failures.push(format!("cycle {i}: mount -o {opts}: {}", o.describe()));
@@ -522,9 +519,9 @@ fn qcow2fs_umount_returns_only_when_the_image_is_free() {
             f.write_all_at(&[i as u8; 512], (i as u64 % 32) * 512)
                 .unwrap();
         }
-        let pid = m.pid;
+        let pid = m.daemon_pid();
         m.umount();
-        if common::pid_alive(pid) {
+        if pid_alive(pid) {
             failures.push(format!("cycle {i}: the daemon runs after qcow2fs umount"));
         }
         if !failures.is_empty() {
@@ -550,7 +547,7 @@ impl UmountHelper {
         if fs::symlink_metadata(&link).is_ok() {
             fs::rename(&link, &saved).unwrap();
         }
-        let bin = common::absolute(Path::new(common::qcow2fs_bin()));
+        let bin = absolute(Path::new(qcow2fs_bin()));
         std::os::unix::fs::symlink(bin, &link).unwrap();
         UmountHelper(Some(saved))
     }
@@ -571,25 +568,28 @@ impl Drop for UmountHelper {
 #[test]
 fn plain_umount_as_root_returns_only_when_the_image_is_free() {
     let _helper = UmountHelper::install();
-    let d = common::tempdir();
+    let d = tempdir();
     let image = new_image(d.path(), "p.qcow2", "16M");
     let mnt = mountpoint(d.path(), "m");
     let mut failures = Vec::new();
     for i in 0..60 {
-        let m = RwMount::mount(&image, &mnt, &["rw"]);
+        let m = Mount::new(&image, &mnt, &["rw"]);
         let f = OpenOptions::new().write(true).open(m.disk()).unwrap();
         f.write_all_at(&[i as u8; 4096], 0).unwrap();
         drop(f);
         let utab = fs::read_to_string("/run/mount/utab").unwrap_or_default();
-        if !utab.contains(&format!("TARGET={}", m.mnt.display())) {
+        if !utab.contains(&format!("TARGET={}", m.mountpoint.display())) {
             failures.push(format!("cycle {i}: no utab entry: {utab:?}"));
         }
-        let u = run_limited(Command::new("umount").arg(&m.mnt), Duration::from_secs(60));
-        if !u.ok() {
+        let u = run_timeout(
+            Command::new("umount").arg(&m.mountpoint),
+            Duration::from_secs(60),
+        );
+        if !u.success() {
             failures.push(format!("cycle {i}: {}", u.describe()));
         }
-        let info = run_in(d.path(), "qemu-img", &["info", "p.qcow2"]);
-        if !info.ok() {
+        let info = run_in(d.path(), "qemu-img", &["info", "p.qcow2"], COMMAND_LIMIT);
+        if !info.success() {
             failures.push(format!(
                 "cycle {i}: qemu-img info right after umount: {}",
                 info.describe()
@@ -610,11 +610,11 @@ fn plain_umount_as_root_returns_only_when_the_image_is_free() {
 
 #[test]
 fn writes_straddling_the_end_are_cut_short_and_unaligned_sizes_are_refused() {
-    let d = common::tempdir();
+    let d = tempdir();
     let size: u64 = (1 << 20) + 512;
     let image = new_image(d.path(), "e.qcow2", &size.to_string());
     let mnt = mountpoint(d.path(), "m");
-    let m = RwMount::mount(&image, &mnt, &["rw"]);
+    let m = Mount::new(&image, &mnt, &["rw"]);
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -635,7 +635,7 @@ fn writes_straddling_the_end_are_cut_short_and_unaligned_sizes_are_refused() {
     assert_eq!(f.metadata().unwrap().len(), size + 1024);
     drop(f);
     m.umount();
-    let raw = common::qemu_raw(&image);
+    let raw = qemu_raw(&image);
     assert_eq!(raw.len() as u64, size + 1024);
     assert!(
         raw[(size - 100) as usize..size as usize]
@@ -648,16 +648,16 @@ fn writes_straddling_the_end_are_cut_short_and_unaligned_sizes_are_refused() {
 
 #[test]
 fn backing_loops_and_foreign_files_get_honest_messages() {
-    let d = common::tempdir();
+    let d = tempdir();
     let dir = d.path();
-    img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
-    img(
+    qemu_img(dir, &["create", "-q", "-f", "qcow2", "a.qcow2", "1M"]);
+    qemu_img(
         dir,
         &[
             "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", "b.qcow2", "1M",
         ],
     );
-    img(
+    qemu_img(
         dir,
         &["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", "a.qcow2"],
     );
@@ -690,15 +690,15 @@ fn backing_loops_and_foreign_files_get_honest_messages() {
 fn status_answers_root_and_the_owner_only() {
     let d = open_dir();
     let image = new_image(d.path(), "s.qcow2", "4M");
-    img(d.path(), &["snapshot", "-c", "snap1", "s.qcow2"]);
+    qemu_img(d.path(), &["snapshot", "-c", "snap1", "s.qcow2"]);
     let mnt = mnt_in(d.path(), "m");
-    let m = RwMount::mount(&image, &mnt, &["rw,allow_other"]);
+    let m = Mount::new(&image, &mnt, &["rw,allow_other"]);
     let held = OpenOptions::new().write(true).open(m.disk()).unwrap();
     held.write_all_at(&[1; 4096], 0).unwrap();
-    let bin = common::qcow2fs_bin();
-    let out = run_in(d.path(), bin, &["status", "--json", mnt.to_str().unwrap()]).expect_ok();
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    assert_eq!(v["pid"].as_i64(), Some(m.pid as i64), "{v}");
+    let bin = qcow2fs_bin();
+    let out = run(d.path(), bin, &["status", "--json", mnt.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pid"].as_i64(), Some(m.daemon_pid() as i64), "{v}");
     assert_eq!(v["mode"], "rw", "{v}");
     assert_eq!(v["open-for-writing"].as_u64(), Some(1), "{v}");
     assert_eq!(v["snapshots"][0]["name"], "snap1", "{v}");
@@ -715,21 +715,31 @@ fn status_answers_root_and_the_owner_only() {
     drop(held);
     // A daemon that was killed: a clear error, not a hang.
     m.kill9();
-    let m = RwMount::mount(&image, &mnt, &["ro"]);
-    let pid = m.pid;
-    kill(pid, libc::SIGKILL);
-    assert!(common::wait_pid_gone(pid, Duration::from_secs(20)));
-    let out = run_in(d.path(), bin, &["status", mnt.to_str().unwrap()]);
+    let m = Mount::new(&image, &mnt, &["ro"]);
+    let pid = m.daemon_pid();
+    signal(pid, libc::SIGKILL);
+    assert!(wait_pid_gone(pid, Duration::from_secs(20)));
+    let out = run_in(
+        d.path(),
+        bin,
+        &["status", mnt.to_str().unwrap()],
+        COMMAND_LIMIT,
+    );
     assert_eq!(out.code(), Some(1), "{}", out.describe());
     assert!(
         out.stderr.contains("no control channel"),
         "{}",
         out.describe()
     );
-    lazy_unmount(&mnt);
+    let _ = force_unmount(&mnt, Some("fuse.qcow2fs"));
     drop(m);
     // Not a qcow2fs mount at all.
-    let out = run_in(d.path(), bin, &["status", d.path().to_str().unwrap()]);
+    let out = run_in(
+        d.path(),
+        bin,
+        &["status", d.path().to_str().unwrap()],
+        COMMAND_LIMIT,
+    );
     assert!(
         out.code() == Some(1) && out.stderr.contains("not a mount point"),
         "{}",

@@ -1,7 +1,7 @@
 //! Compressed clusters: zlib and zstd, 512 B to 2 MiB clusters, written with `write -c`
 //! and `convert -c`, partial last clusters, copy-on-write, v2, extended L2, snapshots.
 
-use crate::common::images::*;
+use crate::support::images::*;
 use std::path::PathBuf;
 
 /// Compressed clusters written with `write -c`: runs of consecutive compressed clusters
@@ -203,16 +203,8 @@ pub(super) fn compressed_extended_l2(ctx: &mut Ctx) -> PathBuf {
     let cs = 64 * K;
     let sc = cs / 32;
     let size = 10 * cs + 5 * 512;
-    ctx.create("base.qcow2", size, "");
-    let c = ctx.fill(0, size, 77_777);
-    ctx.io("base.qcow2", &c);
-    let img = ctx.overlay(
-        "top.qcow2",
-        "base.qcow2",
-        "qcow2",
-        None,
-        "extended_l2=on,compression_type=zstd",
-    );
+    ctx.filled_base(size, "", 77_777);
+    let img = ctx.top_over_base(None, "extended_l2=on,compression_type=zstd");
     let mut c = Vec::new();
     for i in 0..6 {
         c.push(ctx.wc(i * cs, cs));

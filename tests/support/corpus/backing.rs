@@ -1,24 +1,16 @@
 //! Backing chains: sizes that differ between layers, hidden data, raw and un-typed
 //! backing files, a deep chain across nested directories.
 
-use crate::common::images::*;
-use crate::common::patch;
+use crate::support::images::*;
+use crate::support::patch;
 use std::path::PathBuf;
 
 /// The overlay is larger than its backing file: reads past the backing file's end are
 /// zeros, also in clusters straddling it.
 pub(super) fn backing_smaller(ctx: &mut Ctx) -> PathBuf {
     let bsize = M + 1536;
-    ctx.create("base.qcow2", bsize, "");
-    let c = ctx.fill(0, bsize, 65_000);
-    ctx.io("base.qcow2", &c);
-    let img = ctx.overlay(
-        "top.qcow2",
-        "base.qcow2",
-        "qcow2",
-        Some(3 * M + 512),
-        "cluster_size=4096",
-    );
+    ctx.filled_base(bsize, "", 65_000);
+    let img = ctx.top_over_base(Some(3 * M + 512), "cluster_size=4096");
     let c = vec![
         ctx.w(1000, 2000),
         ctx.w(bsize - 700, 1400), // across the backing file's end
@@ -31,17 +23,9 @@ pub(super) fn backing_smaller(ctx: &mut Ctx) -> PathBuf {
 /// The backing file is larger than the overlay: nothing past the overlay's size shows.
 pub(super) fn backing_larger(ctx: &mut Ctx) -> PathBuf {
     let bsize = 4 * M;
-    ctx.create("base.qcow2", bsize, "");
-    let c = ctx.fill(0, bsize, 99_999);
-    ctx.io("base.qcow2", &c);
+    ctx.filled_base(bsize, "", 99_999);
     let tsize = 3 * M / 2 + 512;
-    let img = ctx.overlay(
-        "top.qcow2",
-        "base.qcow2",
-        "qcow2",
-        Some(tsize),
-        "cluster_size=16384",
-    );
+    let img = ctx.top_over_base(Some(tsize), "cluster_size=16384");
     let c = vec![ctx.w(5000, 20_000), ctx.w(tsize - 600, 600)];
     ctx.io("top.qcow2", &c);
     img
@@ -50,11 +34,9 @@ pub(super) fn backing_larger(ctx: &mut Ctx) -> PathBuf {
 /// The overlay was grown after creation: the new area reads as zeros, not as the
 /// backing file's (larger) content.
 pub(super) fn overlay_grown(ctx: &mut Ctx) -> PathBuf {
-    ctx.create("base.qcow2", 3 * M, "");
-    let c = ctx.fill(0, 3 * M, 70_000);
-    ctx.io("base.qcow2", &c);
+    ctx.filled_base(3 * M, "", 70_000);
     // The overlay starts at 1 MiB: the base's data beyond that must never show.
-    let img = ctx.overlay("top.qcow2", "base.qcow2", "qcow2", Some(M), "");
+    let img = ctx.top_over_base(Some(M), "");
     let c = vec![ctx.w(M - 1000, 1000)];
     ctx.io("top.qcow2", &c);
     ctx.resize("top.qcow2", 5 * M / 2 + 512);
@@ -66,10 +48,8 @@ pub(super) fn overlay_grown(ctx: &mut Ctx) -> PathBuf {
 /// The overlay was shrunk: data beyond the new size (its own and the backing file's) is
 /// hidden.
 pub(super) fn overlay_shrunk(ctx: &mut Ctx) -> PathBuf {
-    ctx.create("base.qcow2", 3 * M, "");
-    let c = ctx.fill(0, 3 * M, 70_000);
-    ctx.io("base.qcow2", &c);
-    let img = ctx.overlay("top.qcow2", "base.qcow2", "qcow2", None, "");
+    ctx.filled_base(3 * M, "", 70_000);
+    let img = ctx.top_over_base(None, "");
     let c = vec![ctx.w(M / 2, 3000), ctx.w(2 * M, 5000)];
     ctx.io("top.qcow2", &c);
     ctx.resize("top.qcow2", M + 512);
@@ -100,13 +80,7 @@ pub(super) fn backing_vmstate_hidden(ctx: &mut Ctx) -> PathBuf {
     c.push(ctx.wb(0, 50_176));
     c.push(ctx.wb(70_144, 512));
     ctx.io("base.qcow2", &c);
-    let img = ctx.overlay(
-        "top.qcow2",
-        "base.qcow2",
-        "qcow2",
-        Some(512 * K),
-        "cluster_size=512",
-    );
+    let img = ctx.top_over_base(Some(512 * K), "cluster_size=512");
     let c = vec![ctx.w(99 * K, 2 * K), ctx.wb(0, 10_240), ctx.w(300 * K, 512)];
     ctx.io("top.qcow2", &c);
     img
@@ -151,13 +125,11 @@ pub(super) fn backing_raw_unaligned(ctx: &mut Ctx) -> PathBuf {
 /// renamed to an unknown type, which both readers skip): QEMU probes it, qcow2fs accepts
 /// it because it is qcow2.
 pub(super) fn backing_format_absent(ctx: &mut Ctx) -> PathBuf {
-    ctx.create("base.qcow2", 2 * M, "");
-    let c = ctx.fill(0, 2 * M, 300_000);
-    ctx.io("base.qcow2", &c);
-    let img = ctx.overlay("top.qcow2", "base.qcow2", "qcow2", None, "");
+    ctx.filled_base(2 * M, "", 300_000);
+    let img = ctx.top_over_base(None, "");
     let c = vec![ctx.w(M, 3333)];
     ctx.io("top.qcow2", &c);
-    patch::retype_extension(&img, patch::BACKING_FORMAT_EXT, 0x7777_0001);
+    patch::retype_extension(&img, patch::EXT_BACKING_FORMAT, 0x7777_0001);
     img
 }
 

@@ -1,7 +1,7 @@
 //! Refcount widths and table growth, external data files, lazy refcounts, bitmaps.
 
-use crate::common::images::*;
-use crate::common::patch;
+use crate::support::images::*;
+use crate::support::patch;
 use std::path::PathBuf;
 
 fn refcount_bits(ctx: &mut Ctx, bits: u32) -> PathBuf {
@@ -95,16 +95,8 @@ pub(super) fn data_file_raw(ctx: &mut Ctx) -> PathBuf {
 pub(super) fn data_file_with_backing(ctx: &mut Ctx) -> PathBuf {
     let cs = 64 * K;
     let size = 2 * M + 1536;
-    ctx.create("base.qcow2", size, "cluster_size=4096");
-    let c = ctx.fill(0, size, 100_000);
-    ctx.io("base.qcow2", &c);
-    let img = ctx.overlay(
-        "top.qcow2",
-        "base.qcow2",
-        "qcow2",
-        None,
-        "data_file=top.data",
-    );
+    ctx.filled_base(size, "cluster_size=4096", 100_000);
+    let img = ctx.top_over_base(None, "data_file=top.data");
     let c = data_file_ops(ctx, cs, size);
     ctx.io("top.qcow2", &c);
     let garbage = vec![0xeeu8; 1000];

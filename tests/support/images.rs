@@ -6,46 +6,10 @@
 //! period and a small alphabet (so it still compresses), at unaligned offsets and lengths:
 //! a cluster read from the wrong place, or shifted by a few bytes, cannot match by luck.
 
-use super::{qemu_img, qemu_io, qemu_io_crash};
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
+use super::bytes::fnv;
+pub use super::bytes::{K, M, Rng};
+use super::qemu::{qemu_img, qemu_io, qemu_io_crash};
 use std::path::{Path, PathBuf};
-
-pub const K: u64 = 1 << 10;
-pub const M: u64 = 1 << 20;
-
-/// A small deterministic PRNG (xorshift64*), so images are reproducible.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9e37_79b9_7f4a_7c15 | 1)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
-
-fn fnv(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
-    })
-}
-
-pub fn round_up(v: u64, to: u64) -> u64 {
-    v.div_ceil(to) * to
-}
 
 const PERIODS: [usize; 12] = [509, 521, 523, 541, 547, 557, 563, 569, 571, 577, 587, 593];
 
@@ -87,14 +51,7 @@ impl Ctx {
 
     /// `qemu-img create -f qcow2 [-o opts] rel size`.
     pub fn create(&self, rel: &str, size: u64, opts: &str) -> PathBuf {
-        let size = size.to_string();
-        let mut args = vec!["create", "-q", "-f", "qcow2"];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.extend([rel, size.as_str()]);
-        self.img(&args);
-        self.path(rel)
+        create_image(&self.dir, rel, Some(size), opts, None)
     }
 
     /// `qemu-img create -f qcow2 -b backing -F backing_fmt [-o opts] rel [size]`; `backing`
@@ -107,38 +64,34 @@ impl Ctx {
         size: Option<u64>,
         opts: &str,
     ) -> PathBuf {
-        let size = size.map(|s| s.to_string());
-        let mut args = vec![
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            backing,
-            "-F",
-            backing_fmt,
-        ];
-        if !opts.is_empty() {
-            args.extend(["-o", opts]);
-        }
-        args.push(rel);
-        if let Some(s) = &size {
-            args.push(s);
-        }
-        self.img(&args);
-        self.path(rel)
+        create_image(&self.dir, rel, size, opts, Some((backing, backing_fmt)))
+    }
+
+    /// `base.qcow2` of `size` bytes created with `opts`, written whole in pieces of `piece`
+    /// bytes, each with its own pattern.
+    pub fn filled_base(&mut self, size: u64, opts: &str, piece: u64) -> PathBuf {
+        let base = self.create("base.qcow2", size, opts);
+        let c = self.fill(0, size, piece);
+        self.io("base.qcow2", &c);
+        base
+    }
+
+    /// `top.qcow2` over `base.qcow2` (qcow2), the overlay most scenarios build: see
+    /// [`Ctx::overlay`].
+    pub fn top_over_base(&self, size: Option<u64>, opts: &str) -> PathBuf {
+        self.overlay("top.qcow2", "base.qcow2", "qcow2", size, opts)
     }
 
     /// Runs qemu-io commands on image `rel`.
     pub fn io(&self, rel: &str, cmds: &[String]) {
-        qemu_io(&self.dir, Path::new(rel), cmds);
+        qemu_io(&self.path(rel), cmds);
     }
 
     /// Runs qemu-io commands on image `rel` and kills it with `abort` at the end.
     pub fn io_crash(&self, rel: &str, cmds: &[String]) {
         let mut cmds = cmds.to_vec();
         cmds.push("abort".into());
-        qemu_io_crash(&self.dir, Path::new(rel), &cmds);
+        qemu_io_crash(&self.path(rel), &cmds);
     }
 
     /// `qemu-img resize` (shrinking allowed).
@@ -170,9 +123,10 @@ impl Ctx {
         let bytes: Vec<u8> = (0..period)
             .map(|_| symbols[rng.below(alphabet as u64) as usize])
             .collect();
-        let rel = format!("patterns/{n}.bin");
-        std::fs::write(self.path(&rel), bytes).unwrap();
-        rel
+        // Absolute: qemu-io runs in the directory of the image it writes.
+        let path = self.path(&format!("patterns/{n}.bin"));
+        std::fs::write(&path, bytes).unwrap();
+        path.to_string_lossy().into_owned()
     }
 
     /// A fresh compressible pattern file (prime period ~550, 16 symbols).
@@ -288,8 +242,7 @@ impl Ctx {
 
     /// Overwrites bytes of a file directly (not through QEMU).
     pub fn poke(&self, rel: &str, off: u64, bytes: &[u8]) {
-        let f = OpenOptions::new().write(true).open(self.path(rel)).unwrap();
-        f.write_all_at(bytes, off).unwrap();
+        super::patch::patch(&self.path(rel), off, bytes);
     }
 }
 
@@ -305,4 +258,60 @@ pub fn zu(off: u64, len: u64) -> String {
 
 pub fn discard(off: u64, len: u64) -> String {
     format!("discard {off} {len}")
+}
+
+/// `qemu-img create -q -f qcow2 [-o OPTS] [-b BACKING -F FMT] NAME [SIZE]` in `dir` (the
+/// size may be left to the backing file); returns `dir/NAME`.
+pub fn create_image(
+    dir: &Path,
+    name: &str,
+    size: Option<u64>,
+    opts: &str,
+    backing: Option<(&str, &str)>,
+) -> PathBuf {
+    let size = size.map(|s| s.to_string());
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if let Some((b, fmt)) = backing {
+        args.extend(["-b", b, "-F", fmt]);
+    }
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.push(name);
+    args.extend(size.as_deref());
+    qemu_img(dir, &args);
+    dir.join(name)
+}
+
+/// `dir/base.qcow2` of `size` bytes, written by qemu-io with `cmds`.
+pub fn create_base(dir: &Path, size: u64, cmds: &[String]) -> PathBuf {
+    let base = create_image(dir, "base.qcow2", Some(size), "", None);
+    qemu_io(&base, cmds);
+    base
+}
+
+/// `dir/NAME` of `size` bytes, created with `opts` over `dir/base.qcow2` (qcow2).
+pub fn create_over_base(dir: &Path, name: &str, size: u64, opts: &str) -> PathBuf {
+    create_image(dir, name, Some(size), opts, Some(("base.qcow2", "qcow2")))
+}
+
+/// A qemu-io `write` of the byte `pattern` (no pattern file: for tests that only need
+/// distinct, recognisable bytes).
+pub fn wp(pattern: u8, off: u64, len: u64) -> String {
+    format!("write -P {pattern:#x} {off} {len}")
+}
+
+/// Data, zero clusters and a tail cluster written by QEMU, spread over a disk of `size`
+/// bytes with clusters of `cluster` bytes.
+pub fn populate(image: &Path, size: u64, cluster: u64) {
+    let c = cluster.max(4096);
+    qemu_io(
+        image,
+        &[
+            wp(0x11, 0, size / 4),
+            wp(0x22, size / 2 + c / 2, (2 * c).min(size / 8)),
+            z(size / 4 + c, 2 * c),
+            wp(0x33, size - c, c),
+        ],
+    );
 }

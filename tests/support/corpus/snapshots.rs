@@ -2,8 +2,8 @@
 //! extended L2, narrow refcounts.
 
 use super::extended_l2::subcluster_ops;
-use crate::common::images::*;
-use crate::common::patch;
+use crate::support::images::*;
+use crate::support::patch;
 use std::path::PathBuf;
 
 /// Three snapshots with distinct content: overwrites, zero writes, discards and

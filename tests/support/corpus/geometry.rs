@@ -1,7 +1,7 @@
 //! Geometry (every cluster size, v2, empty disks), zero clusters, discards and
 //! preallocation modes.
 
-use crate::common::images::*;
+use crate::support::images::*;
 use std::path::PathBuf;
 
 /// Every cluster size with an unaligned virtual size (given unaligned to qemu-img, which
@@ -15,7 +15,7 @@ fn cluster_bits(ctx: &mut Ctx, cb: u32) -> PathBuf {
         10 => 17 * M + 512 - 100,   // L1: 136 entries, 2 clusters
         _ => 5 * cs + cs / 3 - 100,
     };
-    let size = round_up(asked, 512);
+    let size = asked.next_multiple_of(512);
     let img = ctx.create("disk.qcow2", asked, &format!("cluster_size={cs}"));
     let mut c = vec![
         ctx.w(0, 777),                  // partial first cluster
@@ -115,10 +115,8 @@ pub(super) fn virtual_size_0(ctx: &mut Ctx) -> PathBuf {
 
 /// An empty overlay over a backing file with data.
 pub(super) fn virtual_size_0_overlay(ctx: &mut Ctx) -> PathBuf {
-    ctx.create("base.qcow2", M, "");
-    let c = ctx.fill(0, M, 100_000);
-    ctx.io("base.qcow2", &c);
-    ctx.overlay("top.qcow2", "base.qcow2", "qcow2", Some(0), "")
+    ctx.filled_base(M, "", 100_000);
+    ctx.top_over_base(Some(0), "")
 }
 
 /// Zero writes of every kind on a disk with `cs`-byte clusters: on allocated clusters
@@ -162,10 +160,8 @@ pub(super) fn zero_clusters_small(ctx: &mut Ctx) -> PathBuf {
 pub(super) fn zero_clusters_over_backing(ctx: &mut Ctx) -> PathBuf {
     let cs = 64 * K;
     let size = 16 * cs + 3 * 512;
-    ctx.create("base.qcow2", size, "cluster_size=32768");
-    let c = ctx.fill(0, size, 60_000);
-    ctx.io("base.qcow2", &c);
-    let img = ctx.overlay("top.qcow2", "base.qcow2", "qcow2", None, "");
+    ctx.filled_base(size, "cluster_size=32768", 60_000);
+    let img = ctx.top_over_base(None, "");
     let mut c = ctx.fill(0, 4 * cs, 45_000);
     c.extend(zero_ops(ctx, cs));
     ctx.io("top.qcow2", &c);
@@ -197,10 +193,8 @@ pub(super) fn discards(ctx: &mut Ctx) -> PathBuf {
 pub(super) fn discards_over_backing(ctx: &mut Ctx) -> PathBuf {
     let cs = 64 * K;
     let size = 16 * cs + 5 * 512;
-    ctx.create("base.qcow2", size, "cluster_size=4096");
-    let c = ctx.fill(0, size, 90_000);
-    ctx.io("base.qcow2", &c);
-    let img = ctx.overlay("top.qcow2", "base.qcow2", "qcow2", None, "");
+    ctx.filled_base(size, "cluster_size=4096", 90_000);
+    let img = ctx.top_over_base(None, "");
     let mut c = ctx.fill(0, 10 * cs, 80_000);
     c.extend(discard_ops(ctx, cs));
     ctx.io("top.qcow2", &c);
@@ -211,10 +205,8 @@ pub(super) fn discards_over_backing(ctx: &mut Ctx) -> PathBuf {
 pub(super) fn discards_v2_over_backing(ctx: &mut Ctx) -> PathBuf {
     let cs = 64 * K;
     let size = 16 * cs + 5 * 512;
-    ctx.create("base.qcow2", size, "compat=0.10,cluster_size=16384");
-    let c = ctx.fill(0, size, 90_000);
-    ctx.io("base.qcow2", &c);
-    let img = ctx.overlay("top.qcow2", "base.qcow2", "qcow2", None, "compat=0.10");
+    ctx.filled_base(size, "compat=0.10,cluster_size=16384", 90_000);
+    let img = ctx.top_over_base(None, "compat=0.10");
     let mut c = ctx.fill(0, 10 * cs, 80_000);
     c.extend(discard_ops(ctx, cs));
     c.extend([z(14 * cs, cs), zu(15 * cs, cs)]);
@@ -230,7 +222,7 @@ fn prealloc(ctx: &mut Ctx, mode: &str, cs: u64) -> PathBuf {
         size,
         &format!("preallocation={mode},cluster_size={cs}"),
     );
-    let size = round_up(size, 512);
+    let size = size.next_multiple_of(512);
     let c = vec![
         ctx.w(100, 5000),
         ctx.w(cs * 2 - 7, cs + 14),

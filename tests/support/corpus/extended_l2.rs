@@ -1,7 +1,7 @@
 //! Extended L2 entries: subcluster allocation and zero bits, over a backing file or not,
 //! preallocated under a backing file.
 
-use crate::common::images::*;
+use crate::support::images::*;
 use std::path::PathBuf;
 
 /// Subcluster operations on an extended-L2 image: partial and exact subcluster writes
@@ -38,13 +38,7 @@ fn extended_l2(ctx: &mut Ctx, cs: u64) -> PathBuf {
     let piece = (size / 40).max(4000) + 13;
     let c = ctx.fill(0, size, piece);
     ctx.io("base.qcow2", &c);
-    let img = ctx.overlay(
-        "top.qcow2",
-        "base.qcow2",
-        "qcow2",
-        None,
-        &format!("extended_l2=on,cluster_size={cs}"),
-    );
+    let img = ctx.top_over_base(None, &format!("extended_l2=on,cluster_size={cs}"));
     let c = subcluster_ops(ctx, cs);
     ctx.io("top.qcow2", &c);
     img
@@ -84,16 +78,8 @@ pub(super) fn extended_l2_no_backing(ctx: &mut Ctx) -> PathBuf {
 pub(super) fn extended_l2_prealloc_metadata_backing(ctx: &mut Ctx) -> PathBuf {
     let cs = 64 * K;
     let size = 12 * cs + 1536;
-    ctx.create("base.qcow2", size, "cluster_size=8192");
-    let c = ctx.fill(0, size, 33_333);
-    ctx.io("base.qcow2", &c);
-    let img = ctx.overlay(
-        "top.qcow2",
-        "base.qcow2",
-        "qcow2",
-        None,
-        "extended_l2=on,preallocation=metadata",
-    );
+    ctx.filled_base(size, "cluster_size=8192", 33_333);
+    let img = ctx.top_over_base(None, "extended_l2=on,preallocation=metadata");
     let c = subcluster_ops(ctx, cs);
     ctx.io("top.qcow2", &c);
     img

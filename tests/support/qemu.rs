@@ -1,0 +1,365 @@
+//! QEMU, the oracle: running qemu-img and qemu-io, QEMU's raw renderings of a disk, a
+//! snapshot or a layer, its `map` and `info` JSON, the one `qemu-img check` assertion
+//! every write scenario ends with, and a QEMU process that holds an image open.
+//!
+//! Every tool runs with the image's directory as its working directory, because QEMU
+//! resolves a relative external data-file name against the CWD (qcow2fs resolves it
+//! against the image's directory).
+
+use super::files::{SiblingCopy, absolute, image_dir, tempdir};
+use super::process::{Finished, run, run_in, shown, signal, tail, wait_until};
+use serde_json::Value;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{Read, Seek};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// `qemu-img args` in `dir`; must succeed; returns its stdout.
+pub fn qemu_img<S: AsRef<OsStr>>(dir: &Path, args: &[S]) -> String {
+    String::from_utf8(run(dir, "qemu-img", args).stdout).expect("qemu-img printed non-UTF-8")
+}
+
+fn qemu_io_args<S: AsRef<str>>(image: &Path, extra: &[&str], cmds: &[S]) -> Vec<String> {
+    let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    for c in cmds {
+        args.push("-c".to_string());
+        args.push(c.as_ref().to_string());
+    }
+    args.push(absolute(image).to_string_lossy().into_owned());
+    args
+}
+
+/// `qemu-io -c CMD... image` in the image's directory. qemu-io exits 0 even when a
+/// command fails, so its output must also be free of error words.
+pub fn qemu_io<S: AsRef<str>>(image: &Path, cmds: &[S]) {
+    qemu_io_with(image, &[], cmds)
+}
+
+/// [`qemu_io`] with `extra` options before the commands (`-f raw`, `-r`).
+pub fn qemu_io_with<S: AsRef<str>>(image: &Path, extra: &[&str], cmds: &[S]) {
+    if cmds.is_empty() {
+        return;
+    }
+    let out = run(
+        &image_dir(image),
+        "qemu-io",
+        &qemu_io_args(image, extra, cmds),
+    );
+    let text = out.all_output();
+    assert!(
+        !text.contains("failed") && !text.contains("error"),
+        "qemu-io reported a failure: {}",
+        out.describe()
+    );
+}
+
+/// Like [`qemu_io`], but the last command is expected to kill qemu-io (`abort`), leaving
+/// the image as a crash would (dirty bit set, lazy refcounts not written back).
+pub fn qemu_io_crash<S: AsRef<str>>(image: &Path, cmds: &[S]) {
+    let args = qemu_io_args(image, &[], cmds);
+    let out = run_in(
+        &image_dir(image),
+        "qemu-io",
+        &args,
+        super::process::COMMAND_LIMIT,
+    );
+    assert_eq!(
+        out.signal(),
+        Some(libc::SIGABRT),
+        "`qemu-io {}` was expected to abort: {}",
+        shown(&args),
+        out.describe()
+    );
+}
+
+/// QEMU's rendering of `image` (any format QEMU probes) as raw bytes.
+pub fn qemu_raw(image: &Path) -> Vec<u8> {
+    qemu_raw_as(image, None)
+}
+
+/// QEMU's rendering of `image`, read with format `format` (`Some("raw")`, `Some("qcow2")`)
+/// or probed (`None`).
+pub fn qemu_raw_as(image: &Path, format: Option<&str>) -> Vec<u8> {
+    let image = absolute(image);
+    let out_dir = tempdir();
+    let out = out_dir.path().join("render.raw");
+    let mut args: Vec<&OsStr> = vec![OsStr::new("convert")];
+    if let Some(f) = format {
+        args.extend([OsStr::new("-f"), OsStr::new(f)]);
+    }
+    args.extend([
+        OsStr::new("-O"),
+        OsStr::new("raw"),
+        image.as_os_str(),
+        out.as_os_str(),
+    ]);
+    qemu_img(&image_dir(&image), &args);
+    std::fs::read(&out).unwrap_or_else(|e| panic!("reading {}: {e}", out.display()))
+}
+
+/// A sibling copy of `image` reverted to snapshot `snapshot` (ID or name, as QEMU looks
+/// it up) with `qemu-img snapshot -a`, i.e. at the snapshot's own disk size.
+pub fn qemu_snapshot_applied(image: &Path, snapshot: &str) -> SiblingCopy {
+    let copy = SiblingCopy::new(image, "snapshot");
+    qemu_img(
+        &image_dir(image),
+        &[
+            OsStr::new("snapshot"),
+            OsStr::new("-a"),
+            OsStr::new(snapshot),
+            copy.path.as_os_str(),
+        ],
+    );
+    copy
+}
+
+/// QEMU's rendering of snapshot `snapshot` (ID or name) of `image`, at the snapshot's own
+/// disk size.
+pub fn qemu_snapshot_raw(image: &Path, snapshot: &str) -> Vec<u8> {
+    let copy = qemu_snapshot_applied(image, snapshot);
+    qemu_raw_as(&copy.path, Some("qcow2"))
+}
+
+fn json(what: &str, out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("{what} JSON: {e}\n{out}"))
+}
+
+/// `qemu-img map --output=json image`.
+pub fn qemu_map_json(image: &Path) -> Value {
+    let image = absolute(image);
+    let out = qemu_img(
+        &image_dir(&image),
+        &[
+            OsStr::new("map"),
+            OsStr::new("--output=json"),
+            image.as_os_str(),
+        ],
+    );
+    json("qemu-img map", &out)
+}
+
+/// `qemu-img map --output=json -f FORMAT path`.
+pub fn qemu_map_json_as(path: &Path, format: &str) -> Value {
+    let path = absolute(path);
+    let out = qemu_img(
+        &image_dir(&path),
+        &[
+            OsStr::new("map"),
+            OsStr::new("--output=json"),
+            OsStr::new("-f"),
+            OsStr::new(format),
+            path.as_os_str(),
+        ],
+    );
+    json("qemu-img map", &out)
+}
+
+fn qemu_info_json_args(image: &Path, extra: &[&str]) -> Value {
+    let image = absolute(image);
+    let mut args: Vec<&OsStr> = vec![OsStr::new("info"), OsStr::new("--output=json")];
+    args.extend(extra.iter().map(OsStr::new));
+    args.push(image.as_os_str());
+    json("qemu-img info", &qemu_img(&image_dir(&image), &args))
+}
+
+/// `qemu-img info --output=json image`.
+pub fn qemu_info_json(image: &Path) -> Value {
+    qemu_info_json_args(image, &[])
+}
+
+/// `qemu-img info --output=json -U image`: without taking locks, so it works while the
+/// image is mounted read-write.
+pub fn qemu_info_json_shared(image: &Path) -> Value {
+    qemu_info_json_args(image, &["-U"])
+}
+
+/// `qemu-img info --output=json --backing-chain image`: one object per layer, top first.
+pub fn qemu_backing_chain_json(image: &Path) -> Vec<Value> {
+    match qemu_info_json_args(image, &["--backing-chain"]) {
+        Value::Array(v) => v,
+        other => vec![other],
+    }
+}
+
+/// `(id, name)` of every internal snapshot, in table order, as QEMU lists them (without
+/// taking locks).
+pub fn qemu_snapshots(image: &Path) -> Vec<(String, String)> {
+    qemu_info_json_shared(image)["snapshots"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|s| {
+                    let field = |f: &str| s[f].as_str().expect("snapshot id and name").to_string();
+                    (field("id"), field("name"))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The snapshot IDs QEMU lists for `image`, in table order.
+pub fn qemu_snapshot_ids(image: &Path) -> Vec<String> {
+    qemu_snapshots(image)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// QEMU's dirty flag of a qcow2 image (read without taking locks).
+pub fn dirty_flag(image: &Path) -> bool {
+    qemu_info_json_shared(image)["dirty-flag"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("qemu-img info of {} has no dirty-flag", image.display()))
+}
+
+/// `qemu-img check --output=json` (exit status 0 clean, 2 corruptions, 3 leaks).
+pub fn qemu_check(image: &Path) -> (Value, Finished) {
+    let image = absolute(image);
+    let out = run_in(
+        &image_dir(&image),
+        "qemu-img",
+        &[
+            OsStr::new("check"),
+            OsStr::new("--output=json"),
+            image.as_os_str(),
+        ],
+        super::process::COMMAND_LIMIT,
+    );
+    let v = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("qemu-img check printed no JSON ({e}): {}", out.describe()));
+    (v, out)
+}
+
+fn assert_zero(image: &Path, v: &Value, out: &Finished, fields: &[&str]) {
+    for f in fields {
+        let n = v.get(f).and_then(Value::as_u64).unwrap_or(0);
+        assert_eq!(
+            n,
+            0,
+            "qemu-img check of {}: {f} = {n}\n{}",
+            image.display(),
+            out.describe()
+        );
+    }
+}
+
+/// `qemu-img check` finds nothing: no corruptions, no leaks, no check errors.
+pub fn assert_check_clean(image: &Path) {
+    let (v, out) = qemu_check(image);
+    assert_zero(
+        image,
+        &v,
+        &out,
+        &[
+            "corruptions",
+            "leaks",
+            "check-errors",
+            "corruptions-fixed",
+            "leaks-fixed",
+        ],
+    );
+    assert!(out.success(), "qemu-img check failed: {}", out.describe());
+}
+
+/// `qemu-img check` finds no corruption and no check error; leaked clusters are allowed
+/// (as after a crash or a failed write-back). Returns the JSON.
+pub fn assert_no_corruption(image: &Path) -> Value {
+    let (v, out) = qemu_check(image);
+    assert_zero(image, &v, &out, &["corruptions", "check-errors"]);
+    v
+}
+
+/// `qemu-storage-daemon` with `image` open read-write through the qcow2 driver (so it
+/// holds QEMU's write locks), killed and reaped on drop.
+pub struct QemuWriter {
+    child: Child,
+    err: File,
+    image: PathBuf,
+}
+
+impl QemuWriter {
+    /// Starts the daemon and returns once it holds its locks.
+    pub fn start(image: &Path) -> QemuWriter {
+        let image = absolute(image);
+        let err = tempfile::tempfile().expect("temporary file");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f,filename={}",
+                image.to_string_lossy().replace(',', ",,")
+            ))
+            .arg("--blockdev")
+            .arg("driver=qcow2,node-name=q,file=f")
+            .current_dir(image_dir(&image))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err.try_clone().unwrap())
+            .spawn()
+            .expect("running qemu-storage-daemon");
+        let mut q = QemuWriter { child, err, image };
+        let locked = wait_until(Duration::from_secs(30), || {
+            if !matches!(q.child.try_wait(), Ok(None)) {
+                return true;
+            }
+            // Probing with `qemu-img info` would take locks of its own and could make the
+            // daemon's start fail; F_OFD_GETLK only looks.
+            write_permission_locked(&q.image)
+        });
+        if let Ok(Some(s)) = q.child.try_wait() {
+            panic!("qemu-storage-daemon exited ({s}): {}", q.stderr());
+        }
+        assert!(locked, "qemu-storage-daemon took no lock within 30 s");
+        q
+    }
+
+    fn stderr(&self) -> String {
+        let mut f = self.err.try_clone().unwrap();
+        let mut s = String::new();
+        f.rewind().unwrap();
+        let _ = f.read_to_string(&mut s);
+        tail(&s, 3000)
+    }
+
+    /// Stops the daemon (SIGTERM, then SIGKILL) and waits for it.
+    pub fn stop(mut self) {
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal(self.child.id() as i32, libc::SIGTERM);
+            if !wait_until(Duration::from_secs(10), || {
+                !matches!(self.child.try_wait(), Ok(None))
+            }) {
+                let _ = self.child.kill();
+            }
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether some process holds QEMU's lock byte for the write permission of `image`
+/// (byte 100 + bit 1, locked shared by every holder of that permission).
+fn write_permission_locked(image: &Path) -> bool {
+    let Ok(f) = File::open(image) else {
+        return false;
+    };
+    // SAFETY: flock is plain data; all-zero is a valid value.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = 101;
+    fl.l_len = 1;
+    // SAFETY: F_OFD_GETLK reads and fills the flock we pass; it takes no lock.
+    let rc = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    rc == 0 && fl.l_type != libc::F_UNLCK as libc::c_short
+}
+
+impl Drop for QemuWriter {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
