@@ -333,7 +333,7 @@ pub fn main() -> i32 {
     match result {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("qcow2fs: {e}");
+            eprintln!("qcow2fs: {}", e.report());
             1
         }
     }

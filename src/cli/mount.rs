@@ -394,7 +394,7 @@ fn serve(
     ) {
         Ok(c) => Some(c),
         Err(e) => {
-            log::error!("{e}; `qcow2fs status` and `umount` cannot reach this daemon");
+            log::error!("{e:#}; `qcow2fs status` and `umount` cannot reach this daemon");
             None
         }
     };
@@ -530,8 +530,8 @@ pub fn run(req: MountRequest) -> Result<()> {
             let code = match serve(&req, &mountpoint, chain, Some(wr)) {
                 Ok(()) => 0,
                 Err(e) => {
-                    log::error!("{e}");
-                    let _ = status.write_all(e.to_string().as_bytes());
+                    log::error!("{e:#}");
+                    let _ = status.write_all(e.report().as_bytes());
                     1
                 }
             };
@@ -591,7 +591,7 @@ pub fn umount(mountpoint: &Path) -> Result<()> {
     let pid = match super::control::request(&canon, &serde_json::json!({"op": "status"})) {
         Ok(v) => v.get("pid").and_then(serde_json::Value::as_u64),
         Err(e) => {
-            log::warn!("{e}; unmounting without waiting for the daemon");
+            log::warn!("{e:#}; unmounting without waiting for the daemon");
             None
         }
     };

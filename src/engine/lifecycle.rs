@@ -32,13 +32,13 @@ impl Image {
         let Err(e) = result else {
             return result;
         };
-        if e.kind() != ErrorKind::Corrupt || self.corrupt.set(e.message().to_string()).is_err() {
+        if e.kind() != ErrorKind::Corrupt || self.corrupt.set(e.report()).is_err() {
             return Err(e);
         }
-        log::error!("{e}; marking the image corrupt");
+        log::error!("{e:#}; marking the image corrupt");
         t.header.incompatible_features |= incompat::CORRUPT;
         if let Err(w) = self.write_header(t) {
-            log::error!("{w}");
+            log::error!("{w:#}");
         }
         Err(e)
     }

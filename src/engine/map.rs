@@ -101,7 +101,8 @@ impl Image {
             let l2_off = match l1.get(l1i as usize) {
                 None => HostOffset(0),
                 Some(&e) => layout.l1_l2_offset(e).map_err(|err| {
-                    Error::corrupt(format!("L1 entry {l1i} (guest offset {cur:#x}): {err}"))
+                    Error::corrupt(format!("L1 entry {l1i} (guest offset {cur:#x})"))
+                        .caused_by(err)
                         .in_file(self.path())
                 })?,
             };
@@ -134,8 +135,9 @@ impl Image {
                 };
                 let (kind, n) = layout.classify(entry, bitmap, sc).map_err(|err| {
                     Error::corrupt(format!(
-                        "L2 entry {l2i} of the table at {l2_off} (guest offset {cur:#x}): {err}"
+                        "L2 entry {l2i} of the table at {l2_off} (guest offset {cur:#x})"
                     ))
+                    .caused_by(err)
                     .in_file(self.path())
                 })?;
                 let run_end = if layout.extended_l2 && n < SUBCLUSTERS - sc {

@@ -60,8 +60,8 @@ impl Image {
         let (bitmaps, bitmap_problem) = match read_bitmaps(&io, &header, file_len) {
             Ok(b) => (b, None),
             Err(e) => {
-                log::warn!("{e}; ignoring the persistent bitmaps");
-                (Vec::new(), Some(e.to_string()))
+                log::warn!("{e:#}; ignoring the persistent bitmaps");
+                (Vec::new(), Some(e.report()))
             }
         };
         let tables = (opts.cache_bytes >> cluster_bits).max(4) as usize;

@@ -12,7 +12,7 @@ impl Image {
     pub fn looks_preallocated(&self) -> bool {
         *self.preallocated.get_or_init(|| {
             self.detect_preallocation().unwrap_or_else(|e| {
-                log::debug!("{e}");
+                log::debug!("{e:#}");
                 false
             })
         })

@@ -78,7 +78,7 @@ impl Image {
                     let d = self
                         .layout
                         .compressed_desc(entry)
-                        .map_err(|err| Error::corrupt(format!("{what}: {err}")).in_file(path))?;
+                        .map_err(|err| Error::corrupt(what.clone()).caused_by(err).in_file(path))?;
                     let start = d.offset.0 & !511;
                     counts.add_range(start, d.offset.0 + d.size - start, &what, path)?;
                 } else if !self.layout.data_file {

@@ -181,10 +181,11 @@ impl Image {
     fn l2_for_write(&self, t: &mut Tables, w: &mut WriteState, l1i: usize) -> Result<Arc<L2Table>> {
         let cb = self.layout.cluster_bits;
         let e = t.l1[l1i];
-        let off = self
-            .layout
-            .l1_l2_offset(e)
-            .map_err(|err| Error::corrupt(format!("L1 entry {l1i}: {err}")).in_file(self.path()))?;
+        let off = self.layout.l1_l2_offset(e).map_err(|err| {
+            Error::corrupt(format!("L1 entry {l1i}"))
+                .caused_by(err)
+                .in_file(self.path())
+        })?;
         if off.0 != 0 && e & COPIED != 0 {
             if let Some(what) = w
                 .alloc
@@ -233,7 +234,9 @@ impl Image {
         let cs = self.cluster_size();
         let layout = self.layout;
         let corrupt = |err: EntryError| {
-            Error::corrupt(format!("L2 entry for guest offset {guest}: {err}")).in_file(self.path())
+            Error::corrupt(format!("L2 entry for guest offset {guest}"))
+                .caused_by(err)
+                .in_file(self.path())
         };
         let mut plan = ClusterWrite {
             guest,

@@ -161,6 +161,8 @@ impl std::fmt::Display for EntryError {
     }
 }
 
+impl std::error::Error for EntryError {}
+
 impl EntryLayout {
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits

@@ -160,7 +160,7 @@ pub fn fallocate(dev: &dyn BlockDev, offset: u64, length: u64, mode: i32) -> Res
         return Err(Errno::EOPNOTSUPP);
     }
     let log = |e: Error| {
-        log::error!("fallocate({mode:#x}) of {length} bytes at {offset:#x}: {e}");
+        log::error!("fallocate({mode:#x}) of {length} bytes at {offset:#x}: {e:#}");
         errno(&e)
     };
     if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
@@ -237,7 +237,7 @@ impl Qcow2Fs {
             Ok((_, dev, _)) => match dev.flush() {
                 Ok(()) => reply.ok(),
                 Err(e) => {
-                    log::error!("flush: {e}");
+                    log::error!("flush: {e:#}");
                     reply.error(errno(&e))
                 }
             },
@@ -252,7 +252,7 @@ impl Qcow2Fs {
             {
                 match dev.close() {
                     Ok(()) => log::info!("{}: written back and closed", dev.info().path.display()),
-                    Err(e) => log::error!("closing {}: {e}", dev.info().path.display()),
+                    Err(e) => log::error!("closing {}: {e:#}", dev.info().path.display()),
                 }
             }
         }
@@ -275,7 +275,7 @@ impl Qcow2Fs {
             std::thread::spawn(move || {
                 background_priority();
                 let v = allocated_bytes(&*dev).unwrap_or_else(|e| {
-                    log::warn!("{e}");
+                    log::warn!("{e:#}");
                     dev.size()
                 });
                 let mut b = slot.state.lock();
@@ -405,7 +405,7 @@ impl Qcow2Fs {
             }
             dev.read_at(&mut buf[..n], off).map_err(|e| {
                 log::error!(
-                    "read of {:?} at {off:#x} (+{n}): {e}",
+                    "read of {:?} at {off:#x} (+{n}): {e:#}",
                     self.ns.path_of(node.ino)
                 );
                 errno(&e)
@@ -513,7 +513,7 @@ impl Filesystem for Qcow2Fs {
                 reply.written(data.len() as u32)
             }
             Err(e) => {
-                log::error!("write of {} bytes at {offset:#x}: {e}", data.len());
+                log::error!("write of {} bytes at {offset:#x}: {e:#}", data.len());
                 reply.error(errno(&e))
             }
         }
@@ -577,7 +577,7 @@ impl Filesystem for Qcow2Fs {
             }
             if size != dev.size() {
                 if let Err(e) = dev.resize(size) {
-                    log::error!("truncate to {size} bytes: {e}");
+                    log::error!("truncate to {size} bytes: {e:#}");
                     return reply.error(errno(&e));
                 }
                 self.touched(ino.0);
@@ -690,7 +690,7 @@ impl Filesystem for Qcow2Fs {
             Ok(Some(o)) => reply.offset(o as i64),
             Ok(None) => reply.error(Errno::ENXIO),
             Err(e) => {
-                log::error!("lseek: {e}");
+                log::error!("lseek: {e:#}");
                 reply.error(errno(&e))
             }
         }

@@ -204,7 +204,7 @@ impl Namespace {
                 .filter(|s| match image.check_snapshot(s) {
                     Ok(_) => true,
                     Err(e) => {
-                        log::warn!("{e}; leaving this snapshot out of the mount");
+                        log::warn!("{e:#}; leaving this snapshot out of the mount");
                         false
                     }
                 })
