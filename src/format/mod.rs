@@ -8,5 +8,6 @@ pub mod error;
 pub mod header;
 pub mod refcount;
 pub mod snapshot;
+pub mod vmstate;
 
 pub use error::{FormatError, Problem};

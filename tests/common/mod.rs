@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests: running qemu-img and qemu-io, QEMU as the
 //! oracle (raw renderings, `map` and `info` JSON), the `qcow2fs` binary, byte-exact
 //! comparisons that report the first difference, and the scenario corpus in [`corpus`]
-//! (built with [`images`] and [`patch`]).
+//! (built with [`images`] and [`patch`]), and
+//! migration streams for the VM-state parser ([`vmstream`]).
 //!
 //! Every qemu tool runs with the image's directory as its working directory, because QEMU
 //! resolves a relative external data-file name against the CWD (qcow2fs resolves it
@@ -13,6 +14,7 @@
 pub mod corpus;
 pub mod images;
 pub mod patch;
+pub mod vmstream;
 
 use serde_json::Value;
 use std::ffi::OsStr;
