@@ -3,7 +3,10 @@
 //! the `pc.ram` block rebuilt from its page index hashes as QEMU's stream says, and the
 //! guest-physical image equals QEMU's `pmemsave` dump outside the VGA window.
 
-use qcow2fs::format::vmstate::{Extent, ExtentKind, SectionKind, VmState};
+mod common;
+
+use common::vmstream::materialize;
+use qcow2fs::format::vmstate::{ExtentKind, SectionKind, VmState};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -54,26 +57,6 @@ fn load(name: &'static str) -> Fixture {
         state,
         facts: facts(name),
     }
-}
-
-/// Reads `len` bytes through `lookup`, checking every extent on the way.
-fn materialize(stream: &[u8], len: u64, lookup: impl Fn(u64, u64) -> Option<Extent>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len as usize);
-    let mut off = 0;
-    while off < len {
-        let e = lookup(off, len - off).unwrap_or_else(|| panic!("no extent at {off:#x}"));
-        assert!(e.len > 0 && e.len <= len - off, "extent {e:?} at {off:#x}");
-        match e.kind {
-            ExtentKind::Data { stream_offset } => {
-                let s = stream_offset as usize;
-                out.extend_from_slice(&stream[s..s + e.len as usize]);
-            }
-            ExtentKind::Fill(b) => out.resize(out.len() + e.len as usize, b),
-            ExtentKind::Hole => out.resize(out.len() + e.len as usize, 0),
-        }
-        off += e.len;
-    }
-    out
 }
 
 const FIXTURES: [&str; 3] = ["A", "B", "C"];

@@ -34,6 +34,14 @@ impl VmStream {
         s
     }
 
+    /// A stream of these bytes as they are (no header added).
+    pub fn from_bytes(b: &[u8]) -> Self {
+        VmStream {
+            buf: b.to_vec(),
+            last_block: None,
+        }
+    }
+
     pub fn len(&self) -> u64 {
         self.buf.len() as u64
     }
@@ -206,5 +214,59 @@ impl Guest<'_> {
         let devs: Vec<(&str, u32)> = self.devices.iter().map(|d| (d.0, 0)).collect();
         s.vmdesc(&vmdesc_json(&devs));
         s
+    }
+}
+
+/// Reads `len` bytes through `lookup` (a block's or the physical image's), checking that
+/// every extent is non-empty, within the range and, for data, within `stream`.
+pub fn materialize(
+    stream: &[u8],
+    len: u64,
+    lookup: impl Fn(u64, u64) -> Option<qcow2fs::format::vmstate::Extent>,
+) -> Vec<u8> {
+    use qcow2fs::format::vmstate::ExtentKind;
+    let mut out = Vec::with_capacity(len as usize);
+    let mut off = 0;
+    while off < len {
+        let e = lookup(off, len - off).unwrap_or_else(|| panic!("no extent at {off:#x}"));
+        assert!(e.len > 0 && e.len <= len - off, "extent {e:?} at {off:#x}");
+        match e.kind {
+            ExtentKind::Data { stream_offset } => {
+                let s = stream_offset as usize;
+                out.extend_from_slice(&stream[s..s + e.len as usize]);
+            }
+            ExtentKind::Fill(b) => out.resize(out.len() + e.len as usize, b),
+            ExtentKind::Hole => out.resize(out.len() + e.len as usize, 0),
+        }
+        off += e.len;
+    }
+    out
+}
+
+/// A data page starting with 100 bytes of `tag`.
+pub fn data(tag: u8) -> Page {
+    Page::Data(vec![tag; 100])
+}
+
+/// pc.ram of 16 pages and a ROM of 2, with every kind of page record, two devices (one
+/// whose body is full of 0x7e, the footer mark) and a switchover-start command.
+pub fn small_guest() -> Guest<'static> {
+    Guest {
+        machine: "pc-i440fx-10.0",
+        blocks: vec![("pc.ram", 16 * PS), ("rom", 2 * PS)],
+        pages: vec![
+            ("pc.ram", 0, data(1)),
+            ("pc.ram", PS, data(2)), // CONTINUE
+            ("pc.ram", 2 * PS, Page::Fill(0)),
+            ("pc.ram", 3 * PS, Page::Fill(0xab)),
+            ("rom", 0, data(9)), // another block: named again
+            ("pc.ram", 4 * PS, data(4)),
+            ("pc.ram", 2 * PS, data(3)), // sent again: data replaces the zero page
+            ("pc.ram", PS, Page::Fill(0)), // and a zero page replaces data
+            ("pc.ram", 15 * PS, data(15)),
+            // pages 5..15 of pc.ram and page 1 of rom are never sent
+        ],
+        devices: vec![("timer", vec![1, 2, 3]), ("cpu", vec![0x7e; 40])],
+        switchover_start: true,
     }
 }

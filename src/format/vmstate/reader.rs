@@ -59,6 +59,8 @@ pub(crate) struct Cursor<'a, R: ReadAt + ?Sized> {
     pos: u64,
     win: Vec<u8>,
     win_start: u64,
+    /// Set when a read needed bytes past the end of the stream.
+    truncated: bool,
 }
 
 impl<'a, R: ReadAt + ?Sized> Cursor<'a, R> {
@@ -69,6 +71,7 @@ impl<'a, R: ReadAt + ?Sized> Cursor<'a, R> {
             pos: 0,
             win: Vec::new(),
             win_start: 0,
+            truncated: false,
         }
     }
 
@@ -88,7 +91,13 @@ impl<'a, R: ReadAt + ?Sized> Cursor<'a, R> {
         self.pos >= self.len
     }
 
-    fn truncated(&self, field: &str, at: u64, need: u64) -> VmStateError {
+    /// Whether some read ran into the end of the stream.
+    pub(crate) fn hit_end(&self) -> bool {
+        self.truncated
+    }
+
+    fn truncated(&mut self, field: &str, at: u64, need: u64) -> VmStateError {
+        self.truncated = true;
         VmStateError::invalid(
             field,
             at,

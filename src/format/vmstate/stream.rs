@@ -209,44 +209,18 @@ impl<'a, 'l, R: ReadAt + ?Sized> Parser<'a, 'l, R> {
                 break;
             }
             let at = self.c.pos();
-            let t = self.c.u8("section type")?;
-            match t {
-                EOF => {
-                    let mut s = SectionInfo::new(SectionKind::Eof, at);
-                    s.end = Some(at + 1);
-                    self.push_section(s);
-                    stream_end = self.after_eof(at)?;
+            match self.section(at) {
+                Ok(Some(end)) => {
+                    stream_end = end;
                     break;
                 }
-                CONFIGURATION => self.configuration(at)?,
-                START | FULL => {
-                    if !self.start_or_full(at, t)? {
-                        break;
-                    }
+                Ok(None) => {}
+                Err(e) if self.ram_phase == RamPhase::Ended && self.c.hit_end() => {
+                    self.warnings
+                        .push(at, format!("device state is cut off: {e}"));
+                    break;
                 }
-                PART | END => self.part_or_end(at, t)?,
-                COMMAND => self.command(at)?,
-                VMDESCRIPTION => {
-                    return Err(VmStateError::invalid(
-                        "section type",
-                        at,
-                        "a device description (0x06) before the EOF section",
-                    ));
-                }
-                SUBSECTION | FOOTER => {
-                    return Err(VmStateError::invalid(
-                        "section type",
-                        at,
-                        format!("{t:#04x} is not a section type at the top level"),
-                    ));
-                }
-                _ => {
-                    return Err(VmStateError::invalid(
-                        "section type",
-                        at,
-                        format!("unknown section type {t:#04x}: its length is not known"),
-                    ));
-                }
+                Err(e) => return Err(e),
             }
         }
         if let Some(vd) = &self.vmdesc {
@@ -257,7 +231,7 @@ impl<'a, 'l, R: ReadAt + ?Sized> Parser<'a, 'l, R> {
                     "device description page_size",
                     vd.offset,
                     format!(
-                        "{ps}, but the RAM section was read with {}-byte pages",
+                        "page size {ps}, but the RAM section was read with {}-byte pages",
                         self.page_size
                     ),
                 ));
@@ -275,6 +249,50 @@ impl<'a, 'l, R: ReadAt + ?Sized> Parser<'a, 'l, R> {
             stream_end,
             warnings: self.warnings.finish(stream_end),
         })
+    }
+
+    /// Parses the section whose type byte is at `at`. Returns where the stream ends
+    /// when this section ends the walk.
+    fn section(&mut self, at: u64) -> Result<Option<u64>> {
+        let t = self.c.u8("section type")?;
+        match t {
+            EOF => {
+                let mut s = SectionInfo::new(SectionKind::Eof, at);
+                s.end = Some(at + 1);
+                self.push_section(s);
+                return self.after_eof(at).map(Some);
+            }
+            CONFIGURATION => self.configuration(at)?,
+            START | FULL => {
+                if !self.start_or_full(at, t)? {
+                    return Ok(Some(self.c.len()));
+                }
+            }
+            PART | END => self.part_or_end(at, t)?,
+            COMMAND => self.command(at)?,
+            VMDESCRIPTION => {
+                return Err(VmStateError::invalid(
+                    "section type",
+                    at,
+                    "a device description (0x06) before the EOF section",
+                ));
+            }
+            SUBSECTION | FOOTER => {
+                return Err(VmStateError::invalid(
+                    "section type",
+                    at,
+                    format!("{t:#04x} is not a section type at the top level"),
+                ));
+            }
+            _ => {
+                return Err(VmStateError::invalid(
+                    "section type",
+                    at,
+                    format!("unknown section type {t:#04x}: its length is not known"),
+                ));
+            }
+        }
+        Ok(None)
     }
 
     fn configuration(&mut self, at: u64) -> Result<()> {
