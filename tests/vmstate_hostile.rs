@@ -470,6 +470,27 @@ fn device_state_problems_after_the_ram_are_warnings() {
     };
     let st = VmState::parse_with(&s.buf[..], s.len(), &limits).unwrap();
     assert_eq!(st.sections().len(), 4);
+
+    // More device sections than are kept: after the RAM a warning, before it an error.
+    let mut s = ram_start(&[("pc.ram", PS)]);
+    s.short_header(3, 1).eos().footer(1);
+    for i in 0..6 {
+        s.device(10 + i, "dev", i, &[i as u8]);
+    }
+    s.eof();
+    let st = VmState::parse_with(&s.buf[..], s.len(), &limits).unwrap();
+    assert!(
+        st.warnings()
+            .iter()
+            .any(|w| w.message.contains("more than 4"))
+    );
+    let mut s = VmStream::new();
+    s.configuration("pc-i440fx-10.0");
+    for i in 0..6 {
+        s.device(10 + i, "dev", i, &[i as u8]);
+    }
+    let e = VmState::parse_with(&s.buf[..], s.len(), &limits).unwrap_err();
+    assert_eq!(problem(&e).0, Problem::Unsupported, "{e}");
 }
 
 #[test]

@@ -57,7 +57,8 @@ pub struct Limits {
     /// built (about twice that while parsing). Default 8 Mi runs: at most 192 MiB, and
     /// no real stream needs more than one run per stretch of pages sent alike.
     pub max_runs: u64,
-    /// Most sections listed in [`VmState::sections`] (more are parsed, not listed).
+    /// Most sections listed in [`VmState::sections`] (more are parsed, not listed), and
+    /// most START and FULL sections parsed (each keeps its section id).
     pub max_sections: usize,
     /// Largest device description read and parsed (default 16 MiB).
     pub max_vmdesc_bytes: u32,

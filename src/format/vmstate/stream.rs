@@ -334,6 +334,22 @@ impl<'a, 'l, R: ReadAt + ?Sized> Parser<'a, 'l, R> {
         } else {
             SectionKind::Full
         };
+        if self.ids.len() >= self.limits.max_sections {
+            let e = VmStateError::unsupported(
+                "section id",
+                at,
+                format!(
+                    "more than {} START and FULL sections",
+                    self.limits.max_sections
+                ),
+            );
+            if self.ram_phase != RamPhase::Ended {
+                return Err(e);
+            }
+            self.warnings
+                .push(at, format!("device state from here on is not walked: {e}"));
+            return Ok(false);
+        }
         if !self.ids.insert(id) {
             return Err(VmStateError::invalid(
                 "section id",
