@@ -241,3 +241,41 @@ fn the_boot_sector_pattern_is_where_the_guest_wrote_it() {
         assert!(after.reads_as_zero(), "{name}: {after:?}");
     }
 }
+
+#[test]
+fn the_summary_reads_only_the_start_of_the_stream() {
+    use qcow2fs::format::vmstate::FnReader;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    for name in FIXTURES {
+        let fx = load(name);
+        let read = AtomicU64::new(0);
+        let src = FnReader(|buf: &mut [u8], off: u64| {
+            read.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            buf.copy_from_slice(&fx.stream[off as usize..off as usize + buf.len()]);
+            Ok(())
+        });
+        let sum = VmState::summary(&src, fx.stream.len() as u64).unwrap();
+        assert!(read.into_inner() <= 64 * 1024, "{name}: read too much");
+        assert_eq!(sum.machine(), fx.state.machine());
+        assert_eq!(sum.page_size, 4096);
+        let blocks: Vec<(String, u64)> = fx
+            .state
+            .blocks()
+            .iter()
+            .map(|b| (b.name.clone(), b.size))
+            .collect();
+        assert_eq!(sum.blocks, blocks);
+        assert_eq!(
+            sum.main_ram_bytes(),
+            Some(fx.facts["ram_bytes"].as_u64().unwrap())
+        );
+        assert_eq!(sum.physical_size(), fx.state.physical_size());
+        assert_eq!(sum.physical.as_ref().ok(), fx.state.physical().ok());
+    }
+}
+
+#[test]
+fn a_parsed_state_can_be_shared_between_threads() {
+    fn shared<T: Send + Sync + 'static>() {}
+    shared::<VmState>();
+}

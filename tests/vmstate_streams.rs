@@ -402,3 +402,31 @@ fn a_stream_without_footers_parses_its_ram() {
         ExtentKind::Data { .. }
     ));
 }
+
+#[test]
+fn the_summary_stops_after_the_block_list() {
+    let s = small_guest().build();
+    let sum = VmState::summary(&s.buf[..], s.len()).unwrap();
+    assert_eq!(sum.machine(), Some("pc-i440fx-10.0"));
+    assert_eq!(
+        sum.blocks,
+        [("pc.ram".to_string(), 16 * PS), ("rom".to_string(), 2 * PS)]
+    );
+    assert_eq!(sum.physical_size(), 16 * PS);
+    // Damage after the block list does not matter to it.
+    let start_end = parse(&s).unwrap().sections()[1].end.unwrap() as usize;
+    let cut = &s.buf[..start_end];
+    assert!(VmState::parse(cut, cut.len() as u64).is_err());
+    assert_eq!(
+        VmState::summary(cut, cut.len() as u64).unwrap().blocks,
+        sum.blocks
+    );
+
+    // A stream of device state only (no RAM section) has no blocks and no image.
+    let mut s = VmStream::new();
+    s.configuration("pc-q35-10.0");
+    s.device(1, "timer", 0, &[0; 24]).eof();
+    let sum = VmState::summary(&s.buf[..], s.len()).unwrap();
+    assert!(sum.blocks.is_empty());
+    assert!(sum.physical.unwrap_err().contains("pc.ram"));
+}

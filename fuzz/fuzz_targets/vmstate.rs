@@ -1,5 +1,5 @@
-//! Arbitrary bytes parsed as a QEMU migration stream (a snapshot's VM state), then the
-//! page index walked: every extent of every RAM block and of the guest-physical image
+//! Arbitrary bytes parsed as a QEMU migration stream (a snapshot's VM state), also read
+//! for its summary (which must agree with the parse), then the page index walked: every extent of every RAM block and of the guest-physical image
 //! must be non-empty, inside its range, and point only at bytes of the stream. Parsing
 //! must end in a result or an error naming an offset within the stream, never a panic, a
 //! hang or a huge allocation (the limits are lowered so a slow input shows up).
@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
         ..Limits::default()
     };
     let len = data.len() as u64;
+    let summary = VmState::summary(data, len);
     let state = match VmState::parse_with(data, len, &limits) {
         Ok(s) => s,
         Err(e) => {
@@ -46,6 +47,15 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     assert!(state.stream_end() <= len);
+    // What the summary read must agree with the whole parse (unless it hit a limit the
+    // parse's lowered limits did not).
+    if let Ok(sum) = summary {
+        assert_eq!(sum.machine(), state.machine());
+        let blocks: Vec<(String, u64)> =
+            state.blocks().iter().map(|b| (b.name.clone(), b.size)).collect();
+        assert_eq!(sum.blocks, blocks);
+        assert_eq!(sum.physical_size(), state.physical_size());
+    }
     for w in state.warnings() {
         assert!(w.offset <= len, "warning past the stream: {w}");
     }

@@ -96,6 +96,37 @@ pub(crate) struct Parsed {
     warnings: Vec<Warning>,
 }
 
+/// What the start of a stream says, read without indexing any page: the header, the
+/// configuration and the RAM section's block list (a few small reads at the start of the
+/// stream). Enough for `info`, and for the size of the physical image before it is built.
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub configuration: Option<Configuration>,
+    pub page_size: u64,
+    /// The RAM blocks (name, size) in stream order; empty when the stream has no RAM.
+    pub blocks: Vec<(String, u64)>,
+    /// The main RAM block's guest-physical layout, or why there is none.
+    pub physical: Result<PhysicalLayout, String>,
+}
+
+impl Summary {
+    pub fn machine(&self) -> Option<&str> {
+        self.configuration.as_ref().map(|c| c.machine.as_str())
+    }
+
+    /// The size of the main RAM block (`pc.ram`), the guest's RAM size.
+    pub fn main_ram_bytes(&self) -> Option<u64> {
+        self.blocks
+            .iter()
+            .find(|b| b.0 == MAIN_RAM_BLOCK)
+            .map(|b| b.1)
+    }
+
+    pub fn physical_size(&self) -> u64 {
+        self.physical.as_ref().map_or(0, |l| l.size())
+    }
+}
+
 /// A parsed VM state stream: its sections, its RAM blocks with their page indexes, and
 /// the guest-physical layout of the main RAM block when the machine type is known.
 #[derive(Clone, Debug)]
@@ -154,6 +185,30 @@ impl VmState {
         Ok(state)
     }
 
+    /// Reads only the start of the `len`-byte stream `src`: see [`Summary`].
+    pub fn summary<R: ReadAt + ?Sized>(src: &R, len: u64) -> Result<Summary, VmStateError> {
+        let limits = Limits::default();
+        if len > MAX_STREAM_LEN {
+            return Err(VmStateError::unsupported(
+                "stream length",
+                0,
+                format!("{len:#x} bytes (at most {MAX_STREAM_LEN:#x})"),
+            ));
+        }
+        let mut parser = stream::Parser::new(src, len, &limits);
+        parser.summary_only = true;
+        let p = parser.run()?;
+        let blocks: Vec<(String, u64)> =
+            p.blocks.iter().map(|b| (b.name.clone(), b.size)).collect();
+        let physical = layout_of(p.configuration.as_ref(), &blocks, None).map(|(_, l)| l);
+        Ok(Summary {
+            configuration: p.configuration,
+            page_size: p.page_size,
+            blocks,
+            physical,
+        })
+    }
+
     /// Lays the main RAM block out again, as for a guest started with the machine option
     /// `max-ram-below-4g` (which the stream does not record; `None` for QEMU's default).
     pub fn remap_physical(&mut self, max_ram_below_4g: Option<u64>) {
@@ -161,26 +216,17 @@ impl VmState {
     }
 
     fn layout(&self, max_ram_below_4g: Option<u64>) -> Result<(usize, PhysicalLayout), String> {
-        let machine = match &self.configuration {
-            Some(c) => c.machine.as_str(),
-            None => return Err("the stream has no configuration section (no machine type)".into()),
-        };
-        let Some(i) = self.blocks.iter().position(|b| b.name == MAIN_RAM_BLOCK) else {
-            return Err(format!(
-                "the stream has no RAM block named {MAIN_RAM_BLOCK:?}"
-            ));
-        };
-        let size = self.blocks[i].size;
-        match PhysicalLayout::for_machine(machine, size, max_ram_below_4g) {
-            Some(l) => Ok((i, l)),
-            None if layout::machine_kind(machine).is_some() => Err(format!(
-                "max-ram-below-4g {:#x} is above 4 GiB",
-                max_ram_below_4g.unwrap_or(0)
-            )),
-            None => Err(format!(
-                "the memory layout of machine type {machine:?} is not known"
-            )),
-        }
+        let blocks: Vec<(String, u64)> = self
+            .blocks
+            .iter()
+            .map(|b| (b.name.clone(), b.size))
+            .collect();
+        layout_of(self.configuration.as_ref(), &blocks, max_ram_below_4g)
+    }
+
+    /// The main RAM block (`pc.ram`), whose size is the guest's RAM size.
+    pub fn main_block(&self) -> Option<&RamBlock> {
+        self.block(MAIN_RAM_BLOCK)
     }
 
     /// The configuration section, when the stream has one.
@@ -261,5 +307,32 @@ impl VmState {
                 len,
             }),
         }
+    }
+}
+
+/// The main RAM block's index in `blocks` and its layout for the configuration's machine.
+fn layout_of(
+    configuration: Option<&Configuration>,
+    blocks: &[(String, u64)],
+    max_ram_below_4g: Option<u64>,
+) -> Result<(usize, PhysicalLayout), String> {
+    let machine = match configuration {
+        Some(c) => c.machine.as_str(),
+        None => return Err("the stream has no configuration section (no machine type)".into()),
+    };
+    let Some(i) = blocks.iter().position(|b| b.0 == MAIN_RAM_BLOCK) else {
+        return Err(format!(
+            "the stream has no RAM block named {MAIN_RAM_BLOCK:?}"
+        ));
+    };
+    match PhysicalLayout::for_machine(machine, blocks[i].1, max_ram_below_4g) {
+        Some(l) => Ok((i, l)),
+        None if layout::machine_kind(machine).is_some() => Err(format!(
+            "max-ram-below-4g {:#x} is above 4 GiB",
+            max_ram_below_4g.unwrap_or(0)
+        )),
+        None => Err(format!(
+            "the memory layout of machine type {machine:?} is not known"
+        )),
     }
 }

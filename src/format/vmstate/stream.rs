@@ -132,6 +132,8 @@ pub(crate) struct Parser<'a, 'l, R: ReadAt + ?Sized> {
     pub(crate) vmdesc_searched: bool,
     /// FULL sections walked so far (the index of the next one in the description).
     pub(crate) devices_walked: usize,
+    /// Stop once the RAM section's START (its block list) is read.
+    pub(crate) summary_only: bool,
 }
 
 impl<'a, 'l, R: ReadAt + ?Sized> Parser<'a, 'l, R> {
@@ -152,6 +154,7 @@ impl<'a, 'l, R: ReadAt + ?Sized> Parser<'a, 'l, R> {
             vmdesc: None,
             vmdesc_searched: false,
             devices_walked: 0,
+            summary_only: false,
         }
     }
 
@@ -212,6 +215,10 @@ impl<'a, 'l, R: ReadAt + ?Sized> Parser<'a, 'l, R> {
             match self.section(at) {
                 Ok(Some(end)) => {
                     stream_end = end;
+                    break;
+                }
+                Ok(None) if self.summary_only && self.ram_phase == RamPhase::Open => {
+                    stream_end = self.c.pos();
                     break;
                 }
                 Ok(None) => {}
