@@ -3,9 +3,11 @@
 //! of a run sits `k * (page_size + 8)` bytes after its first) or filled with one byte.
 //! Pages in no run were never sent. A page sent again replaces the earlier copy.
 //!
-//! Cost: one run per stretch of pages sent alike, 24 bytes each once built; a guest whose
-//! pages alternate between zero and data costs one run per stretch, never more than one
-//! per page. The parser caps the total number of runs ([`super::Limits::max_runs`]).
+//! Cost: one run per stretch of pages sent alike, 24 bytes each, never more than one run
+//! per page. While parsing, a stream that sends pages in order (savevm does) builds the
+//! final sorted vectors directly; a page sent again, before the end of the last run,
+//! moves the block's runs into a B-tree (about 50 bytes a run) for the rest of the
+//! parse. The parser caps the total number of runs ([`super::Limits::max_runs`]).
 
 use std::collections::BTreeMap;
 
@@ -45,11 +47,29 @@ struct Run {
 }
 
 /// Builds the index of one block while the stream is parsed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct IndexBuilder {
-    runs: BTreeMap<u64, Run>,
-    /// Start of the last run by position, and where it ends.
-    last: Option<(u64, u64)>,
+    runs: Runs,
+}
+
+#[derive(Debug)]
+enum Runs {
+    /// Runs in page order, only ever appended to (a stream that sends each page once,
+    /// in order, as savevm of a stopped guest does): already the finished layout.
+    Sorted { starts: Vec<u64>, runs: Vec<Run> },
+    /// After a page landed before the end of the last run (a page sent again).
+    Map(BTreeMap<u64, Run>),
+}
+
+impl Default for IndexBuilder {
+    fn default() -> Self {
+        IndexBuilder {
+            runs: Runs::Sorted {
+                starts: Vec::new(),
+                runs: Vec::new(),
+            },
+        }
+    }
 }
 
 /// What to record for one page.
@@ -94,80 +114,102 @@ impl IndexBuilder {
     /// header. Returns how the number of runs changed (-1, 0, 1 or 2).
     pub(crate) fn set(&mut self, page: u64, content: PageContent, stride: u64) -> i64 {
         let what = content.packed();
-        let before = self.runs.len() as i64;
-        match self.last {
-            // Appending right after the last run, the usual case.
-            Some((start, end)) if page == end => {
-                let run = self.runs.get_mut(&start).expect("last run is in the map");
-                if extends(run, what, stride) {
-                    run.len += 1;
-                    self.last = Some((start, end + 1));
-                } else {
-                    self.runs.insert(page, Run { len: 1, what });
-                    self.last = Some((page, page + 1));
+        match &mut self.runs {
+            Runs::Sorted { starts, runs } => {
+                let end = match (starts.last(), runs.last()) {
+                    (Some(&s), Some(r)) => s + r.len,
+                    _ => 0,
+                };
+                if starts.is_empty() || page >= end {
+                    if page == end
+                        && let Some(r) = runs.last_mut()
+                        && extends(r, what, stride)
+                    {
+                        r.len += 1;
+                        return 0;
+                    }
+                    starts.push(page);
+                    runs.push(Run { len: 1, what });
+                    return 1;
                 }
+                let mut map: BTreeMap<u64, Run> = starts.drain(..).zip(runs.drain(..)).collect();
+                let before = map.len() as i64;
+                map_set(&mut map, page, what, stride);
+                let delta = map.len() as i64 - before;
+                self.runs = Runs::Map(map);
+                delta
             }
-            Some((_, end)) if page < end => self.overwrite(page, what, stride),
-            _ => {
-                self.runs.insert(page, Run { len: 1, what });
-                self.last = Some((page, page + 1));
-            }
-        }
-        self.runs.len() as i64 - before
-    }
-
-    /// Replaces whatever covers `page`, then merges with the run on its left if it can.
-    fn overwrite(&mut self, page: u64, what: u64, stride: u64) {
-        if let Some((&s, &run)) = self.runs.range(..=page).next_back()
-            && s + run.len > page
-        {
-            self.runs.remove(&s);
-            if page > s {
-                self.runs.insert(
-                    s,
-                    Run {
-                        len: page - s,
-                        what: run.what,
-                    },
-                );
-            }
-            let right = s + run.len - (page + 1);
-            if right > 0 {
-                self.runs.insert(
-                    page + 1,
-                    Run {
-                        len: right,
-                        what: advance(run.what, page + 1 - s, stride),
-                    },
-                );
+            Runs::Map(map) => {
+                let before = map.len() as i64;
+                map_set(map, page, what, stride);
+                map.len() as i64 - before
             }
         }
-        let merged = match self.runs.range_mut(..page).next_back() {
-            Some((&s, run)) if s + run.len == page && extends(run, what, stride) => {
-                run.len += 1;
-                true
-            }
-            _ => false,
-        };
-        if !merged {
-            self.runs.insert(page, Run { len: 1, what });
-        }
-        self.last = self.runs.last_key_value().map(|(&s, r)| (s, s + r.len));
     }
 
     pub(crate) fn finish(self, page_size: u64, pages: u64) -> PageIndex {
-        let mut starts = Vec::with_capacity(self.runs.len());
-        let mut runs = Vec::with_capacity(self.runs.len());
-        for (s, r) in self.runs {
-            starts.push(s);
-            runs.push(r);
-        }
+        let (mut starts, mut runs) = match self.runs {
+            Runs::Sorted { starts, runs } => (starts, runs),
+            Runs::Map(map) => map.into_iter().unzip(),
+        };
+        starts.shrink_to_fit();
+        runs.shrink_to_fit();
         PageIndex {
             starts,
             runs,
             page_size,
             pages,
         }
+    }
+}
+
+/// Records `page` in a map of runs: extends the last run, or replaces whatever covers
+/// `page` and then merges with the run on its left if it can.
+fn map_set(map: &mut BTreeMap<u64, Run>, page: u64, what: u64, stride: u64) {
+    if let Some(mut last) = map.last_entry() {
+        let end = *last.key() + last.get().len;
+        if page == end && extends(last.get(), what, stride) {
+            last.get_mut().len += 1;
+            return;
+        }
+        if page >= end {
+            map.insert(page, Run { len: 1, what });
+            return;
+        }
+    }
+    if let Some((&s, &run)) = map.range(..=page).next_back()
+        && s + run.len > page
+    {
+        map.remove(&s);
+        if page > s {
+            map.insert(
+                s,
+                Run {
+                    len: page - s,
+                    what: run.what,
+                },
+            );
+        }
+        let right = s + run.len - (page + 1);
+        if right > 0 {
+            map.insert(
+                page + 1,
+                Run {
+                    len: right,
+                    what: advance(run.what, page + 1 - s, stride),
+                },
+            );
+        }
+    }
+    let merged = match map.range_mut(..page).next_back() {
+        Some((&s, run)) if s + run.len == page && extends(run, what, stride) => {
+            run.len += 1;
+            true
+        }
+        _ => false,
+    };
+    if !merged {
+        map.insert(page, Run { len: 1, what });
     }
 }
 
@@ -323,5 +365,51 @@ mod tests {
         assert_eq!(ix.lookup(5 * PS, u64::MAX).unwrap().len, 3 * PS);
         assert_eq!(ix.lookup(8 * PS, u64::MAX).unwrap().kind, ExtentKind::Hole);
         assert_eq!(ix.lookup(8 * PS, u64::MAX).unwrap().len, 2 * PS);
+    }
+
+    proptest::proptest! {
+        /// The index answers like a plain per-page table, whatever order pages come in:
+        /// mostly ascending runs (as savevm sends them) with pages sent again.
+        #[test]
+        fn matches_a_per_page_table(
+            ops in proptest::collection::vec((0u64..48, 0u8..4, proptest::bool::ANY), 1..200)
+        ) {
+            let pages = 48;
+            let mut table: Vec<Option<ExtentKind>> = vec![None; pages as usize];
+            let mut b = IndexBuilder::default();
+            let mut runs = 0i64;
+            let mut next = 0u64;
+            for (i, &(p, v, seq)) in ops.iter().enumerate() {
+                // Half the writes continue in order, so runs of data pages form.
+                let page = if seq { next % pages } else { p };
+                next = page + 1;
+                let content = match v {
+                    0 => PageContent::Fill(0),
+                    1 => PageContent::Fill(0xee),
+                    // Consecutive data records sit one stride apart in the stream.
+                    _ => PageContent::Data(1_000_000 * (v as u64) + page * STRIDE + (i as u64 % 2) * 7),
+                };
+                runs += b.set(page, content, STRIDE);
+                table[page as usize] = Some(match content {
+                    PageContent::Fill(x) => ExtentKind::Fill(x),
+                    PageContent::Data(off) => ExtentKind::Data { stream_offset: off },
+                });
+            }
+            let ix = b.finish(PS, pages);
+            proptest::prop_assert_eq!(ix.runs() as i64, runs);
+            for p in 0..pages {
+                let want = table[p as usize].unwrap_or(ExtentKind::Hole);
+                let got = ix.lookup(p * PS, PS).unwrap();
+                proptest::prop_assert_eq!(got.kind, want, "page {}", p);
+                proptest::prop_assert_eq!(got.len, PS);
+                // A fill or hole extent covers only pages of the same kind.
+                let long = ix.lookup(p * PS, u64::MAX).unwrap();
+                if !matches!(long.kind, ExtentKind::Data { .. }) {
+                    for q in p..p + long.len / PS {
+                        proptest::prop_assert_eq!(table[q as usize].unwrap_or(ExtentKind::Hole), want);
+                    }
+                }
+            }
+        }
     }
 }

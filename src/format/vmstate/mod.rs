@@ -53,9 +53,9 @@ pub struct Limits {
     pub max_blocks: usize,
     /// Largest RAM block, in bytes (default 64 TiB).
     pub max_block_bytes: u64,
-    /// Most runs in the page indexes of all blocks together; a run costs 24 bytes once
-    /// built (about twice that while parsing). Default 8 Mi runs: at most 192 MiB, and
-    /// no real stream needs more than one run per stretch of pages sent alike.
+    /// Most runs in the page indexes of all blocks together; a run costs 24 bytes (up
+    /// to about 50 while parsing a stream that sends pages again). Default 8 Mi runs: at
+    /// most 192 MiB built; a real stream needs one run per stretch of pages sent alike.
     pub max_runs: u64,
     /// Most sections listed in [`VmState::sections`] (more are parsed, not listed), and
     /// most START and FULL sections parsed (each keeps its section id).
