@@ -84,6 +84,7 @@ fn truncation_at_every_byte_is_an_error_or_a_whole_ram() {
             Err(e) => {
                 assert!(n < ram_end, "cut at {n:#x}, after the RAM ended: {e}");
                 assert!(e.offset() <= n, "cut at {n:#x}: error at {:#x}", e.offset());
+                assert!(e.to_string().contains("truncated"), "cut at {n:#x}: {e}");
             }
         }
     }

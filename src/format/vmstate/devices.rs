@@ -94,7 +94,6 @@ pub(crate) fn skip_full<R: ReadAt + ?Sized>(
         ));
     }
     let next = Expect {
-        guided: listed.is_some(),
         device: listed.and_then(|d| d.get(p.devices_walked)).cloned(),
         id,
         ids: &p.ids,
@@ -127,7 +126,7 @@ pub(crate) fn skip_full<R: ReadAt + ?Sized>(
 
 /// What may follow the footer of the section being skipped.
 struct Expect<'a> {
-    guided: bool,
+    /// The next device the description lists, if there is a description.
     device: Option<(String, u32)>,
     id: u32,
     ids: &'a HashSet<u32>,
@@ -145,7 +144,7 @@ impl Expect<'_> {
     fn fits<R: ReadAt + ?Sized>(&self, c: &mut Cursor<'_, R>, at: u64) -> Result<bool> {
         let len = c.len();
         if at >= len {
-            return Ok(at == len && !self.guided_expects_more());
+            return Ok(at == len && self.device.is_none());
         }
         let b = c.peek_at(
             "section after a footer",
@@ -162,7 +161,7 @@ impl Expect<'_> {
         };
         Ok(match b[0] {
             EOF => {
-                if self.guided_expects_more() {
+                if self.device.is_some() {
                     false
                 } else if let Some(off) = self.eof_then {
                     at + 1 == off
@@ -194,11 +193,10 @@ impl Expect<'_> {
                     false
                 } else if b[0] == START {
                     name == b"ram" && !self.ram_started
-                } else if self.guided {
-                    self.device
-                        .as_ref()
-                        .is_some_and(|(d, i)| d.as_bytes() == name && *i == instance)
+                } else if let Some((d, i)) = &self.device {
+                    d.as_bytes() == name && *i == instance
                 } else {
+                    // Unguided, or past the end of the description's list.
                     true
                 }
             }
@@ -209,10 +207,6 @@ impl Expect<'_> {
             },
             _ => false,
         })
-    }
-
-    fn guided_expects_more(&self) -> bool {
-        self.guided && self.device.is_some()
     }
 }
 

@@ -457,11 +457,11 @@ impl<'a, 'l, R: ReadAt + ?Sized> Parser<'a, 'l, R> {
             return Ok(());
         }
         let at = self.c.pos();
-        let mark = if self.c.at_end() {
-            None
-        } else {
-            Some(self.c.peek_at("section footer", at, 1)?[0])
-        };
+        if self.c.at_end() && self.footers.is_none() {
+            // Undecided, and nothing follows: the caller reports the truncation.
+            return Ok(());
+        }
+        let mark = Some(self.c.peek_at("section footer", at, 1)?[0]);
         if mark != Some(FOOTER) {
             if self.footers == Some(true) {
                 return Err(VmStateError::invalid(
