@@ -97,14 +97,16 @@ pub enum Segment {
 impl PhysicalLayout {
     /// The layout QEMU gives `ram_size` bytes of RAM on `machine`; `max_ram_below_4g`
     /// is the machine option of that name when the guest was started with it. `None`
-    /// for machine types not modelled, or an option value QEMU refuses (above 4 GiB).
+    /// for machine types not modelled, an option value QEMU refuses (above 4 GiB), or
+    /// more than 2^62 bytes of RAM.
     pub fn for_machine(
         machine: &str,
         ram_size: u64,
         max_ram_below_4g: Option<u64>,
     ) -> Option<PhysicalLayout> {
         let kind = machine_kind(machine)?;
-        if max_ram_below_4g.is_some_and(|m| m > FOUR_GIB) {
+        // Far beyond any real guest: an image that large would not fit in 64 bits.
+        if max_ram_below_4g.is_some_and(|m| m > FOUR_GIB) || ram_size > 1 << 62 {
             return None;
         }
         // QEMU treats 0 as "not set".
@@ -153,7 +155,7 @@ impl PhysicalLayout {
     /// when the highest guest address, PCI hole included, reaches the HyperTransport
     /// hole; 64 GiB is allowed for the hole and device memory).
     pub fn near_amd_hole(&self) -> bool {
-        self.above_4g > 0 && FOUR_GIB + self.above_4g + (64 << 30) >= AMD_HT_START
+        self.above_4g > 0 && (FOUR_GIB + self.above_4g).saturating_add(64 << 30) >= AMD_HT_START
     }
 
     /// What is at guest-physical `offset`, for at most `max_len` bytes; `None` at or

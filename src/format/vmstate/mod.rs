@@ -328,7 +328,8 @@ fn layout_of(
     match PhysicalLayout::for_machine(machine, blocks[i].1, max_ram_below_4g) {
         Some(l) => Ok((i, l)),
         None if layout::machine_kind(machine).is_some() => Err(format!(
-            "max-ram-below-4g {:#x} is above 4 GiB",
+            "no layout for {:#x} bytes of RAM with max-ram-below-4g {:#x} (at most 4 GiB)",
+            blocks[i].1,
             max_ram_below_4g.unwrap_or(0)
         )),
         None => Err(format!(
