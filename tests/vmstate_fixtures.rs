@@ -279,3 +279,58 @@ fn a_parsed_state_can_be_shared_between_threads() {
     fn shared<T: Send + Sync + 'static>() {}
     shared::<VmState>();
 }
+
+/// `D` and `E`: QEMU guests with RAM above the low-memory limit (see the README).
+#[test]
+fn ram_above_4_gib_is_where_qemu_puts_it() {
+    for (name, marks) in [
+        ("D", [0xb000_0000u64, 0x1_0000_0000, 0x1_7fff_f000]),
+        ("E", [0x7000_0000, 0x1_0000_0000, 0x1_3fff_f000]),
+    ] {
+        let stream = unxz(name, "vmstate.bin.xz");
+        assert_eq!(hex_sha256(&stream), expected_hash(name, "vmstate.sha256"));
+        let st = VmState::parse(&stream[..], stream.len() as u64).unwrap();
+        assert!(st.warnings().is_empty(), "{name}: {:?}", st.warnings());
+        let layout = st.physical().unwrap();
+        assert!(layout.above_4g > 0, "{name}: {layout:?}");
+        assert!(
+            st.index_memory_bytes() < 64 * 1024,
+            "{name}: {}",
+            st.index_memory_bytes()
+        );
+        let read =
+            |off: u64, len: u64| materialize(&stream, len, |o, l| st.lookup_physical(off + o, l));
+        for m in marks {
+            let text = format!("MARK {m:x}\n");
+            assert_eq!(
+                read(m, text.len() as u64),
+                text.as_bytes(),
+                "{name}: mark {m:#x}"
+            );
+        }
+        let mut ranges = 0;
+        for entry in std::fs::read_dir(dir(name)).unwrap() {
+            let file = entry.unwrap().file_name().into_string().unwrap();
+            let Some(addr) = file
+                .strip_prefix("pmem-")
+                .and_then(|f| f.strip_suffix(".bin.xz"))
+            else {
+                continue;
+            };
+            let addr = u64::from_str_radix(addr, 16).unwrap();
+            let dump = unxz(name, &file);
+            let mut mem = read(addr, dump.len() as u64);
+            let mut dump = dump;
+            // The VGA window reads through the device in pmemsave (see the README).
+            for a in 0xa0000..0xc0000u64 {
+                if a >= addr && a < addr + mem.len() as u64 {
+                    mem[(a - addr) as usize] = 0;
+                    dump[(a - addr) as usize] = 0;
+                }
+            }
+            assert!(mem == dump, "{name}: pmemsave at {addr:#x} differs");
+            ranges += 1;
+        }
+        assert_eq!(ranges, 4, "{name}");
+    }
+}
