@@ -3,6 +3,8 @@
 //! multi-gigabyte stream is never loaded whole), validated types out; no files, no locks.
 //!
 //! ```text
+//! let sum = VmState::summary(&source, vm_state_size)?;  // first 64 KiB only: machine,
+//!                                                       // blocks, physical layout/size
 //! let state = VmState::parse(&source, vm_state_size)?;   // one pass over the stream
 //! state.configuration()   // machine type ("pc-q35-10.0"), page size, capabilities
 //! state.blocks()          // RAM blocks: name, size, per-block lookup(off, len)
@@ -20,6 +22,11 @@
 //! ([`ram`]), device sections, which are skipped ([`devices`]), and the JSON device
 //! description after EOF. The page index is in [`index`], the guest-physical layout in
 //! [`layout`].
+//!
+//! Device state is skipped, not interpreted: its sections have no length field, so the
+//! parser finds each one's footer, checked against the JSON device description when
+//! there is one ([`devices`] says how, and what is trusted). Iterative sections other
+//! than RAM (VFIO, dirty bitmaps) cannot be skipped that way and are refused.
 //!
 //! Hostile streams: every count and length is bounded before use ([`Limits`]); a
 //! truncated stream, a page beyond its block, an unknown or duplicate block or an
