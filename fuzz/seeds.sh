@@ -3,11 +3,11 @@
 # every kind (v2, v3, extended L2, zlib and zstd compression, snapshots, a raw backing
 # file, lazy refcounts left dirty, 1- and 64-bit refcounts), and from them the header
 # clusters, snapshot tables, L2 tables and compressed payloads the parser targets start
-# from. Usage: seeds.sh DIR (creates DIR/<target>/; nothing here is committed).
+# from, and small migration streams laid out as savevm writes them. Usage: seeds.sh DIR (creates DIR/<target>/; nothing here is committed).
 set -euo pipefail
 
 out=${1:?usage: seeds.sh DIR}
-mkdir -p "$out"/{image,header,snapshot_table,entries,decompress}
+mkdir -p "$out"/{image,header,snapshot_table,entries,decompress,vmstate}
 out=$(cd "$out" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -90,5 +90,50 @@ open(sys.argv[2] + "/deflate", "wb").write(bytes([3]) + c.compress(data) + c.flu
 PY
 zstd -q -c cluster | { printf '\x83'; cat; } >"$out/decompress/zstd"
 head -c 4096 /dev/zero | zstd -q -c | { printf '\x83'; cat; } >"$out/decompress/zstd-zeros"
+
+# Migration streams: header, configuration, the RAM section (block list, zero, fill and
+# data pages, CONTINUE), a switchover-start command, device sections, EOF and the JSON
+# device description; one i440fx stream and one q35 stream with configuration
+# subsections and the x-ignore-shared block addresses.
+python3 - "$out/vmstate" <<'PY'
+import json, struct, sys
+be16 = lambda v: struct.pack(">H", v)
+be32 = lambda v: struct.pack(">I", v)
+be64 = lambda v: struct.pack(">Q", v)
+counted = lambda s: bytes([len(s)]) + s.encode()
+PS = 4096
+
+def stream(machine, subsections=b"", ignore_shared=False):
+    blocks = [("pc.ram", 8 * PS), ("vga.vram", 2 * PS)]
+    s = b"QEVM" + be32(3) + b"\x07" + be32(len(machine)) + machine.encode() + subsections
+    s += b"\x01" + be32(1) + counted("ram") + be32(0) + be32(4)
+    s += be64(sum(b[1] for b in blocks) | 0x04)
+    for i, (name, size) in enumerate(blocks):
+        s += counted(name) + be64(size) + (be64(0x10000000 * i) if ignore_shared else b"")
+    s += be64(0x10) + b"\x7e" + be32(1)
+    s += b"\x02" + be32(1)
+    s += be64(0x08) + counted("pc.ram") + bytes([0x41]) * PS
+    s += be64(PS | 0x08 | 0x20) + bytes([0x42]) * PS
+    s += be64(2 * PS | 0x02 | 0x20) + b"\x00"
+    s += be64(3 * PS | 0x02 | 0x20) + b"\xab"
+    s += be64(0x02) + counted("vga.vram") + b"\x00"
+    s += be64(0x10) + b"\x7e" + be32(1)
+    s += b"\x08" + be16(11) + be16(0)
+    s += b"\x03" + be32(1) + be64(0x10) + b"\x7e" + be32(1)
+    devices = [("timer", 0, b"\x00" * 24), ("cpu", 0, b"\x7e" + be32(2) + b"\x01" * 40)]
+    for i, (name, inst, body) in enumerate(devices):
+        sid = 2 + i
+        s += b"\x04" + be32(sid) + counted(name) + be32(inst) + be32(1) + body + b"\x7e" + be32(sid)
+    desc = json.dumps({"page_size": PS,
+                       "devices": [{"name": n, "instance_id": i} for n, i, _ in devices]})
+    return s + b"\x00" + b"\x06" + be32(len(desc)) + desc.encode()
+
+sub = lambda name: b"\x05" + counted(name) + be32(1)
+open(sys.argv[1] + "/i440fx", "wb").write(stream("pc-i440fx-10.0"))
+conf = (sub("configuration/target-page-bits") + be32(12)
+        + sub("configuration/capabilities") + be32(1) + counted("x-ignore-shared")
+        + sub("configuration/uuid") + bytes(range(16)))
+open(sys.argv[1] + "/q35", "wb").write(stream("pc-q35-10.0", conf, ignore_shared=True))
+PY
 
 echo "seeds in $out: $(find "$out" -type f | wc -l) files"

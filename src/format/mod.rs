@@ -9,5 +9,6 @@ pub mod header;
 pub mod refcount;
 pub mod snapshot;
 pub mod units;
+pub mod vmstate;
 
 pub use error::{FormatError, Problem};

@@ -39,6 +39,7 @@ pub mod mounttable;
 pub mod patch;
 pub mod process;
 pub mod qemu;
+pub mod vmstream;
 
 pub use blockdev::*;
 pub use bytes::*;
