@@ -862,3 +862,113 @@ fn flush_writes_refcount_blocks_then_l2_tables_then_the_l1_table() {
     layer.close().unwrap();
     assert_check_clean(&store.dump(&dir.path().join("after.qcow2")));
 }
+
+/// Snapshots created, deleted and reverted to through the library on every cluster
+/// layout, with writes in between: QEMU reads every snapshot and the active disk as the
+/// model says, and `qemu-img check` finds nothing, after each step.
+#[test]
+fn snapshots_created_deleted_and_reverted_match_qemu() {
+    for opts in [
+        "cluster_size=65536",
+        "cluster_size=4096,refcount_bits=8",
+        "cluster_size=65536,extended_l2=on",
+        "cluster_size=512,lazy_refcounts=on",
+    ] {
+        let dir = tempdir();
+        let img = create_image(dir.path(), "s.qcow2", Some(8 * M), opts, None);
+        qemu_io(&img, &["write -P 0x11 0 3M", "write -c -P 0x12 4M 64k"]);
+        let mut model = qemu_raw(&img);
+        // Without locks, so that QEMU can check the image while it is open.
+        let chain = open_chain(
+            &img,
+            &OpenOptions {
+                image: ImageOptions {
+                    writable: true,
+                    ..Default::default()
+                },
+                force_share: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let image = chain.image().clone();
+        let top = chain.top.clone();
+        let write = |model: &mut Vec<u8>, byte: u8, off: usize, len: usize| {
+            top.write_at(&vec![byte; len], off as u64).unwrap();
+            model[off..off + len].fill(byte);
+        };
+        let s1 = image.create_snapshot(b"one", (1_700_000_000, 5)).unwrap();
+        let at_s1 = model.clone();
+        write(&mut model, 0x21, 100_000, 300_000);
+        write(&mut model, 0x22, 4 << 20, 5000);
+        let s2 = image.create_snapshot(b"two", (1_700_000_001, 6)).unwrap();
+        let at_s2 = model.clone();
+        write(&mut model, 0x31, 2 << 20, 2 << 20);
+        top.write_zeroes(0, 65536, true).unwrap();
+        model[..65536].fill(0);
+        image.flush().unwrap();
+        let check = |what: &str, active: &[u8], snaps: &[(&str, &[u8])]| {
+            assert_check_clean(&img);
+            assert_same_bytes(
+                &format!("{opts}, {what}: active disk"),
+                active,
+                &qemu_raw(&img),
+            );
+            for (name, want) in snaps {
+                assert_same_bytes(
+                    &format!("{opts}, {what}: snapshot {name}"),
+                    want,
+                    &qemu_snapshot_raw(&img, name),
+                );
+            }
+        };
+        check(
+            "after two snapshots",
+            &model,
+            &[("one", &at_s1), ("two", &at_s2)],
+        );
+        assert_eq!(
+            qemu_snapshots(&img),
+            [
+                ("1".to_string(), "one".to_string()),
+                ("2".to_string(), "two".to_string())
+            ]
+        );
+        image.delete_snapshot(s1.key).unwrap();
+        check("after deleting one", &model, &[("two", &at_s2)]);
+        image.revert_to_snapshot(s2.key).unwrap();
+        check("after reverting to two", &at_s2, &[("two", &at_s2)]);
+        assert_same_bytes(
+            "reverted, through the library",
+            &at_s2,
+            &read_all(&*chain.top),
+        );
+        write(&mut model, 0x41, 0, 1000);
+        let mut reverted = at_s2.clone();
+        top.write_at(&[0x41; 1000], 0).unwrap();
+        reverted[..1000].fill(0x41);
+        image.delete_snapshot(s2.key).unwrap();
+        image.close().unwrap();
+        check("after deleting the last one", &reverted, &[]);
+        drop(chain);
+    }
+}
+
+/// With 1-bit refcounts no cluster can have a second owner: taking a snapshot is refused
+/// before anything changes, as in QEMU.
+#[test]
+fn snapshot_refused_when_refcounts_cannot_count_it() {
+    let dir = tempdir();
+    let img = create_image(dir.path(), "r1.qcow2", Some(4 * M), "refcount_bits=1", None);
+    qemu_io(&img, &["write -P 0x11 0 1M"]);
+    let before = std::fs::read(&img).unwrap();
+    let chain = open_rw(&img);
+    let e = chain
+        .image()
+        .create_snapshot(b"x", (1_700_000_000, 0))
+        .unwrap_err();
+    assert_eq!(e.kind(), qcow2fs::ErrorKind::NoSpace, "{e:#}");
+    chain.image().close().unwrap();
+    drop(chain);
+    assert_eq!(std::fs::read(&img).unwrap(), before, "the image changed");
+}

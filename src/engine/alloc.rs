@@ -115,6 +115,21 @@ impl Allocator {
         &mut self.overlap
     }
 
+    /// The largest refcount the image's refcount width holds.
+    pub(crate) fn max_refcount(&self) -> u64 {
+        self.layout.max()
+    }
+
+    /// Replaces the record of metadata clusters (rebuilt after the snapshots changed).
+    pub(crate) fn set_overlap(&mut self, map: MetaMap) {
+        self.overlap = map;
+    }
+
+    /// The refcount table's entries.
+    pub(crate) fn table(&self) -> &[u64] {
+        &self.table
+    }
+
     fn missing(&self, ti: u64) -> bool {
         self.table
             .get(ti as usize)
@@ -219,6 +234,30 @@ impl Allocator {
             }
         }
         Ok(())
+    }
+
+    /// Adds a reference to `c`, creating its refcount block when needed.
+    pub(crate) fn increment(&mut self, c: HostCluster, io: &MetaIo) -> Result<Option<TableMove>> {
+        let mut moved = None;
+        while self.missing(c.0 / self.per_block()) {
+            let m = self.create_block(c.0 / self.per_block(), &[], io)?;
+            moved = moved.or(m);
+        }
+        let old = self.get(c, io)?;
+        let new = old.checked_add(1).filter(|&v| v <= self.layout.max());
+        let Some(new) = new else {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "refcount of host cluster {} would exceed its {}-bit maximum",
+                    c.offset(self.cb()),
+                    self.layout.bits()
+                ),
+            )
+            .in_file(io.path()));
+        };
+        self.set_existing(c, new, io)?;
+        Ok(moved)
     }
 
     /// Drops one reference to `c`. A refcount that is already 0 (a damaged image) is left

@@ -70,6 +70,20 @@ impl Image {
         Ok(a.first)
     }
 
+    /// Adds a reference to cluster `c` (a snapshot now shares it), applying a
+    /// refcount-table move it caused.
+    pub(crate) fn add_reference(
+        &self,
+        t: &mut Tables,
+        w: &mut WriteState,
+        c: HostCluster,
+    ) -> Result<()> {
+        if let Some(mv) = w.alloc.increment(c, &self.io)? {
+            self.switch_reftable(t, w, mv)?;
+        }
+        Ok(())
+    }
+
     /// Writes `bytes` of a new structure of `kind` at `off`, and syncs: it is durable
     /// before anything (the header, an L1 entry) points at it (rules F3 and F5).
     pub(crate) fn write_new_structure(

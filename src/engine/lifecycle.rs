@@ -131,11 +131,24 @@ impl Image {
         }
         // The new L1 table copies entries that must not point at unwritten tables.
         self.write_back(t, w)?;
-        let cb = self.layout.cluster_bits;
-        let clusters = (needed * 8).div_ceil(self.cluster_size());
-        let first = self.allocate(t, w, clusters, Use::Meta(MetaKind::ActiveL1))?;
         let mut l1 = t.l1.clone();
         l1.resize(needed as usize, 0);
+        self.move_l1(t, w, l1, new_size)
+    }
+
+    /// Puts the active L1 table `l1` in newly allocated clusters (it no longer fits where
+    /// the current one is) and points the header at it, with disk size `size`; then frees
+    /// the old table. Everything `l1` points to must be on disk already.
+    pub(crate) fn move_l1(
+        &self,
+        t: &mut Tables,
+        w: &mut WriteState,
+        l1: Vec<u64>,
+        size: u64,
+    ) -> Result<()> {
+        let cb = self.layout.cluster_bits;
+        let clusters = (l1.len() as u64 * 8).div_ceil(self.cluster_size()).max(1);
+        let first = self.allocate(t, w, clusters, Use::Meta(MetaKind::ActiveL1))?;
         // F2: the clusters' refcounts are durable; F3: the table before the header.
         w.alloc.write_back(&self.io)?;
         let bytes = super::metaio::encode_words(&l1, (clusters << cb) as usize);
@@ -145,10 +158,11 @@ impl Image {
             t.header.l1_size as u64,
         );
         t.header.l1_table_offset = first.offset(cb).0;
-        t.header.l1_size = needed as u32;
-        t.header.size = new_size;
+        t.header.l1_size = l1.len() as u32;
+        t.header.size = size;
         self.write_header(t)?;
         t.l1 = l1;
+        t.l1_dirty = false;
         // F4: the old table is free once the header no longer names it.
         let (old_first, n) = old.0.clusters_spanned(old.1 * 8, cb);
         for k in 0..n {

@@ -9,7 +9,8 @@
 //! allocation, `overlap` the record of metadata clusters, `cache` the L2 cache, `map`
 //! lookups, `write` write planning, `flush` write-back ordering, `lifecycle` the changes
 //! to the image as a whole, `rebuild` refcount repair, `ranges` guest range locks,
-//! `prealloc` QEMU's preallocation test, `create` new images.
+//! `prealloc` QEMU's preallocation test, `snapshot` internal snapshots of a writable
+//! image, `create` new images.
 
 mod alloc;
 pub mod cache;
@@ -24,6 +25,7 @@ mod overlap;
 mod prealloc;
 mod ranges;
 mod rebuild;
+mod snapshot;
 mod write;
 
 pub use image::{
