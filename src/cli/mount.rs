@@ -7,7 +7,7 @@ use crate::block::{self, BlockDev, Chain, CopyOnRead, OpenOptions, Overlay, Over
 use crate::engine::ImageOptions;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fuse::namespace::{FileRole, LayoutOptions, Namespace};
-use crate::fuse::{FsConfig, Qcow2Fs};
+use crate::fuse::{FsConfig, MountState, Qcow2Fs};
 use fuser::{MountOption, SessionACL};
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -312,12 +312,12 @@ fn serve(
             })
         })?
     } else {
-        Namespace::build(&chain, &req.image, layout)
+        Namespace::build(&chain, &req.image, layout)?
     };
     let writable = o.rw || o.overlay.is_some();
     // SAFETY: getegid/geteuid have no preconditions.
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    let fs = Qcow2Fs::new(
+    let state = Arc::new(MountState::new(
         ns,
         FsConfig {
             uid: o.uid.unwrap_or(euid),
@@ -326,7 +326,8 @@ fn serve(
             readahead: o.readahead_kb.map(|kb| kb.saturating_mul(1024)),
             writable,
         },
-    );
+    ));
+    let fs = Qcow2Fs::new(state.clone());
     let image_abs = req
         .image
         .canonicalize()
@@ -381,10 +382,11 @@ fn serve(
             "ro".into()
         },
         force_share: o.force_share,
-        open_files: fs.open_files(),
+        mount: state.clone(),
     });
     let mut session = fuser::Session::new(fs, mountpoint, &config)
         .map_err(|e| Error::io(mountpoint, "mounting", e))?;
+    state.set_notifier(session.notifier());
     // Before any other thread starts: they inherit the blocked termination signals.
     handle_signals(session.unmount_callable(), mountpoint.to_path_buf());
     let handler = daemon.clone();

@@ -4,7 +4,7 @@
 use super::control;
 use crate::block::{BlockDev, Chain};
 use crate::error::Result;
-use crate::fuse::OpenFiles;
+use crate::fuse::MountState;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ pub struct Daemon {
     /// `ro`, `rw`, `rw,copy-on-read` or `overlay`.
     pub mode: String,
     pub force_share: bool,
-    pub open_files: Arc<OpenFiles>,
+    pub mount: Arc<MountState>,
 }
 
 impl Daemon {
@@ -57,8 +57,8 @@ impl Daemon {
             "mode": self.mode,
             "layers": layers,
             "snapshots": snapshots,
-            "open-files": self.open_files.total.load(Relaxed),
-            "open-for-writing": self.open_files.writers.load(Relaxed),
+            "open-files": self.mount.open_files.total.load(Relaxed),
+            "open-for-writing": self.mount.open_files.writers.load(Relaxed),
             "cache": image.cache_stats(),
             "locks": locks,
         })

@@ -1,6 +1,8 @@
 //! The mount's directory tree as plain data: which files exist, their names, inode numbers
-//! and the disks behind them. Built once at mount time; the FUSE callbacks only look
-//! things up here.
+//! and the disks behind them. Built at mount time; files come and go when snapshots are
+//! taken or deleted through the control channel (inode numbers are never used twice in
+//! one mount). The FUSE callbacks only look things up here, under the mount's namespace
+//! lock, and do their I/O after letting it go.
 //!
 //! Layout for an image `NAME.qcow2`:
 //! - `NAME.raw`: the active disk;
@@ -10,11 +12,13 @@
 
 use crate::block::{BlockDev, Chain};
 use crate::engine::{Snapshot, SnapshotKey};
+use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const ROOT_INO: u64 = 1;
@@ -38,6 +42,33 @@ pub enum NodeKind {
     },
 }
 
+/// A file's allocated bytes (for st_blocks): known, or being counted by a background
+/// thread (counting reads every L2 table, seconds on a large image, which must not delay
+/// the first lookup or read).
+#[derive(Debug, Default)]
+pub struct BlocksSlot {
+    pub state: Mutex<Blocks>,
+    pub done: Condvar,
+}
+
+#[derive(Debug, Default)]
+pub struct Blocks {
+    pub bytes: Option<u64>,
+    /// Bumped by every change to the file; a count started before it is dropped.
+    pub generation: u64,
+    pub computing: bool,
+}
+
+/// What the mount tracks per file while it runs.
+#[derive(Debug, Default)]
+pub struct NodeState {
+    pub blocks: Arc<BlocksSlot>,
+    /// The time of the last change through the mount.
+    pub changed: Mutex<Option<SystemTime>>,
+    /// Open file handles.
+    pub open: AtomicU64,
+}
+
 #[derive(Debug)]
 pub struct Node {
     pub ino: u64,
@@ -45,6 +76,7 @@ pub struct Node {
     pub name: OsString,
     pub kind: NodeKind,
     pub mtime: SystemTime,
+    pub state: Arc<NodeState>,
 }
 
 impl Node {
@@ -73,10 +105,10 @@ impl Default for LayoutOptions {
     }
 }
 
-/// The whole tree; inode `n` is `nodes[n - 1]`.
+/// The whole tree; inode `n` is `nodes[n - 1]` (`None` once removed).
 #[derive(Debug)]
 pub struct Namespace {
-    nodes: Vec<Node>,
+    nodes: Vec<Option<Node>>,
     index: HashMap<(u64, OsString), u64>,
 }
 
@@ -138,10 +170,36 @@ pub fn snapshot_file_stems(snaps: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
     stems
 }
 
-fn raw_name(stem: &[u8]) -> OsString {
+/// `STEM.raw`.
+pub fn raw_name(stem: &[u8]) -> OsString {
     let mut v = stem.to_vec();
     v.extend_from_slice(b".raw");
     OsString::from_vec(v)
+}
+
+/// The file names of `snapshots` in the mount, by key.
+pub fn snapshot_file_names(snapshots: &[&Snapshot]) -> Vec<(SnapshotKey, OsString)> {
+    let pairs: Vec<(String, Vec<u8>)> = snapshots
+        .iter()
+        .map(|s| (s.entry.id.clone(), s.entry.name_bytes.clone()))
+        .collect();
+    snapshots
+        .iter()
+        .zip(snapshot_file_stems(&pairs))
+        .map(|(s, stem)| (s.key, raw_name(&stem)))
+        .collect()
+}
+
+/// The modification time a snapshot file shows: the snapshot's date.
+pub fn snapshot_mtime(s: &Snapshot) -> SystemTime {
+    UNIX_EPOCH + Duration::new(s.entry.date_sec as u64, s.entry.date_nsec.min(999_999_999))
+}
+
+/// The name of layer `depth` (1 = the direct backing file) whose file is `path`.
+pub fn layer_name(depth: usize, path: &Path) -> OsString {
+    let mut name = format!("{depth}-").into_bytes();
+    name.extend_from_slice(stem(path).as_bytes());
+    raw_name(&name)
 }
 
 fn file_mtime(path: &Path) -> SystemTime {
@@ -150,12 +208,21 @@ fn file_mtime(path: &Path) -> SystemTime {
         .unwrap_or(UNIX_EPOCH)
 }
 
+fn dir() -> NodeKind {
+    NodeKind::Dir {
+        children: Vec::new(),
+    }
+}
+
 impl Namespace {
     /// Builds the tree for `chain`, the image opened from `image_path`. Snapshots whose
     /// L1 table is broken are left out (with a warning): they fail alone.
-    pub fn build(chain: &Chain, image_path: &Path, opts: LayoutOptions) -> Namespace {
+    pub fn build(
+        chain: &Chain,
+        image_path: &Path,
+        opts: LayoutOptions,
+    ) -> crate::Result<Namespace> {
         Self::build_with(chain, image_path, opts, &mut |_, _, dev| Ok(dev))
-            .expect("the identity wrapper cannot fail")
     }
 
     /// Like [`Namespace::build`], with `wrap` choosing the disk each file shows (a
@@ -172,30 +239,12 @@ impl Namespace {
             index: HashMap::new(),
         };
         let image_mtime = file_mtime(image_path);
-        ns.push(
-            ROOT_INO,
-            OsString::new(),
-            NodeKind::Dir {
-                children: Vec::new(),
-            },
-            image_mtime,
-        );
+        ns.add(ROOT_INO, OsString::new(), dir(), image_mtime);
         let mut active = stem(image_path);
         active.push(".raw");
-        let dev = wrap(
-            FileRole::Active,
-            &active.to_string_lossy(),
-            chain.top.clone(),
-        )?;
-        ns.push(
-            ROOT_INO,
-            active,
-            NodeKind::File {
-                dev,
-                role: FileRole::Active,
-            },
-            image_mtime,
-        );
+        let role = FileRole::Active;
+        let dev = wrap(role, &active.to_string_lossy(), chain.top.clone())?;
+        ns.add(ROOT_INO, active, NodeKind::File { dev, role }, image_mtime);
         let image = chain.image();
         let snapshots = image.snapshots();
         if opts.snapshots && !snapshots.is_empty() {
@@ -209,89 +258,103 @@ impl Namespace {
                     }
                 })
                 .collect();
-            let pairs: Vec<(String, Vec<u8>)> = usable
-                .iter()
-                .map(|s| (s.entry.id.clone(), s.entry.name_bytes.clone()))
-                .collect();
-            let stems = snapshot_file_stems(&pairs);
             if !usable.is_empty() {
-                let dir = ns.push(
-                    ROOT_INO,
-                    "snapshots".into(),
-                    NodeKind::Dir {
-                        children: Vec::new(),
-                    },
-                    image_mtime,
-                );
-                for (s, stem) in usable.into_iter().zip(stems) {
-                    let e = &s.entry;
-                    let mtime =
-                        UNIX_EPOCH + Duration::new(e.date_sec as u64, e.date_nsec.min(999_999_999));
-                    let name = raw_name(&stem);
-                    let role = FileRole::Snapshot(s.key);
-                    let dev = wrap(role, &name.to_string_lossy(), chain.snapshot(s.key))?;
-                    ns.push(dir, name, NodeKind::File { dev, role }, mtime);
+                let dir = ns.add(ROOT_INO, "snapshots".into(), dir(), image_mtime);
+                for ((key, name), s) in snapshot_file_names(&usable).into_iter().zip(&usable) {
+                    let role = FileRole::Snapshot(key);
+                    let dev = wrap(role, &name.to_string_lossy(), chain.snapshot(key))?;
+                    ns.add(dir, name, NodeKind::File { dev, role }, snapshot_mtime(s));
                 }
             }
         }
         if opts.layers && !chain.layers.is_empty() {
-            let dir = ns.push(
-                ROOT_INO,
-                "layers".into(),
-                NodeKind::Dir {
-                    children: Vec::new(),
-                },
-                image_mtime,
-            );
+            let dir = ns.add(ROOT_INO, "layers".into(), dir(), image_mtime);
             for (i, layer) in chain.layers.iter().enumerate() {
                 let path = &layer.info().path;
-                let mut name = format!("{}-", i + 1).into_bytes();
-                name.extend_from_slice(stem(path).as_bytes());
-                let name = raw_name(&name);
-                let dev = wrap(
-                    FileRole::Layer(i + 1),
-                    &name.to_string_lossy(),
-                    layer.clone(),
-                )?;
-                ns.push(
-                    dir,
-                    name,
-                    NodeKind::File {
-                        dev,
-                        role: FileRole::Layer(i + 1),
-                    },
-                    file_mtime(path),
-                );
+                let name = layer_name(i + 1, path);
+                let role = FileRole::Layer(i + 1);
+                let dev = wrap(role, &name.to_string_lossy(), layer.clone())?;
+                ns.add(dir, name, NodeKind::File { dev, role }, file_mtime(path));
             }
         }
         Ok(ns)
     }
 
-    fn push(&mut self, parent: u64, name: OsString, kind: NodeKind, mtime: SystemTime) -> u64 {
+    /// Adds a node named `name` under directory `parent`; returns its inode number.
+    pub fn add(&mut self, parent: u64, name: OsString, kind: NodeKind, mtime: SystemTime) -> u64 {
         let ino = self.nodes.len() as u64 + 1;
         if ino != ROOT_INO {
-            if let NodeKind::Dir { children } = &mut self.nodes[(parent - 1) as usize].kind {
+            if let Some(Some(Node {
+                kind: NodeKind::Dir { children },
+                ..
+            })) = self.nodes.get_mut((parent - 1) as usize)
+            {
                 children.push(ino);
             }
             self.index.insert((parent, name.clone()), ino);
         }
-        self.nodes.push(Node {
+        self.nodes.push(Some(Node {
             ino,
             parent,
             name,
             kind,
             mtime,
-        });
+            state: Arc::default(),
+        }));
         ino
     }
 
+    /// Removes node `ino` (a file, or an empty directory) and returns it.
+    pub fn remove(&mut self, ino: u64) -> Option<Node> {
+        let node = self.nodes.get_mut((ino - 1) as usize)?.take()?;
+        self.index.remove(&(node.parent, node.name.clone()));
+        if let Some(Some(Node {
+            kind: NodeKind::Dir { children },
+            ..
+        })) = self.nodes.get_mut((node.parent - 1) as usize)
+        {
+            children.retain(|&c| c != ino);
+        }
+        Some(node)
+    }
+
+    /// Gives node `ino` a new name in the same directory.
+    pub fn rename(&mut self, ino: u64, name: OsString) {
+        let Some(Some(node)) = self.nodes.get_mut((ino - 1) as usize) else {
+            return;
+        };
+        self.index.remove(&(node.parent, node.name.clone()));
+        self.index.insert((node.parent, name.clone()), ino);
+        node.name = name;
+    }
+
+    /// Shows disk `dev` in file `ino` from now on (the active disk after an external
+    /// snapshot).
+    pub fn set_dev(&mut self, ino: u64, new: Arc<dyn BlockDev>) {
+        if let Some(Some(Node {
+            kind: NodeKind::File { dev, .. },
+            ..
+        })) = self.nodes.get_mut((ino - 1) as usize)
+        {
+            *dev = new;
+        }
+    }
+
     pub fn node(&self, ino: u64) -> Option<&Node> {
-        ino.checked_sub(1).and_then(|i| self.nodes.get(i as usize))
+        ino.checked_sub(1)
+            .and_then(|i| self.nodes.get(i as usize))
+            .and_then(Option::as_ref)
     }
 
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Option<&Node> {
         let &ino = self.index.get(&(parent, name.to_os_string()))?;
         self.node(ino)
+    }
+
+    /// The file showing `role`, if there is one.
+    pub fn find_role(&self, role: FileRole) -> Option<&Node> {
+        self.nodes()
+            .find(|n| matches!(n.kind, NodeKind::File { role: r, .. } if r == role))
     }
 
     /// Directory entries of `ino` including `.` and `..`, as (ino, is_dir, name).
@@ -305,14 +368,25 @@ impl Namespace {
             (node.parent, true, OsString::from("..")),
         ];
         for &c in children {
-            let n = &self.nodes[(c - 1) as usize];
-            out.push((c, n.is_dir(), n.name.clone()));
+            if let Some(n) = self.node(c) {
+                out.push((c, n.is_dir(), n.name.clone()));
+            }
         }
         Some(out)
     }
 
-    pub fn nodes(&self) -> &[Node] {
-        &self.nodes
+    /// The nodes that exist.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().flatten()
+    }
+
+    /// The number of nodes that exist.
+    pub fn len(&self) -> usize {
+        self.nodes().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// The full path of `ino` relative to the mount point.
@@ -379,5 +453,27 @@ mod tests {
         assert_eq!(stem(Path::new("/a/disk.qcow2")), "disk");
         assert_eq!(stem(Path::new("disk")), "disk");
         assert_eq!(stem(Path::new("x.tar.qcow2")), "x.tar");
+    }
+
+    #[test]
+    fn nodes_come_and_go() {
+        let mut ns = Namespace {
+            nodes: Vec::new(),
+            index: HashMap::new(),
+        };
+        ns.add(ROOT_INO, OsString::new(), dir(), UNIX_EPOCH);
+        let d = ns.add(ROOT_INO, "snapshots".into(), dir(), UNIX_EPOCH);
+        let a = ns.add(d, "a.raw".into(), dir(), UNIX_EPOCH);
+        let b = ns.add(d, "b.raw".into(), dir(), UNIX_EPOCH);
+        assert_eq!(ns.entries(d).unwrap().len(), 4);
+        assert!(ns.remove(a).is_some());
+        assert!(ns.node(a).is_none() && ns.lookup(d, OsStr::new("a.raw")).is_none());
+        assert_eq!(ns.entries(d).unwrap().len(), 3);
+        ns.rename(b, "c.raw".into());
+        assert_eq!(ns.lookup(d, OsStr::new("c.raw")).map(|n| n.ino), Some(b));
+        // Numbers are never used twice.
+        let c = ns.add(d, "a.raw".into(), dir(), UNIX_EPOCH);
+        assert!(c > b);
+        assert_eq!(ns.path_of(c), "snapshots/a.raw");
     }
 }
