@@ -9,7 +9,7 @@ use super::cipher::{CipherAlg, CipherMode, CipherSpec, IvGenAlg, SECTOR_SIZE};
 use super::hash::HashAlg;
 use super::luks::{
     DIGEST_LEN, KEY_MATERIAL_START_SECTORS, KeySlot, LuksArea, LuksHeader, NUM_SLOTS, SALT_LEN,
-    STRIPES,
+    STRIPES, UUID_LEN,
 };
 use super::secret::MasterKey;
 use crate::{Error, ErrorKind, Result};
@@ -143,6 +143,9 @@ pub fn create_luks_area(
         .map_err(Error::invalid)?
         .encrypt(0, &mut material);
 
+    let mut uuid = [0u8; UUID_LEN];
+    let text = random_uuid()?;
+    uuid[..text.len()].copy_from_slice(text.as_bytes());
     let header = LuksHeader {
         area: LuksArea {
             offset: area_offset,
@@ -155,7 +158,7 @@ pub fn create_luks_area(
         master_key_digest,
         master_key_salt,
         master_key_iterations: params.master_key_iterations,
-        uuid: random_uuid()?,
+        uuid,
         slots,
     };
     let mut area = vec![0u8; area_len];

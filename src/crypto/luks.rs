@@ -23,7 +23,7 @@ pub const SLOT_ACTIVE: u32 = 0x00ac_71f3;
 pub const SLOT_INACTIVE: u32 = 0x0000_dead;
 pub const DIGEST_LEN: usize = 20;
 pub const SALT_LEN: usize = 32;
-const UUID_LEN: usize = 40;
+pub const UUID_LEN: usize = 40;
 const NAME_LEN: usize = 32;
 /// The stripes QEMU and cryptsetup write.
 pub const STRIPES: u32 = 4000;
@@ -76,7 +76,8 @@ pub struct LuksHeader {
     pub master_key_digest: [u8; DIGEST_LEN],
     pub master_key_salt: [u8; SALT_LEN],
     pub master_key_iterations: u32,
-    pub uuid: String,
+    /// The UUID field as stored (text, NUL-padded); see [`LuksHeader::uuid`].
+    pub uuid: [u8; UUID_LEN],
     pub slots: [KeySlot; NUM_SLOTS],
 }
 
@@ -210,9 +211,6 @@ impl LuksHeader {
                 "is 0",
             ));
         }
-        let uuid = String::from_utf8_lossy(&b[168..168 + UUID_LEN])
-            .trim_end_matches('\0')
-            .to_owned();
         let slots: [KeySlot; NUM_SLOTS] = std::array::from_fn(|i| {
             let s = &b[208 + 48 * i..208 + 48 * (i + 1)];
             KeySlot {
@@ -232,7 +230,7 @@ impl LuksHeader {
             master_key_digest: b[112..132].try_into().unwrap(),
             master_key_salt: b[132..164].try_into().unwrap(),
             master_key_iterations,
-            uuid,
+            uuid: b[168..168 + UUID_LEN].try_into().unwrap(),
             slots,
         };
         h.check_slots(b, area, &at)?;
@@ -353,6 +351,12 @@ impl LuksHeader {
         (self.master_key_len as usize * slot.stripes as usize).next_multiple_of(SECTOR_SIZE)
     }
 
+    /// The UUID as text, up to its first NUL.
+    pub fn uuid(&self) -> String {
+        let end = self.uuid.iter().position(|&c| c == 0).unwrap_or(UUID_LEN);
+        String::from_utf8_lossy(&self.uuid[..end]).into_owned()
+    }
+
     pub fn active_slots(&self) -> impl Iterator<Item = usize> + '_ {
         (0..NUM_SLOTS).filter(|&i| self.slots[i].active)
     }
@@ -369,7 +373,7 @@ impl LuksHeader {
                 _ => None,
             },
             hash_alg: self.hash.name(),
-            uuid: self.uuid.clone(),
+            uuid: self.uuid(),
             payload_offset: self.payload_offset_sector as u64 * SECTOR_SIZE as u64,
             master_key_iters: self.master_key_iterations,
             slots: self
@@ -415,7 +419,7 @@ impl LuksHeader {
         b[112..132].copy_from_slice(&self.master_key_digest);
         b[132..164].copy_from_slice(&self.master_key_salt);
         b[164..168].copy_from_slice(&self.master_key_iterations.to_be_bytes());
-        put_text(&mut b, 168, UUID_LEN, &self.uuid);
+        b[168..168 + UUID_LEN].copy_from_slice(&self.uuid);
         for (i, s) in self.slots.iter().enumerate() {
             let o = 208 + 48 * i;
             let state = if s.active { SLOT_ACTIVE } else { SLOT_INACTIVE };
