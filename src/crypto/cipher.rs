@@ -9,11 +9,10 @@
 
 use super::hash::HashAlg;
 use super::secret::Locked;
-use cipher::generic_array::GenericArray;
 use cipher::typenum::{U8, U16};
 use cipher::{
-    BlockCipher, BlockDecrypt, BlockDecryptMut, BlockEncrypt, BlockEncryptMut, BlockSizeUser,
-    InnerIvInit, KeyInit, StreamCipher,
+    Array, BlockCipherDecrypt, BlockCipherEncrypt, BlockModeDecrypt, BlockModeEncrypt,
+    BlockSizeUser, InOutBuf, InnerIvInit, KeyInit, StreamCipher,
 };
 use xts_mode::Xts128;
 
@@ -282,35 +281,34 @@ impl<T: Engine> Engine for Locked<T> {
 struct Ecb<C>(C);
 struct Cbc<C>(C);
 struct Ctr<C>(C);
-struct Xts<C: BlockEncrypt + BlockDecrypt + BlockCipher>(Xts128<C>);
+struct Xts<C>(Xts128<C>);
 
-impl<C: BlockEncrypt + BlockDecrypt + Send + Sync> Engine for Ecb<C> {
+/// The whole blocks of `sector` (a sector is always whole blocks).
+fn blocks<C: BlockSizeUser>(sector: &mut [u8]) -> InOutBuf<'_, '_, Array<u8, C::BlockSize>> {
+    let (blocks, tail) = InOutBuf::from(sector).into_chunks::<C::BlockSize>();
+    debug_assert!(tail.is_empty());
+    blocks
+}
+
+impl<C: BlockCipherEncrypt + BlockCipherDecrypt + Send + Sync> Engine for Ecb<C> {
     fn encrypt(&self, _iv: &[u8], sector: &mut [u8]) {
-        let n = C::block_size();
-        for b in sector.chunks_exact_mut(n) {
-            self.0.encrypt_block(GenericArray::from_mut_slice(b));
-        }
+        self.0.encrypt_blocks_inout(blocks::<C>(sector));
     }
     fn decrypt(&self, _iv: &[u8], sector: &mut [u8]) {
-        let n = C::block_size();
-        for b in sector.chunks_exact_mut(n) {
-            self.0.decrypt_block(GenericArray::from_mut_slice(b));
-        }
+        self.0.decrypt_blocks_inout(blocks::<C>(sector));
     }
 }
 
-impl<C: BlockEncrypt + BlockDecrypt + BlockCipher + Send + Sync> Engine for Cbc<C> {
+impl<C: BlockCipherEncrypt + BlockCipherDecrypt + Send + Sync> Engine for Cbc<C> {
     fn encrypt(&self, iv: &[u8], sector: &mut [u8]) {
-        let mut m = cbc::Encryptor::<&C>::inner_iv_slice_init(&self.0, iv).expect("IV length");
-        for b in sector.chunks_exact_mut(C::block_size()) {
-            m.encrypt_block_mut(GenericArray::from_mut_slice(b));
-        }
+        cbc::Encryptor::<&C>::inner_iv_slice_init(&self.0, iv)
+            .expect("IV length")
+            .encrypt_blocks_inout(blocks::<C>(sector));
     }
     fn decrypt(&self, iv: &[u8], sector: &mut [u8]) {
-        let mut m = cbc::Decryptor::<&C>::inner_iv_slice_init(&self.0, iv).expect("IV length");
-        for b in sector.chunks_exact_mut(C::block_size()) {
-            m.decrypt_block_mut(GenericArray::from_mut_slice(b));
-        }
+        cbc::Decryptor::<&C>::inner_iv_slice_init(&self.0, iv)
+            .expect("IV length")
+            .decrypt_blocks_inout(blocks::<C>(sector));
     }
 }
 
@@ -318,7 +316,7 @@ impl<C: BlockEncrypt + BlockDecrypt + BlockCipher + Send + Sync> Engine for Cbc<
 /// starting at the sector's IV.
 impl<C> Engine for Ctr<C>
 where
-    C: BlockEncrypt + BlockCipher + BlockSizeUser<BlockSize = U16> + Send + Sync,
+    C: BlockCipherEncrypt + BlockSizeUser<BlockSize = U16> + Send + Sync,
 {
     fn encrypt(&self, iv: &[u8], sector: &mut [u8]) {
         let core = ctr::CtrCore::<&C, ctr::flavors::Ctr128BE>::inner_iv_slice_init(&self.0, iv)
@@ -335,7 +333,7 @@ struct Ctr8<C>(C);
 
 impl<C> Engine for Ctr8<C>
 where
-    C: BlockEncrypt + BlockCipher + BlockSizeUser<BlockSize = U8> + Send + Sync,
+    C: BlockCipherEncrypt + BlockSizeUser<BlockSize = U8> + Send + Sync,
 {
     fn encrypt(&self, iv: &[u8], sector: &mut [u8]) {
         let core = ctr::CtrCore::<&C, ctr::flavors::Ctr64BE>::inner_iv_slice_init(&self.0, iv)
@@ -349,15 +347,15 @@ where
 
 impl<C> Engine for Xts<C>
 where
-    C: BlockEncrypt + BlockDecrypt + BlockCipher + Send + Sync,
+    C: BlockCipherEncrypt + BlockCipherDecrypt + BlockSizeUser<BlockSize = U16> + Send + Sync,
 {
     fn encrypt(&self, iv: &[u8], sector: &mut [u8]) {
-        self.0
-            .encrypt_sector(sector, iv.try_into().expect("XTS takes a 16-byte IV"));
+        let tweak = Array::try_from(iv).expect("XTS takes a 16-byte IV");
+        self.0.encrypt_sector(sector, tweak);
     }
     fn decrypt(&self, iv: &[u8], sector: &mut [u8]) {
-        self.0
-            .decrypt_sector(sector, iv.try_into().expect("XTS takes a 16-byte IV"));
+        let tweak = Array::try_from(iv).expect("XTS takes a 16-byte IV");
+        self.0.decrypt_sector(sector, tweak);
     }
 }
 
@@ -383,9 +381,8 @@ fn keyed<C: KeyInit>(key: &[u8]) -> Result<C, String> {
 
 fn engine16<C>(mode: CipherMode, key: &[u8]) -> Result<Box<dyn Engine>, String>
 where
-    C: BlockEncrypt
-        + BlockDecrypt
-        + BlockCipher
+    C: BlockCipherEncrypt
+        + BlockCipherDecrypt
         + BlockSizeUser<BlockSize = U16>
         + KeyInit
         + Send
@@ -408,9 +405,8 @@ where
 
 fn engine8<C>(mode: CipherMode, key: &[u8]) -> Result<Box<dyn Engine>, String>
 where
-    C: BlockEncrypt
-        + BlockDecrypt
-        + BlockCipher
+    C: BlockCipherEncrypt
+        + BlockCipherDecrypt
         + BlockSizeUser<BlockSize = U8>
         + KeyInit
         + Send
