@@ -170,7 +170,7 @@ fn buf_of(pattern: u8) -> Vec<u8> {
 }
 
 /// QEMU makes the image, qemu-io writes the pattern, qcow2fs unlocks and decrypts it.
-fn qemu_made(name: &str, opts: &str, expect: (&str, &str, &str, Option<&str>, &str)) {
+fn qemu_made(name: &str, opts: &str, expect: (&str, &str, &str, Option<&str>, &str)) -> Opened {
     let d = tempdir();
     let img = luks_image(d.path(), name, opts);
     qemu_io_enc(&img, "", PASS, &[&format!("write -P 0x5a {GUEST} {CS}")]);
@@ -210,15 +210,24 @@ fn qemu_made(name: &str, opts: &str, expect: (&str, &str, &str, Option<&str>, &s
     assert_eq!(key.len(), o.luks.master_key_len as usize);
     let crypto = Crypto::luks(&o.luks, &key).unwrap();
     check_cluster(&o.file, &o.header, &crypto, 0x5a, opts);
+    o
 }
 
 #[test]
 fn qemu_default_aes256_xts_plain64_sha256() {
-    qemu_made(
+    let o = qemu_made(
         "default.qcow2",
         "",
         ("aes-256", "xts", "plain64", None, "sha256"),
     );
+    // The LUKS area must be cluster-aligned, as QEMU checks.
+    let mut h = o.header.clone();
+    let (offset, length) = h.fde.unwrap();
+    h.fde = Some((offset + 512, length));
+    let err = Header::parse_allowing_encryption(&h.encode().unwrap()).unwrap_err();
+    assert!(err.to_string().contains("not aligned"), "{err}");
+    h.fde = Some((offset, 0));
+    assert!(Header::parse_allowing_encryption(&h.encode().unwrap()).is_err());
 }
 
 #[test]
@@ -232,9 +241,10 @@ fn qemu_aes128_cbc_essiv_sha256_hash_sha1() {
 
 #[test]
 fn qemu_aes192_xts_plain_hash_sha224() {
+    // QEMU keeps an IV hash given with plain ("xts-plain:sha1") and ignores it.
     qemu_made(
         "a.qcow2",
-        "encrypt.cipher-alg=aes-192,encrypt.cipher-mode=xts,encrypt.ivgen-alg=plain,encrypt.hash-alg=sha224",
+        "encrypt.cipher-alg=aes-192,encrypt.cipher-mode=xts,encrypt.ivgen-alg=plain,encrypt.ivgen-hash-alg=sha1,encrypt.hash-alg=sha224",
         ("aes-192", "xts", "plain", None, "sha224"),
     );
 }
@@ -370,7 +380,7 @@ fn qemu_reads_what_qcow2fs_encrypts_for_every_combination() {
     let host = host_cluster(&t.file, &t.header, GUEST);
     let room = t.luks.area.length.next_multiple_of(CS);
     let hashes = qcow2fs::crypto::hash::ALL_HASHES;
-    let mut n = 0;
+    let (mut n, mut checked) = (0, 0);
     for alg in qcow2fs::crypto::cipher::ALL_CIPHERS {
         for mode in [
             CipherMode::Xts,
@@ -427,6 +437,21 @@ fn qemu_reads_what_qcow2fs_encrypts_for_every_combination() {
                 f.write_all_at(&data, host).unwrap();
                 drop(f);
                 qemu_io_enc(&img, "", PASS, &[&format!("read -P 0x77 {GUEST} {CS}")]);
+                // Where the new area is as long as the old, nothing leaks: qemu-img check
+                // must find the image clean.
+                if area.len() as u64 == t.luks.area.length {
+                    checked += 1;
+                    qemu_img(
+                        d.path(),
+                        &[
+                            "check",
+                            "--object",
+                            &secret("sec0", PASS),
+                            "--image-opts",
+                            &image_opts(&img, ""),
+                        ],
+                    );
+                }
                 let o = open_luks(&img);
                 assert_eq!(o.luks, made, "{what}: parse(encode(h)) != h");
                 let got = o.unlock(PASS).unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -436,6 +461,7 @@ fn qemu_reads_what_qcow2fs_encrypts_for_every_combination() {
         }
     }
     assert!(n >= 90, "only {n} combinations");
+    assert!(checked >= 3, "only {checked} images checked");
 }
 
 #[test]

@@ -37,6 +37,21 @@ pub use secret::{Locked, MasterKey};
 
 use crate::{Error, Result};
 
+/// What `qemu-img info` shows under `encrypt` (same names when serialised): the LUKS
+/// header's summary, or `{"format": "aes"}` for the legacy method, which stores nothing.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(untagged)]
+pub enum EncryptionInfo {
+    Luks(LuksInfo),
+    LegacyAes { format: &'static str },
+}
+
+impl EncryptionInfo {
+    pub fn legacy_aes() -> EncryptionInfo {
+        EncryptionInfo::LegacyAes { format: "aes" }
+    }
+}
+
 /// Which offset numbers an image's encryption sectors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SectorBasis {
@@ -181,6 +196,12 @@ mod tests {
     fn crypto_is_send_and_sync() {
         assert_send_sync::<Crypto>();
         assert_send_sync::<MasterKey>();
+    }
+
+    #[test]
+    fn legacy_info_is_what_qemu_shows() {
+        let v = serde_json::to_value(EncryptionInfo::legacy_aes()).unwrap();
+        assert_eq!(v, serde_json::json!({"format": "aes"}));
     }
 
     #[test]
