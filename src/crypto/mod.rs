@@ -20,6 +20,11 @@
 //! PBKDF2 / anti-forensic hashes md5, sha1, sha224, sha256, sha384, sha512, ripemd160,
 //! sm3. Refused by name: sm4 (that QEMU refuses it too) and any other cipher, mode, IV
 //! generator or hash.
+//!
+//! Speed (one x86_64 core with AES-NI, release build, MiB/s decrypting / encrypting):
+//! aes-256-xts 390 / 540, aes-128-cbc 5200 / 670, aes-256-ctr 3000 / 4000, serpent-256-xts
+//! 41 / 55, cast5-128-cbc 94 / 78, twofish-256-xts 1 / 2 (RustCrypto's twofish computes
+//! its key-dependent S-boxes on every block).
 
 pub mod af;
 pub mod cipher;
