@@ -657,7 +657,7 @@ fn hostile_luks_headers_are_refused_with_the_field_named() {
         &["slot 5 stripes"],
     );
     refused(
-        &edit(&|b| put32(b, slot(0, 44), 1 << 20)),
+        &edit(&|b| put32(b, slot(0, 44), 4001)),
         area,
         &["slot 0 stripes"],
     );

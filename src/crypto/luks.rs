@@ -29,9 +29,10 @@ const NAME_LEN: usize = 32;
 pub const STRIPES: u32 = 4000;
 /// Where QEMU puts the first key material: 4096 bytes, 8 sectors, after the header.
 pub const KEY_MATERIAL_START_SECTORS: u64 = 8;
-/// The most stripes a slot may have. Writers use 4000; this bounds a slot's key
-/// material to 4 MiB and its anti-forensic merge to 2^16 hashes per digest length.
-pub const MAX_STRIPES: u32 = 1 << 16;
+/// The most stripes a slot may have: what QEMU and cryptsetup always write. It bounds a
+/// slot's key material to 250 KiB, so decrypting and merging all 8 slots stays cheap
+/// even with the slowest cipher (twofish, about 2 s for all 8).
+pub const MAX_STRIPES: u32 = STRIPES;
 /// The most PBKDF2 work unlocking may take, counted in HMAC-SHA-256 iterations
 /// ([`HashAlg::pbkdf2_work`]), over every active slot and its master-key digest check:
 /// 2^28, about 40 s on a 2020s x86_64 core. QEMU's default (`iter-time` 2 s, 2 s of

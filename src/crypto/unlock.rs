@@ -5,7 +5,7 @@
 //! when PBKDF2 of it with the header's salt and iterations equals the header's digest.
 //!
 //! The key material is read through a callback, one slot at a time (at most
-//! `MAX_STRIPES` x 64 bytes), so this module does no I/O of its own. Every secret on the
+//! `MAX_STRIPES` x 64 bytes, 250 KiB), so this module does no I/O of its own. Every secret on the
 //! way (slot key, decrypted material, candidate key) is wiped when dropped.
 
 use super::af;
