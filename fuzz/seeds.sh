@@ -7,7 +7,7 @@
 set -euo pipefail
 
 out=${1:?usage: seeds.sh DIR}
-mkdir -p "$out"/{image,header,snapshot_table,entries,decompress,vmstate}
+mkdir -p "$out"/{image,header,snapshot_table,entries,decompress,vmstate,luks}
 out=$(cd "$out" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -135,5 +135,27 @@ conf = (sub("configuration/target-page-bits") + be32(12)
         + sub("configuration/uuid") + bytes(range(16)))
 open(sys.argv[1] + "/q35", "wb").write(stream("pc-q35-10.0", conf, ignore_shared=True))
 PY
+# LUKS areas (the luks target): QEMU's default cipher and two others, with the area cut
+# from the image at the offset and length of its encryption extension.
+for spec in "" ",encrypt.cipher-alg=cast5-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=md5" \
+        ",encrypt.cipher-alg=serpent-128,encrypt.cipher-mode=ctr,encrypt.hash-alg=sha512"; do
+    n=$((${n:-0} + 1))
+    qemu-img create -q -f qcow2 --object secret,id=s0,data=pw \
+        -o "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10$spec" "luks$n.img" 1M
+    python3 - "luks$n.img" "$out/luks/luks$n" <<'PY'
+import struct, sys
+b = open(sys.argv[1], "rb").read()
+off = struct.unpack(">I", b[100:104])[0]
+while True:
+    kind, length = struct.unpack(">II", b[off:off + 8])
+    if kind == 0x0537BE77:
+        start, size = struct.unpack(">QQ", b[off + 8:off + 24])
+        open(sys.argv[2], "wb").write(b[start:start + size])
+        break
+    if kind == 0:
+        sys.exit("no encryption extension")
+    off += 8 + (length + 7) // 8 * 8
+PY
+done
 
 echo "seeds in $out: $(find "$out" -type f | wc -l) files"

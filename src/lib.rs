@@ -3,6 +3,7 @@
 
 pub mod block;
 pub mod cli;
+pub mod crypto;
 pub mod engine;
 pub mod error;
 pub mod format;

@@ -249,9 +249,28 @@ impl Header {
         }
     }
 
-    /// Parses and validates cluster 0. `bytes` holds the start of the file: at least the
-    /// whole first cluster, zero-filled where the file is shorter.
+    /// Parses and validates cluster 0, and refuses encrypted images. `bytes` holds the
+    /// start of the file: at least the whole first cluster, zero-filled where the file is
+    /// shorter.
     pub fn parse(bytes: &[u8]) -> Result<Header, FormatError> {
+        let h = Self::parse_allowing_encryption(bytes)?;
+        if h.crypt_method != CryptMethod::None {
+            let what = match h.crypt_method {
+                CryptMethod::Aes => "legacy AES",
+                _ => "LUKS",
+            };
+            return Err(FormatError::unsupported(
+                "crypt_method",
+                32,
+                format!("image is encrypted ({what}); encryption is not supported yet"),
+            ));
+        }
+        Ok(h)
+    }
+
+    /// [`Header::parse`] for a reader that can decrypt: encrypted images pass, with the
+    /// LUKS area (`fde`) checked to be cluster-aligned and not empty, as QEMU checks it.
+    pub fn parse_allowing_encryption(bytes: &[u8]) -> Result<Header, FormatError> {
         let cluster_bits = peek_cluster_bits(bytes)?;
         let cs = 1u64 << cluster_bits;
         if (bytes.len() as u64) < cs {

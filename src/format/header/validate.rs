@@ -88,16 +88,21 @@ impl Header {
                 "present although crypt_method is not LUKS",
             ));
         }
-        if self.crypt_method != CryptMethod::None {
-            let what = match self.crypt_method {
-                CryptMethod::Aes => "legacy AES",
-                _ => "LUKS",
-            };
-            return Err(FormatError::unsupported(
-                "crypt_method",
-                32,
-                format!("image is encrypted ({what}); encryption is not supported yet"),
-            ));
+        if let Some((offset, length)) = self.fde {
+            if offset % cs != 0 {
+                return Err(FormatError::invalid(
+                    "encryption header extension",
+                    self.header_length as u64,
+                    format!("LUKS area offset {offset:#x} is not aligned to the cluster size {cs}"),
+                ));
+            }
+            if length == 0 {
+                return Err(FormatError::invalid(
+                    "encryption header extension",
+                    self.header_length as u64,
+                    "LUKS area length is 0",
+                ));
+            }
         }
         for (field, at, value) in [
             ("l1_table_offset", 40, self.l1_table_offset),
