@@ -12,7 +12,7 @@ TARGET_DIR ?= $(or $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev
 	sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'),target)
 BIN = $(TARGET_DIR)/release/qcow2fs
 
-.PHONY: all build release test lint demo install uninstall bench fuzz clean
+.PHONY: all build release test lint man demo install uninstall bench fuzz clean
 
 all: release
 
@@ -31,6 +31,17 @@ lint:
 test: lint
 	$(CARGO) test --no-fail-fast
 	cd fuzz && $(CARGO) clippy --no-default-features --bins -- -D warnings
+
+# The option sections of the man pages, between their BEGIN and END markers, are generated
+# from the option table (src/cli/options/table.rs); `make man` regenerates them after the
+# table changes, and tests/docs.rs fails while they differ.
+MAN_PAGES = man/qcow2fs.1 man/mount.qcow2fs.8
+
+man:
+	$(CARGO) build --quiet
+	set -e; for p in $(MAN_PAGES); do \
+		$(CARGO) run --quiet -- gen-man $$p > $$p.new; mv $$p.new $$p; \
+	done
 
 # Needs root and FUSE; works in $(TARGET_DIR)/demo.
 demo: release
