@@ -6,8 +6,13 @@ BINDIR  ?= $(PREFIX)/bin
 SBINDIR ?= /sbin
 MANDIR  ?= $(PREFIX)/share/man
 CARGO   ?= cargo
+# Where cargo puts what it builds: CARGO_TARGET_DIR or build.target-dir when set, else
+# target/ (asked of cargo, so every way of setting it is honoured).
+TARGET_DIR ?= $(or $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | \
+	sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'),target)
+BIN = $(TARGET_DIR)/release/qcow2fs
 
-.PHONY: all build release test lint demo install uninstall bench fuzz clean
+.PHONY: all build release test lint man demo install uninstall bench fuzz clean
 
 all: release
 
@@ -27,8 +32,20 @@ test: lint
 	$(CARGO) test --no-fail-fast
 	cd fuzz && $(CARGO) clippy --no-default-features --bins -- -D warnings
 
+# The option sections of the man pages, between their BEGIN and END markers, are generated
+# from the option table (src/cli/options/table.rs); `make man` regenerates them after the
+# table changes, and tests/docs.rs fails while they differ.
+MAN_PAGES = man/qcow2fs.1 man/mount.qcow2fs.8
+
+man:
+	$(CARGO) build --quiet
+	set -e; for p in $(MAN_PAGES); do \
+		$(CARGO) run --quiet -- gen-man $$p > $$p.new; mv $$p.new $$p; \
+	done
+
+# Needs root and FUSE; works in $(TARGET_DIR)/demo.
 demo: release
-	bash scripts/demo.sh target/release/qcow2fs
+	bash scripts/demo.sh $(BIN) $(TARGET_DIR)/demo
 
 # qcow2fs against qemu-storage-daemon's FUSE export, side by side (needs root; writes
 # benches/RESULTS.md; BENCH_QUICK=1 for a smoke run), then the engine micro-benchmarks.
@@ -58,7 +75,7 @@ fuzz:
 	done
 
 install: release
-	install -D -m 0755 target/release/qcow2fs $(DESTDIR)$(BINDIR)/qcow2fs
+	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/qcow2fs
 	install -d $(DESTDIR)$(SBINDIR)
 	ln -sf $(abspath $(BINDIR))/qcow2fs $(DESTDIR)$(SBINDIR)/mount.qcow2fs
 	ln -sf $(abspath $(BINDIR))/qcow2fs $(DESTDIR)$(SBINDIR)/umount.fuse.qcow2fs

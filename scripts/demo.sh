@@ -4,8 +4,9 @@
 # everything is unmounted at the end, whatever happens.
 set -euo pipefail
 
+# Usage: demo.sh [QCOW2FS-BINARY [WORK-DIR]]
 BIN=$(realpath "${1:-target/release/qcow2fs}")
-WORK=$(realpath -m target/demo)
+WORK=$(realpath -m "${2:-target/demo}")
 rm -rf "$WORK"
 mkdir -p "$WORK"/{files,mnt,guest-now,guest-then}
 cd "$WORK"

@@ -99,6 +99,10 @@ pub enum Command {
         force_share: bool,
         image: PathBuf,
     },
+    /// Print a man page (man/qcow2fs.1 or man/mount.qcow2fs.8) with its option section
+    /// generated from the option table (`make man`).
+    #[command(hide = true)]
+    GenMan { page: PathBuf },
 }
 
 /// Opens `image` with its chain for reading, or fails with a one-line error.
@@ -166,12 +170,23 @@ pub fn run(cli: Cli) -> Result<()> {
             drop_backing,
             image,
         } => stream::run(&image, bottom.as_deref(), drop_backing),
+        Command::GenMan { page } => gen_man(&page),
     }
 }
 
 const SUBCOMMANDS: &[&str] = &[
-    "info", "cat", "map", "mount", "umount", "status", "stream", "help",
+    "info", "cat", "map", "mount", "umount", "status", "stream", "gen-man", "help",
 ];
+
+/// Prints the man page `page` with its generated option section brought up to date.
+fn gen_man(page: &Path) -> Result<()> {
+    let kind = options::ManPage::of_file(page).ok_or_else(|| {
+        Error::invalid("expected man/qcow2fs.1 or man/mount.qcow2fs.8").in_file(page)
+    })?;
+    let text = std::fs::read_to_string(page).map_err(|e| Error::io(page, "reading", e))?;
+    print!("{}", kind.splice(&text).map_err(|e| e.in_file(page))?);
+    Ok(())
+}
 
 /// A backing layer named by depth (1 = the direct backing file) or by file name.
 pub(crate) fn resolve_layer(chain: &Chain, spec: &str) -> Result<u32> {

@@ -112,23 +112,6 @@ fn check_mountpoint(mountpoint: &Path) -> Result<PathBuf> {
     Ok(canon)
 }
 
-fn kernel_option(name: &str) -> Option<MountOption> {
-    Some(match name {
-        "dev" => MountOption::Dev,
-        "nodev" => MountOption::NoDev,
-        "suid" => MountOption::Suid,
-        "nosuid" => MountOption::NoSuid,
-        "exec" => MountOption::Exec,
-        "noexec" => MountOption::NoExec,
-        "atime" => MountOption::Atime,
-        "noatime" => MountOption::NoAtime,
-        "sync" => MountOption::Sync,
-        "async" => MountOption::Async,
-        "dirsync" => MountOption::DirSync,
-        _ => return None,
-    })
-}
-
 /// Blocks the termination signals in this thread (and the threads it starts) and starts
 /// a thread that unmounts when one arrives.
 fn handle_signals(mut unmounter: fuser::SessionUnmounter, mountpoint: PathBuf) {
@@ -347,9 +330,7 @@ fn serve(
             MountOption::RO
         },
     ];
-    config
-        .mount_options
-        .extend(o.kernel_flags.iter().filter_map(|f| kernel_option(f)));
+    config.mount_options.extend(o.kernel_mount_options());
     // The kernel checks every access against the modes shown, which never grant more
     // than the image and backing files allow (`fuse::access`); the daemon itself does not
     // check callers.
