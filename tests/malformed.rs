@@ -52,6 +52,10 @@ fn cat(img: &Path) -> Finished {
     qcow2fs(&[OsStr::new("cat"), img.as_os_str()])
 }
 
+fn map(img: &Path) -> Finished {
+    qcow2fs(&[OsStr::new("map"), OsStr::new("--json"), img.as_os_str()])
+}
+
 fn cat_snapshot(img: &Path, snap: &str) -> Finished {
     qcow2fs(&[
         OsStr::new("cat"),
@@ -371,7 +375,11 @@ fn encrypted(dir: &Path, name: &str, format: &str) -> PathBuf {
             "--object",
             "secret,id=s0,data=pw",
             "-o",
-            &format!("encrypt.format={format},encrypt.key-secret=s0"),
+            &if format == "luks" {
+                format!("encrypt.format={format},encrypt.key-secret=s0,encrypt.iter-time=10")
+            } else {
+                format!("encrypt.format={format},encrypt.key-secret=s0")
+            },
             name,
             "1M",
         ],
@@ -379,24 +387,126 @@ fn encrypted(dir: &Path, name: &str, format: &str) -> PathBuf {
     dir.join(name)
 }
 
-#[test]
-fn reject_encrypted_luks() {
-    let d = tempdir();
-    let img = encrypted(d.path(), "luks.qcow2", "luks");
-    assert_eq!(read_be32(&img, hdr::CRYPT_METHOD), 2);
-    rejected(&img, &["crypt_method", "encrypt", "not supported"], "LUKS");
+/// Encrypted images open without a key for `info` (which shows the encryption, as
+/// qemu-img info does), and every command that reads data fails with one line naming the
+/// image and saying how to give a key. (tests/encrypted.rs reads them with their keys.)
+fn assert_needs_key(img: &Path, format: &str, what: &str) {
+    let out = info(img);
+    check_ok(&out, &format!("{what}: info"));
+    assert!(
+        out.stdout_text().contains("encrypted: yes")
+            && out.stdout_text().contains(&format!("format: {format}")),
+        "{what}: info does not show the encryption: {}",
+        out.describe()
+    );
+    for (cmd, out) in [("cat", cat(img)), ("map", map(img))] {
+        let what = format!("{what} ({cmd})");
+        let line = error_line(&out, &what);
+        assert!(
+            line.contains(&show(img)),
+            "{what}: the error line does not name the image: {line:?}"
+        );
+        assert_mentions(&line, &["encrypted", "no key", "key-file"], &what);
+    }
 }
 
 #[test]
-fn reject_encrypted_legacy_aes() {
+fn encrypted_luks_needs_a_key() {
+    let d = tempdir();
+    let img = encrypted(d.path(), "luks.qcow2", "luks");
+    assert_eq!(read_be32(&img, hdr::CRYPT_METHOD), 2);
+    assert_needs_key(&img, "luks", "LUKS");
+}
+
+#[test]
+fn encrypted_legacy_aes_needs_a_key() {
     let d = tempdir();
     let img = encrypted(d.path(), "aes.qcow2", "aes");
     assert_eq!(read_be32(&img, hdr::CRYPT_METHOD), 1);
-    rejected(
-        &img,
-        &["crypt_method", "encrypt", "not supported"],
-        "legacy AES",
-    );
+    assert_needs_key(&img, "aes", "legacy AES");
+}
+
+/// A hostile LUKS area: refused at open, `info` included, with one line naming the image
+/// and the LUKS field, in bounded time.
+#[test]
+fn reject_hostile_luks_headers() {
+    let d = tempdir();
+    let base = encrypted(d.path(), "luks-base.qcow2", "luks");
+    let c0 = Cluster0::load(&base);
+    let fde = c0.ext(EXT_FDE).expect("a LUKS image has the FDE extension");
+    let area = u64::from_be_bytes(fde.data[..8].try_into().unwrap());
+    let len = fs::metadata(&base).unwrap().len();
+    // (name, patch, needles)
+    let cases: Vec<(&str, Patcher, &[&str])> = vec![
+        (
+            "area past the end of the file",
+            Box::new(move |p: &Path| {
+                let mut data = fde_data(p);
+                data[..8].copy_from_slice(&(len.next_multiple_of(65536) + 65536).to_be_bytes());
+                set_fde(p, &data);
+            }),
+            &["encryption header extension", "past the end"],
+        ),
+        (
+            "bad magic",
+            Box::new(move |p: &Path| patch(p, area, b"LUKX")),
+            &["LUKS magic"],
+        ),
+        (
+            "LUKS version 2",
+            Box::new(move |p: &Path| patch(p, area + 6, &2u16.to_be_bytes())),
+            &["LUKS version", "version 2"],
+        ),
+        (
+            "unknown cipher",
+            Box::new(move |p: &Path| patch(p, area + 8, b"rot13\0")),
+            &["cipher name", "rot13"],
+        ),
+        (
+            "sm4",
+            Box::new(move |p: &Path| patch(p, area + 8, b"sm4\0")),
+            &["cipher name", "sm4"],
+        ),
+        (
+            "unknown hash",
+            Box::new(move |p: &Path| patch(p, area + 72, b"whirlpool\0")),
+            &["hash spec", "whirlpool"],
+        ),
+        (
+            "zero stripes",
+            Box::new(move |p: &Path| patch(p, area + 208 + 44, &0u32.to_be_bytes())),
+            &["key slot 0 stripes"],
+        ),
+        (
+            "enormous iterations",
+            Box::new(move |p: &Path| patch(p, area + 208 + 4, &u32::MAX.to_be_bytes())),
+            &["iterations", "limit"],
+        ),
+        (
+            "key length that does not fit the cipher",
+            Box::new(move |p: &Path| patch(p, area + 108, &33u32.to_be_bytes())),
+            &["master-key length"],
+        ),
+    ];
+    for (what, f, needles) in cases {
+        let img = copy(&base, &format!("{}.qcow2", what.replace(' ', "-")));
+        f(&img);
+        rejected(&img, needles, what);
+    }
+}
+
+/// A byte patch applied to an image.
+type Patcher = Box<dyn Fn(&Path)>;
+
+fn fde_data(p: &Path) -> Vec<u8> {
+    Cluster0::load(p).ext(EXT_FDE).unwrap().data.clone()
+}
+
+fn set_fde(p: &Path, data: &[u8]) {
+    Cluster0::load(p)
+        .without(EXT_FDE)
+        .with_ext(EXT_FDE, data)
+        .store(p);
 }
 
 #[test]

@@ -151,6 +151,10 @@ impl BlockDev for CopyOnRead {
         self.inner.backing()
     }
 
+    fn encrypted(&self) -> bool {
+        self.inner.encrypted()
+    }
+
     fn writable(&self) -> bool {
         self.inner.writable()
     }

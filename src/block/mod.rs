@@ -3,6 +3,8 @@
 //! engine's mappings.
 
 mod cor;
+mod crypt;
+mod keys;
 mod open;
 mod overlay;
 mod qcow2;
@@ -10,6 +12,7 @@ mod raw;
 mod write;
 
 pub use cor::CopyOnRead;
+pub use keys::{KeySource, Keys, MAX_KEY_FILE_BYTES, parse_depth, read_key_file};
 pub use open::{BackingPolicy, Chain, OpenOptions, open_chain};
 pub use overlay::{Overlay, OverlayOptions, private_dir};
 pub use qcow2::Qcow2Layer;
@@ -73,6 +76,12 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     /// The next layer down, if this layer has one.
     fn backing(&self) -> Option<&std::sync::Arc<dyn BlockDev>> {
         None
+    }
+
+    /// Whether any file this disk's bytes come from is an encrypted image (its own, or
+    /// one of its backing chain).
+    fn encrypted(&self) -> bool {
+        self.backing().is_some_and(|b| b.encrypted())
     }
 
     /// Whether writes are accepted.

@@ -1,6 +1,8 @@
 //! Opening an image with its whole backing chain: name resolution, format detection, the
-//! security policy for files an image names, loop detection and the depth limit.
+//! security policy for files an image names, loop detection, the depth limit, and
+//! unlocking each encrypted layer with its key (`keys`).
 
+use super::keys::{KeyLoader, Keys};
 use super::qcow2::Shared;
 use super::{BlockDev, Qcow2Layer, RawLayer};
 use crate::engine::{Image, ImageOptions, SnapshotKey, View};
@@ -35,6 +37,11 @@ pub struct OpenOptions {
     pub backing_dir: Option<PathBuf>,
     /// Take no locks (like qemu-img -U): for reading an image that is in use.
     pub force_share: bool,
+    /// Passphrases for encrypted layers.
+    pub keys: Keys,
+    /// Open encrypted layers that have no key locked, for their metadata only (`info`);
+    /// otherwise such a layer is an error that says how to give a key.
+    pub locked_ok: bool,
 }
 
 /// An opened image: its active disk and the backing layers below it.
@@ -172,6 +179,8 @@ enum PendingKind {
 pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
     let mut pending: Vec<Pending> = Vec::new();
     let mut seen: Vec<(u64, u64)> = Vec::new();
+    // Passphrases live until the whole chain is unlocked, then are wiped.
+    let mut keys = KeyLoader::new(&opts.keys, opts.locked_ok);
     let mut next: Option<(PathBuf, Format, PathBuf)> =
         Some((path.to_path_buf(), Format::Qcow2, PathBuf::new()));
     while let Some((cur, format, referrer)) = next.take() {
@@ -213,6 +222,7 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
             image_opts.writable = false;
         }
         let image = Arc::new(Image::open(&cur, storage, &image_opts)?);
+        keys.unlock(&image, depth as u32)?;
         let header = image.header();
         let data_file = match &header.data_file {
             Some(name) if header.has_data_file() => {
@@ -258,6 +268,8 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
             kind: PendingKind::Qcow2 { image, data_file },
         });
     }
+
+    keys.finish(path)?;
 
     let mut backing: Option<Arc<dyn BlockDev>> = None;
     let mut built: Vec<Arc<dyn BlockDev>> = Vec::new();

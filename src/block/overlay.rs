@@ -1,9 +1,16 @@
 //! Throwaway overlays: a temporary qcow2 image that takes every write to a disk while
 //! reads of unwritten ranges go to the disk underneath, which is never modified. Each
 //! file of an overlay mount (active disk, snapshot, layer) gets its own.
+//!
+//! Over an encrypted disk the overlay is a LUKS-encrypted qcow2 image whose master key is
+//! random and held only by this process (its key slot is sealed with a passphrase that
+//! is thrown away), so what users write, which may be decrypted evidence, never reaches
+//! the disk in plaintext. Such overlays cannot be kept (`keep` is refused): nothing could
+//! open them once the process ends.
 
 use super::qcow2::{Qcow2Layer, Shared};
 use super::{BlockDev, LayerInfo, Status};
+use crate::crypto::{Crypto, LuksParams, MasterKey, create_luks_area};
 use crate::engine::create::{CreateOptions, create};
 use crate::engine::{Image, ImageOptions, View};
 use crate::error::{Error, Result};
@@ -89,6 +96,24 @@ fn anonymous_file(dir: &Path) -> Result<File> {
     Ok(f)
 }
 
+/// A LUKS area (aes-256-xts-plain64) for an overlay and its cipher: the master key is
+/// random and its one key slot is sealed with a random passphrase that is dropped at
+/// once, so only the returned cipher (in this process's memory) can read the overlay.
+fn sealed_luks() -> Result<(Vec<u8>, Arc<Crypto>)> {
+    let params = LuksParams::default();
+    let key = MasterKey::random(params.spec.master_key_len())?;
+    let mut passphrase = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut passphrase[..]).map_err(|e| {
+        Error::new(
+            crate::ErrorKind::Io,
+            format!("reading the system's random source for an overlay key: {e}"),
+        )
+    })?;
+    let (header, area) = create_luks_area(&params, &key, &passphrase[..], 0)?;
+    let crypto = Crypto::luks(&header, &key)?;
+    Ok((area, Arc::new(crypto)))
+}
+
 /// A disk seen through its own temporary qcow2 overlay.
 #[derive(Debug)]
 pub struct Overlay {
@@ -107,6 +132,19 @@ impl Overlay {
         backing: Option<(PathBuf, &str)>,
         opts: &OverlayOptions,
     ) -> Result<Overlay> {
+        let encrypted = source.encrypted();
+        if encrypted && opts.keep {
+            return Err(Error::unsupported(format!(
+                "{name} comes from an encrypted image: keep_overlay is refused, a kept overlay would keep its writes in a file no key can open once the mount ends (without keep_overlay the overlay is encrypted with a key that exists only in the daemon, and discarded at unmount)"
+            )));
+        }
+        // Over encrypted evidence the overlay is encrypted too, with a random key that
+        // only this process holds: no plaintext of the evidence reaches the disk.
+        let sealed = if encrypted {
+            Some(sealed_luks()?)
+        } else {
+            None
+        };
         let (file, path, named) = if opts.keep {
             let safe: String = name
                 .chars()
@@ -145,6 +183,7 @@ impl Overlay {
                     backing: backing
                         .filter(|_| named)
                         .map(|(p, f)| (p.as_os_str().as_encoded_bytes().to_vec(), f.to_string())),
+                    luks_area: sealed.as_ref().map(|(area, _)| area.clone()),
                 },
             )?;
             let image = Image::open(
@@ -155,6 +194,9 @@ impl Overlay {
                     writable: true,
                 },
             )?;
+            if let Some((_, crypto)) = &sealed {
+                image.set_crypto(crypto.clone())?;
+            }
             let shared = Arc::new(Shared::new(Arc::new(image), None, Some(source)));
             Ok(Qcow2Layer::new(shared, View::Active))
         })();
@@ -197,6 +239,10 @@ impl BlockDev for Overlay {
 
     fn backing(&self) -> Option<&Arc<dyn BlockDev>> {
         self.layer.backing()
+    }
+
+    fn encrypted(&self) -> bool {
+        self.layer.encrypted()
     }
 
     fn writable(&self) -> bool {

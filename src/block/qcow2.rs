@@ -1,6 +1,7 @@
 //! A qcow2 image (its active disk or one of its snapshots) as a disk: follows the engine's
-//! mappings, reads data from the image or its external data file, decompresses compressed
-//! clusters, and passes unallocated ranges to the backing layer.
+//! mappings, reads data from the image or its external data file (decrypted by `crypt`
+//! for an encrypted image), decompresses compressed clusters, and passes unallocated
+//! ranges to the backing layer.
 
 use super::{BlockDev, LayerInfo, Status};
 use crate::engine::{Image, MapKind, View};
@@ -30,7 +31,8 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn write_data(&self, buf: &[u8], host: HostOffset) -> Result<()> {
+    /// Writes bytes as they are (see `crypt` for guest data of encrypted images).
+    pub(super) fn write_data(&self, buf: &[u8], host: HostOffset) -> Result<()> {
         let (path, store) = self.data_store();
         store
             .write_at(buf, host.0)
@@ -59,7 +61,8 @@ impl Shared {
         }
     }
 
-    fn read_data(&self, buf: &mut [u8], host: HostOffset) -> Result<()> {
+    /// Reads stored bytes as they are (see `crypt` for guest data of encrypted images).
+    pub(super) fn read_data(&self, buf: &mut [u8], host: HostOffset) -> Result<()> {
         let (path, store) = self.data_store();
         let mut done = 0;
         while done < buf.len() {
@@ -215,18 +218,23 @@ impl BlockDev for Qcow2Layer {
     }
     fn status(&self, off: u64, len: u64, probe_host: bool) -> Result<Status> {
         let m = self.shared.image.map(self.view, off, len)?;
-        let allocated = |zero, data, offset| Status {
+        // Like QEMU, no host offsets for an encrypted image (and so no looking for holes
+        // in its file: a hole there would not read as zeros).
+        let encrypted = self.shared.image.is_encrypted();
+        let allocated = |zero, data, offset: Option<u64>| Status {
             len: m.len,
             depth: 0,
             present: true,
             zero,
             data,
             compressed: false,
-            offset,
+            offset: offset.filter(|_| !encrypted),
         };
         Ok(match m.kind {
             // QEMU looks for host holes only in images that look preallocated.
-            MapKind::Data { host } if !probe_host || !self.shared.image.looks_preallocated() => {
+            MapKind::Data { host }
+                if !probe_host || encrypted || !self.shared.image.looks_preallocated() =>
+            {
                 allocated(false, true, Some(host.0))
             }
             MapKind::Data { host } => {
@@ -264,7 +272,7 @@ impl BlockDev for Qcow2Layer {
                     zero: true,
                     data: false,
                     compressed: false,
-                    offset: host.map(|h| h.0),
+                    offset: host.map(|h| h.0).filter(|_| !encrypted),
                 },
             },
         })
@@ -276,6 +284,11 @@ impl BlockDev for Qcow2Layer {
 
     fn backing(&self) -> Option<&Arc<dyn BlockDev>> {
         self.shared.backing.as_ref()
+    }
+
+    fn encrypted(&self) -> bool {
+        self.shared.image.is_encrypted()
+            || self.shared.backing.as_ref().is_some_and(|b| b.encrypted())
     }
 
     fn sources(&self) -> Vec<crate::storage::Access> {
@@ -310,7 +323,7 @@ impl Qcow2Layer {
             let m = self.shared.image.map(self.view, at, head.len() as u64)?;
             let (dst, rest) = std::mem::take(&mut head).split_at_mut(m.len as usize);
             match m.kind {
-                MapKind::Data { host } => self.shared.read_data(dst, host)?,
+                MapKind::Data { host } => self.shared.read_guest(dst, host, at)?,
                 MapKind::Zero { .. } => dst.fill(0),
                 MapKind::Unallocated { .. } => match &self.shared.backing {
                     Some(b) => b.read_at(dst, at)?,

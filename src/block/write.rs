@@ -1,7 +1,8 @@
 //! Writing the active disk of a qcow2 layer: the data half of the engine's write
 //! protocol (see `engine::write`). Every entry point takes the guest range lock for the
 //! clusters it touches, plans with the engine, copies the old content into the parts of
-//! new clusters the write leaves, writes the data, and publishes.
+//! new clusters the write leaves, writes the data (encrypted by `crypt` for an encrypted
+//! image, whole sectors), and publishes.
 
 use super::BlockDev;
 use super::qcow2::Qcow2Layer;
@@ -52,6 +53,9 @@ impl Qcow2Layer {
 
     /// The write protocol, with the range lock `g` already held.
     pub(crate) fn write_unlocked(&self, g: &RangeGuard, buf: &[u8], off: u64) -> Result<()> {
+        if let Some((span, at)) = self.widen_to_sectors(buf, off)? {
+            return self.write_unlocked(g, &span, at);
+        }
         let image = self.image();
         let plans = image.plan_write(g, off, buf.len() as u64)?;
         let written = self.write_planned(&plans, buf, off);
@@ -81,8 +85,11 @@ impl Qcow2Layer {
                 }
                 let last = &plans[j - 1];
                 let data_end = (last.guest.0 + last.end - off) as usize;
-                self.shared
-                    .write_data(&buf[data_at..data_end], p.host + p.start)?;
+                self.shared.write_guest(
+                    &buf[data_at..data_end],
+                    p.host + p.start,
+                    p.guest.0 + p.start,
+                )?;
                 i = j;
                 continue;
             }
@@ -112,7 +119,8 @@ impl Qcow2Layer {
             let n = (p.end - p.start) as usize;
             span[(p.start - lo) as usize..(p.start - lo) as usize + n]
                 .copy_from_slice(&buf[data_at..data_at + n]);
-            self.shared.write_data(&span, p.host + lo)?;
+            self.shared
+                .write_guest_consuming(&mut span, p.host + lo, p.guest.0 + lo)?;
             i += 1;
         }
         Ok(())

@@ -1,7 +1,8 @@
-//! `qcow2fs info`: the header, backing chain, snapshots and bitmaps, as text or as JSON
-//! with qemu-img's field names.
+//! `qcow2fs info`: the header, backing chain, snapshots, bitmaps and encryption (no key
+//! needed), as text or as JSON with qemu-img's field names.
 
 use crate::block::Chain;
+use crate::crypto::EncryptionInfo;
 use crate::engine::Snapshot;
 use crate::error::Result;
 use crate::format::header::Header;
@@ -100,6 +101,9 @@ fn format_specific(h: &Header, chain: &Chain) -> Value {
         d["data-file"] = json!(String::from_utf8_lossy(name));
         d["data-file-raw"] = json!(h.data_file_raw());
     }
+    if let Some(e) = image.encryption() {
+        d["encrypt"] = serde_json::to_value(e).unwrap_or_default();
+    }
     if !image.bitmaps().is_empty() {
         let list: Vec<Value> = image
             .bitmaps()
@@ -139,6 +143,9 @@ pub fn info_json(path: &Path, chain: &Chain) -> Value {
         "dirty-flag": h.is_dirty(),
         "format-specific": format_specific(&h, chain),
     });
+    if image.is_encrypted() {
+        v["encrypted"] = json!(true);
+    }
     if let Some(name) = &h.backing_file {
         v["backing-filename"] = json!(String::from_utf8_lossy(name));
         if let Some(first) = chain.layers.first() {
@@ -168,6 +175,43 @@ pub fn info_json(path: &Path, chain: &Chain) -> Value {
     v
 }
 
+/// The `encrypt` block of the text `info` prints, with qemu-img's names and in its
+/// order.
+fn encrypt_text(s: &mut String, e: &EncryptionInfo) {
+    let _ = writeln!(s, "    encrypt:");
+    let l = match e {
+        EncryptionInfo::LegacyAes { format } => {
+            let _ = writeln!(s, "        format: {format}");
+            return;
+        }
+        EncryptionInfo::Luks(l) => l,
+    };
+    let _ = writeln!(s, "        ivgen alg: {}", l.ivgen_alg);
+    let _ = writeln!(s, "        detached header: {}", l.detached_header);
+    let _ = writeln!(s, "        hash alg: {}", l.hash_alg);
+    let _ = writeln!(s, "        cipher alg: {}", l.cipher_alg);
+    let _ = writeln!(s, "        uuid: {}", l.uuid);
+    if let Some(h) = l.ivgen_hash_alg {
+        let _ = writeln!(s, "        ivgen hash alg: {h}");
+    }
+    let _ = writeln!(s, "        format: {}", l.format);
+    let _ = writeln!(s, "        cipher mode: {}", l.cipher_mode);
+    let _ = writeln!(s, "        slots:");
+    for (i, slot) in l.slots.iter().enumerate() {
+        let _ = writeln!(s, "            [{i}]:");
+        let _ = writeln!(s, "                active: {}", slot.active);
+        if let Some(n) = slot.iters {
+            let _ = writeln!(s, "                iters: {n}");
+        }
+        let _ = writeln!(s, "                key offset: {}", slot.key_offset);
+        if let Some(n) = slot.stripes {
+            let _ = writeln!(s, "                stripes: {n}");
+        }
+    }
+    let _ = writeln!(s, "        payload offset: {}", l.payload_offset);
+    let _ = writeln!(s, "        master key iters: {}", l.master_key_iters);
+}
+
 /// The text `info` prints.
 pub fn info_text(path: &Path, chain: &Chain) -> String {
     let image = chain.image();
@@ -182,6 +226,9 @@ pub fn info_text(path: &Path, chain: &Chain) -> String {
         h.virtual_size()
     );
     let _ = writeln!(s, "disk size: {}", human_size(actual_size(path)));
+    if image.is_encrypted() {
+        let _ = writeln!(s, "encrypted: yes");
+    }
     let _ = writeln!(s, "cluster_size: {}", h.cluster_size());
     if let Some(name) = &h.backing_file {
         let full = chain
@@ -248,6 +295,9 @@ pub fn info_text(path: &Path, chain: &Chain) -> String {
         let _ = writeln!(s, "    lazy refcounts: {}", h.lazy_refcounts());
     }
     let _ = writeln!(s, "    refcount bits: {}", h.refcount_bits());
+    if let Some(e) = image.encryption() {
+        encrypt_text(&mut s, e);
+    }
     if h.version >= 3 {
         let _ = writeln!(s, "    corrupt: {}", h.is_corrupt());
         let _ = writeln!(s, "    extended l2: {}", h.extended_l2());
@@ -283,8 +333,9 @@ pub fn info_text(path: &Path, chain: &Chain) -> String {
     s
 }
 
-pub fn run(image: &Path, json: bool, force_share: bool) -> Result<()> {
-    let chain = super::open(image, force_share)?;
+pub fn run(image: &Path, json: bool, force_share: bool, keys: &super::KeyArgs) -> Result<()> {
+    // Like qemu-img info, no key is needed: encrypted layers stay locked without one.
+    let chain = super::open(image, force_share, keys, true)?;
     if json {
         let text = serde_json::to_string_pretty(&info_json(image, &chain)).unwrap_or_default();
         println!("{text}");

@@ -125,7 +125,7 @@ pub fn format_human(entries: &[MapEntry]) -> Result<String> {
     for e in entries {
         if e.data && e.offset.is_none() {
             return Err(crate::error::Error::unsupported(
-                "the disk contains compressed clusters, which have no host offset to print; use --json",
+                "the disk contains compressed or encrypted clusters, which have no host offset to print; use --json",
             ));
         }
         if let (true, false, Some(o)) = (e.data, e.zero, e.offset) {
@@ -142,8 +142,14 @@ pub fn format_human(entries: &[MapEntry]) -> Result<String> {
     Ok(s)
 }
 
-pub fn run(image: &Path, snapshot: Option<&str>, json: bool, force_share: bool) -> Result<()> {
-    let chain = super::open(image, force_share)?;
+pub fn run(
+    image: &Path,
+    snapshot: Option<&str>,
+    json: bool,
+    force_share: bool,
+    keys: &super::KeyArgs,
+) -> Result<()> {
+    let chain = super::open(image, force_share, keys, false)?;
     let dev = super::pick_view(&chain, snapshot)?;
     let entries = entries(&*dev)?;
     let text = if json {

@@ -15,6 +15,7 @@ mod utab;
 use crate::block::{self, Chain, OpenOptions};
 use crate::error::{Error, ErrorKind, Result};
 use clap::{Parser, Subcommand};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -39,6 +40,8 @@ pub enum Command {
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
+        #[command(flatten)]
+        keys: KeyArgs,
         image: PathBuf,
     },
     /// Write the raw disk, or one snapshot at its own disk size, to standard output.
@@ -49,6 +52,8 @@ pub enum Command {
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
+        #[command(flatten)]
+        keys: KeyArgs,
         image: PathBuf,
     },
     /// Mount an image: its active disk, snapshots and backing layers appear as raw files.
@@ -84,6 +89,8 @@ pub enum Command {
         /// whole chain was streamed).
         #[arg(long)]
         drop_backing: bool,
+        #[command(flatten)]
+        keys: KeyArgs,
         image: PathBuf,
     },
     /// Print the allocation extents of the disk or a snapshot, like qemu-img map.
@@ -97,6 +104,8 @@ pub enum Command {
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
+        #[command(flatten)]
+        keys: KeyArgs,
         image: PathBuf,
     },
     /// Print a man page (man/qcow2fs.1 or man/mount.qcow2fs.8) with its option section
@@ -105,12 +114,68 @@ pub enum Command {
     GenMan { page: PathBuf },
 }
 
-/// Opens `image` with its chain for reading, or fails with a one-line error.
-pub(crate) fn open(image: &Path, force_share: bool) -> Result<Chain> {
+/// The passphrases of encrypted images, for the commands that open images.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KeyArgs {
+    /// Passphrase of an encrypted image, read verbatim from PATH (a trailing newline is
+    /// part of it; - asks on the terminal); tried on every encrypted layer.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// Passphrase of the layer at depth N of the chain (0 is the image, 1 its backing
+    /// file), read as --key-file (may be repeated).
+    #[arg(long, value_name = "N=PATH", action = clap::ArgAction::Append)]
+    layer_key_file: Vec<PathBuf>,
+}
+
+impl KeyArgs {
+    pub fn keys(&self) -> Result<block::Keys> {
+        let source = |p: &Path| {
+            if p.as_os_str() == "-" {
+                block::KeySource::Prompt
+            } else {
+                block::KeySource::File(p.to_path_buf())
+            }
+        };
+        let mut keys = block::Keys {
+            all: self.key_file.as_deref().map(source),
+            ..Default::default()
+        };
+        for spec in &self.layer_key_file {
+            let bytes = spec.as_os_str().as_bytes();
+            let bad = || {
+                Error::invalid(format!(
+                    "--layer-key-file {}: expected N=PATH, a layer depth (0 is the image, 1 its backing file) and a key file",
+                    spec.display()
+                ))
+            };
+            let eq = bytes.iter().position(|&b| b == b'=').ok_or_else(bad)?;
+            let depth = std::str::from_utf8(&bytes[..eq]).map_err(|_| bad())?;
+            let depth = block::parse_depth(depth)
+                .map_err(|why| Error::invalid(format!("--layer-key-file: {why}")))?;
+            let path = Path::new(std::ffi::OsStr::from_bytes(&bytes[eq + 1..]));
+            if path.as_os_str().is_empty() {
+                return Err(bad());
+            }
+            keys.layers.insert(depth, source(path));
+        }
+        Ok(keys)
+    }
+}
+
+/// Opens `image` with its chain for reading, or fails with a one-line error. With
+/// `locked_ok`, encrypted layers without a key stay locked (metadata only).
+pub(crate) fn open(
+    image: &Path,
+    force_share: bool,
+    keys: &KeyArgs,
+    locked_ok: bool,
+) -> Result<Chain> {
     block::open_chain(
         image,
         &OpenOptions {
             force_share,
+            keys: keys.keys()?,
+            locked_ok,
             ..Default::default()
         },
     )
@@ -139,19 +204,22 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info {
             json,
             force_share,
+            keys,
             image,
-        } => info::run(&image, json, force_share),
+        } => info::run(&image, json, force_share, &keys),
         Command::Cat {
             snapshot,
             force_share,
+            keys,
             image,
-        } => cat::run(&image, snapshot.as_deref(), force_share),
+        } => cat::run(&image, snapshot.as_deref(), force_share, &keys),
         Command::Map {
             json,
             snapshot,
             force_share,
+            keys,
             image,
-        } => map::run(&image, snapshot.as_deref(), json, force_share),
+        } => map::run(&image, snapshot.as_deref(), json, force_share, &keys),
         Command::Mount {
             foreground,
             options,
@@ -168,8 +236,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Stream {
             bottom,
             drop_backing,
+            keys,
             image,
-        } => stream::run(&image, bottom.as_deref(), drop_backing),
+        } => stream::run(&image, bottom.as_deref(), drop_backing, &keys),
         Command::GenMan { page } => gen_man(&page),
     }
 }

@@ -466,6 +466,8 @@ pub fn run(req: MountRequest) -> Result<()> {
                 block::BackingPolicy::Follow
             },
             backing_dir: req.options.backing_dir.clone(),
+            keys: req.options.keys.clone(),
+            locked_ok: false,
         },
     )?;
     if req.foreground {

@@ -27,7 +27,12 @@ fn backing_name(image: &Path, target: &Path) -> PathBuf {
     }
 }
 
-pub fn run(image: &Path, bottom: Option<&str>, drop_backing: bool) -> Result<()> {
+pub fn run(
+    image: &Path,
+    bottom: Option<&str>,
+    drop_backing: bool,
+    keys: &super::KeyArgs,
+) -> Result<()> {
     let chain = block::open_chain(
         image,
         &OpenOptions {
@@ -35,6 +40,7 @@ pub fn run(image: &Path, bottom: Option<&str>, drop_backing: bool) -> Result<()>
                 writable: true,
                 ..Default::default()
             },
+            keys: keys.keys()?,
             ..Default::default()
         },
     )?;

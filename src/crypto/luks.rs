@@ -93,6 +93,9 @@ pub struct LuksInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ivgen_hash_alg: Option<&'static str>,
     pub hash_alg: &'static str,
+    /// Always false: the header of a qcow2 image is in the image (QEMU 8.2 and later
+    /// show the field).
+    pub detached_header: bool,
     pub uuid: String,
     pub payload_offset: u64,
     pub master_key_iters: u32,
@@ -374,6 +377,7 @@ impl LuksHeader {
                 _ => None,
             },
             hash_alg: self.hash.name(),
+            detached_header: false,
             uuid: self.uuid(),
             payload_offset: self.payload_offset_sector as u64 * SECTOR_SIZE as u64,
             master_key_iters: self.master_key_iterations,

@@ -1,5 +1,6 @@
 //! Creating a new, empty qcow2 image (version 3, 16-bit refcounts), laid out the way
-//! `qemu-img create` does: header, refcount table, one refcount block, L1 table.
+//! `qemu-img create` does: header, refcount table, one refcount block, L1 table, and for
+//! an encrypted image its LUKS area.
 
 use crate::error::{Error, Result};
 use crate::format::header::{CompressionType, CryptMethod, Header, V3_HEADER_LEN};
@@ -15,6 +16,9 @@ pub struct CreateOptions {
     /// Backing file name and format to record in the header (reads do not use it when
     /// the caller wires the backing layer itself).
     pub backing: Option<(Vec<u8>, String)>,
+    /// A LUKS area (`crypto::create_luks_area`) to encrypt the image with: it is stored
+    /// after the L1 table, and the header points at it.
+    pub luks_area: Option<Vec<u8>>,
 }
 
 /// Writes an empty image of `opts.size` bytes into `store`.
@@ -58,7 +62,16 @@ pub fn create(store: &dyn Storage, path: &Path, opts: &CreateOptions) -> Result<
     let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
     header.l1_size = l1_entries as u32;
     header.l1_table_offset = 3 * cs;
-    let used = 3 + l1_clusters;
+    let luks_at = (3 + l1_clusters) * cs;
+    let luks_clusters = opts
+        .luks_area
+        .as_ref()
+        .map_or(0, |a| (a.len() as u64).div_ceil(cs));
+    if let Some(area) = &opts.luks_area {
+        header.crypt_method = CryptMethod::Luks;
+        header.fde = Some((luks_at, area.len() as u64));
+    }
+    let used = 3 + l1_clusters + luks_clusters;
     let layout = RefcountLayout {
         order: 4,
         cluster_bits: cb,
@@ -90,5 +103,12 @@ pub fn create(store: &dyn Storage, path: &Path, opts: &CreateOptions) -> Result<
     store
         .write_at(&vec![0u8; (l1_clusters * cs) as usize], 3 * cs)
         .map_err(|e| io("the L1 table", e))?;
+    if let Some(area) = &opts.luks_area {
+        // The unused key slots are zeros, which the file already reads as.
+        let end = area.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        store
+            .write_at(&area[..end], luks_at)
+            .map_err(|e| io("the LUKS area", e))?;
+    }
     store.flush().map_err(|e| io("the new image", e))
 }

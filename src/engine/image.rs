@@ -145,6 +145,8 @@ pub struct Image {
     pub(crate) data_store: OnceLock<(PathBuf, Arc<dyn Storage>)>,
     /// Guest range locks (writable images).
     pub(crate) ranges: RangeLocks,
+    /// How the image is encrypted, and its cipher once unlocked.
+    pub(crate) encryption: Option<super::encryption::Encryption>,
 }
 
 impl std::fmt::Debug for Image {

@@ -10,11 +10,13 @@
 //! lookups, `write` write planning, `flush` write-back ordering, `lifecycle` the changes
 //! to the image as a whole, `rebuild` refcount repair, `ranges` guest range locks,
 //! `prealloc` QEMU's preallocation test, `snapshot` internal snapshots of a writable
-//! image, `create` new images.
+//! image, `create` new images, `encryption` the
+//! encryption state (LUKS header, the cipher once unlocked).
 
 mod alloc;
 pub mod cache;
 pub mod create;
+mod encryption;
 mod flush;
 mod image;
 mod lifecycle;

@@ -5,6 +5,7 @@
 
 use super::alloc::Allocator;
 use super::cache::Cache;
+use super::encryption::Encryption;
 use super::image::{Image, ImageOptions, Meta, Snapshot, SnapshotKey, Tables, WriteState};
 use super::metaio::MetaIo;
 use super::overlap::{MetaKind, MetaMap};
@@ -30,7 +31,8 @@ impl Image {
         let start = io.read("the header", HostOffset(0), 512.min(file_len as usize))?;
         let cluster_bits = header::peek_cluster_bits(&start).map_err(|e| in_file(e.into()))?;
         let c0 = io.read("the header cluster", HostOffset(0), 1 << cluster_bits)?;
-        let header = Header::parse(&c0).map_err(|e| in_file(e.into()))?;
+        let header = Header::parse_allowing_encryption(&c0).map_err(|e| in_file(e.into()))?;
+        let encryption = Encryption::read(&io, &header, file_len)?;
         // A read-write open is refused below, without this warning.
         if header.is_corrupt() && !opts.writable {
             log::warn!(
@@ -115,6 +117,7 @@ impl Image {
             corrupt: OnceLock::new(),
             data_store: OnceLock::new(),
             ranges: Default::default(),
+            encryption,
         };
         if opts.writable && dirty {
             eprintln!(
@@ -211,7 +214,8 @@ fn read_bitmaps(io: &MetaIo, h: &Header, file_len: u64) -> Result<Vec<BitmapEntr
 
 /// Every metadata cluster of an image, for the overlap checks of a writable image: the
 /// header, the active L1 table and its L2 tables, the refcount table and blocks, the
-/// snapshot table with each snapshot's L1 table and L2 tables, and the bitmaps. A
+/// snapshot table with each snapshot's L1 table and L2 tables, the bitmaps, and the
+/// LUKS area of an encrypted image. A
 /// snapshot whose L1 table lies outside the file is left out with a warning (as the
 /// mount leaves it out).
 pub(crate) fn metadata_map(
@@ -233,6 +237,10 @@ pub(crate) fn metadata_map(
         }
     };
     map.claim(HostCluster(0), 1, MetaKind::Header);
+    if let Some((offset, length)) = header.fde {
+        // Checked at open to lie inside the file.
+        map.claim_bytes(HostOffset(offset), length, cb, MetaKind::LuksArea);
+    }
     map.claim_bytes(
         HostOffset(header.l1_table_offset),
         header.l1_size as u64 * 8,

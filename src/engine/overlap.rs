@@ -1,8 +1,8 @@
 //! Which host clusters hold metadata, so that no write lands on them by mistake: QEMU's
 //! overlap checks. A writable image records every metadata cluster it knows of (header,
 //! L1 tables, L2 tables of the active disk and of snapshots, refcount table and blocks,
-//! snapshot table, bitmap directory, tables and data) when it opens, and keeps the record
-//! up to date as it allocates and frees them.
+//! snapshot table, bitmap directory, tables and data, the LUKS area of an encrypted
+//! image) when it opens, and keeps the record up to date as it allocates and frees them.
 //!
 //! The record protects against damaged images: an L2 entry that points at metadata, or a
 //! metadata cluster whose refcount is 0 (the allocator then skips it instead of handing
@@ -26,9 +26,10 @@ pub(crate) enum MetaKind {
     BitmapDirectory = 1 << 8,
     BitmapTable = 1 << 9,
     BitmapData = 1 << 10,
+    LuksArea = 1 << 11,
 }
 
-const ALL: [MetaKind; 11] = [
+const ALL: [MetaKind; 12] = [
     MetaKind::Header,
     MetaKind::ActiveL1,
     MetaKind::ActiveL2,
@@ -40,6 +41,7 @@ const ALL: [MetaKind; 11] = [
     MetaKind::BitmapDirectory,
     MetaKind::BitmapTable,
     MetaKind::BitmapData,
+    MetaKind::LuksArea,
 ];
 
 impl MetaKind {
@@ -56,6 +58,7 @@ impl MetaKind {
             MetaKind::BitmapDirectory => "the bitmap directory",
             MetaKind::BitmapTable => "a bitmap table",
             MetaKind::BitmapData => "bitmap data",
+            MetaKind::LuksArea => "the LUKS encryption header and key material",
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Rebuilding refcounts from the metadata, for an image left dirty (lazy refcounts and a
-//! crash), as `qemu-img check -r all` does: count every reference, write a fresh refcount
-//! table and refcount blocks past everything in use, switch the header to them, correct
-//! the COPIED flags, then clear the dirty bit.
+//! crash), as `qemu-img check -r all` does: count every reference (the LUKS area of an
+//! encrypted image included), write a fresh refcount table and refcount blocks past
+//! everything in use, switch the header to them, correct the COPIED flags, then clear
+//! the dirty bit.
 
 use super::alloc::Allocator;
 use super::image::{Image, Tables, WriteState};
@@ -111,6 +112,10 @@ impl Image {
             &path,
         )?;
         self.count_l1(&t.l1, &mut counts)?;
+        if let Some(area) = self.luks_area() {
+            // As `qemu-img check` counts it: one reference per cluster of the area.
+            counts.add_range(area.offset, area.length, "the LUKS area", &path)?;
+        }
         let snapshots = t.snapshots.clone();
         if !snapshots.is_empty() {
             let table_len: u64 = snapshots.iter().map(|s| s.entry.encoded_len() as u64).sum();

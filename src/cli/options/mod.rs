@@ -11,6 +11,7 @@ pub use table::{
     GENERIC_OPTIONS, Generic, GenericOption, MOUNT_OPTIONS, OptDefault, OptSpec, Value,
 };
 
+use crate::block::Keys;
 use crate::error::{Error, Result};
 use fuser::MountOption;
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ pub struct MountOptions {
     pub keep_overlay: bool,
     pub deny_backing: bool,
     pub backing_dir: Option<PathBuf>,
+    /// Passphrases of encrypted layers (`key-file`, `key-file.N`).
+    pub keys: Keys,
     /// Kernel mount flags to forward (nodev, nosuid, noexec, noatime, ...), by their
     /// names in [`GENERIC_OPTIONS`].
     pub kernel_flags: Vec<&'static str>,
@@ -68,6 +71,7 @@ impl Default for MountOptions {
             keep_overlay: false,
             deny_backing: false,
             backing_dir: None,
+            keys: Keys::default(),
             kernel_flags: Vec::new(),
         }
     }
@@ -137,11 +141,23 @@ fn generic(opt: &str) -> Option<&'static GenericOption> {
     })
 }
 
-/// The option of qcow2fs named `name` (or one of its aliases), if any.
-fn spec(name: &str) -> Option<&'static OptSpec> {
-    MOUNT_OPTIONS
+/// The option of qcow2fs named `name` (or one of its aliases), if any; for a numbered
+/// option (`key-file.2` of `key-file.N`), also the number the name gives.
+fn spec(name: &str) -> Option<(&'static OptSpec, Option<&str>)> {
+    if let Some(o) = MOUNT_OPTIONS
         .iter()
         .find(|o| o.name == name || o.aliases.contains(&name))
+    {
+        return Some((o, None));
+    }
+    let (prefix, n) = name.rsplit_once('.')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    MOUNT_OPTIONS
+        .iter()
+        .find(|o| o.name.strip_suffix(".N") == Some(prefix))
+        .map(|o| (o, Some(n)))
 }
 
 impl MountOptions {
@@ -187,7 +203,7 @@ impl MountOptions {
             Some((n, v)) => (n, Some(v)),
             None => (opt, None),
         };
-        if let Some(spec) = spec(name) {
+        if let Some((spec, number)) = spec(name) {
             let v = match (spec.value, value) {
                 (Value::Flag, Some(_)) => {
                     return Err(Error::invalid(format!("option {name} takes no value")));
@@ -200,8 +216,15 @@ impl MountOptions {
                 }
                 (_, v) => v.unwrap_or(""),
             };
-            return (spec.apply)(self, v)
-                .map_err(|why| Error::invalid(format!("option {name}={v}: {why}")));
+            let applied = match number {
+                Some(n) => (spec.apply)(self, &format!("{n}={v}")),
+                None if spec.name.ends_with(".N") => Err(format!(
+                    "write the layer depth for N, as in {}",
+                    spec.name.replace(".N", ".1")
+                )),
+                None => (spec.apply)(self, v),
+            };
+            return applied.map_err(|why| Error::invalid(format!("option {name}={v}: {why}")));
         }
         match generic(opt) {
             Some(GenericOption {
@@ -247,6 +270,8 @@ mod tests {
 
     /// An option as the user writes it: a sample value where one is needed.
     fn sample(o: &OptSpec, name: &str) -> String {
+        let numbered = name.replace(".N", ".1");
+        let name = numbered.as_str();
         match o.value {
             Value::Flag | Value::Optional(_) => name.to_string(),
             Value::Choice(words) => format!("{name}={}", words[0]),
@@ -430,6 +455,29 @@ mod tests {
                     "the later of two opposites wins"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn key_files_for_every_layer_and_per_layer() {
+        use crate::block::KeySource;
+        let o = parse("key-file=/k/all,key-file.1=/k/one,key-file.0=-").unwrap();
+        assert_eq!(o.keys.all, Some(KeySource::File("/k/all".into())));
+        assert_eq!(o.keys.layers[&0], KeySource::Prompt);
+        assert_eq!(o.keys.layers[&1], KeySource::File("/k/one".into()));
+        assert_eq!(o.keys.layers.len(), 2);
+        for (opts, message) in [
+            ("key-file", "option key-file needs a value (key-file=PATH)"),
+            ("key-file=", "the key file name is empty"),
+            ("key-file.1", "option key-file.1 needs a value"),
+            ("key-file.N=/k", "write the layer depth for N"),
+            ("key-file.99=/k", "is not a number from 0"),
+            ("key-file.x=/k", "unknown mount option 'key-file.x=/k'"),
+            ("key-file.=/k", "unknown mount option"),
+            ("log.1=/k", "unknown mount option"),
+        ] {
+            let e = error(opts);
+            assert!(e.contains(message), "-o {opts}: {e:?} lacks {message:?}");
         }
     }
 

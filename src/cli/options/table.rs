@@ -3,6 +3,7 @@
 //! the man pages' option sections (`docs`) all read these two tables.
 
 use super::{MountOptions, number, on_off, parse_size};
+use crate::block::KeySource;
 use fuser::MountOption;
 use std::path::PathBuf;
 
@@ -352,7 +353,10 @@ pub static MOUNT_OPTIONS: &[OptSpec] = &[
             .IR DIR /qcow2fs\-overlays\- UID ,
             a directory only the mounting user may enter, and have mode 0600. They have no name
             (O_TMPFILE): they vanish at unmount, and also when the daemon is killed. Their sizes are
-            logged. It excludes
+            logged. Over an encrypted image the overlays are encrypted too (LUKS,
+            aes-256-xts-plain64) with a random key that exists only in the daemon's memory, so
+            nothing users write, decrypted evidence included, reaches the disk in plaintext. It
+            excludes
             .B rw
             and
             .BR copy\-on\-read .
@@ -371,12 +375,13 @@ pub static MOUNT_OPTIONS: &[OptSpec] = &[
         aliases: &[],
         value: Value::Flag,
         default: OptDefault::Unstated,
-        help: "Keep the overlay files at unmount instead of deleting them.",
+        help: "Keep the overlay files at unmount instead of deleting them (refused over encrypted images).",
         man: r"
             Keep the overlay files at unmount, as
             .IR DIR /qcow2fs\-overlays\- UID /qcow2fs\-overlay\- PID \- N \- FILE .qcow2.
             The overlays of the active disk and of the layers name their source as backing file, so
-            they can be used with qemu-img.
+            they can be used with qemu-img. Refused over an encrypted image: its overlays are
+            encrypted with a key only the daemon holds, so a kept one could never be opened.
         ",
         apply: |o, _| {
             o.keep_overlay = true;
@@ -421,6 +426,67 @@ pub static MOUNT_OPTIONS: &[OptSpec] = &[
             o.backing_dir = Some(PathBuf::from(v));
             Ok(())
         },
+    },
+    OptSpec {
+        name: "key-file",
+        aliases: &[],
+        value: Value::Required("PATH"),
+        default: OptDefault::Unstated,
+        help: "Passphrase of an encrypted image, read verbatim from PATH (- asks on the terminal); tried on every encrypted layer.",
+        man: r#"
+            The passphrase of an encrypted image (LUKS, or QEMU's legacy AES method), in the
+            file
+            .IR PATH ,
+            which is read verbatim, as QEMU reads the file of a
+            .B secret
+            object: every byte is part of the passphrase, a trailing newline too (write the file
+            with
+            .B printf "%s"
+            or
+            .BR "echo \-n" ).
+            It is tried on every encrypted layer of the backing chain that has no key of its own
+            .RB ( key\-file. \fIN\fR).
+            With
+            .I PATH
+            .BR \- ,
+            the passphrase is asked for on the terminal, without echo, before the mount starts
+            (the line typed, without its newline). A key file must be a regular file of at most
+            1 MiB. Passphrases are read once, wiped from memory as soon as the images are
+            unlocked, and never logged; the daemon keeps only the images' master keys, in memory
+            locked against swapping where the system allows. A wrong passphrase fails the mount
+            with one error naming the image, after every active LUKS key slot was tried (the
+            legacy AES method cannot tell a wrong passphrase: it shows garbage). Never put a
+            passphrase itself on a command line or in the environment: other users can read
+            those.
+        "#,
+        apply: |o, v| {
+            if v.is_empty() {
+                return Err("the key file name is empty".into());
+            }
+            o.keys.all = Some(KeySource::parse(v));
+            Ok(())
+        },
+    },
+    OptSpec {
+        name: "key-file.N",
+        aliases: &[],
+        value: Value::Required("PATH"),
+        default: OptDefault::Unstated,
+        help: "Passphrase of layer N of the chain (0 is the image, 1 its backing file), as key-file.",
+        man: r"
+            The passphrase of the layer at depth
+            .I N
+            of the backing chain, read as for
+            .B key\-file
+            (0 is the image itself, 1 its backing file, and so on, as in
+            .IR layers/ ),
+            for a chain whose layers have different keys. A layer with a key of its own does not
+            try the key of
+            .BR key\-file .
+            A key for a depth where the chain has no encrypted qcow2 image is an error.
+        ",
+        // The parser passes the number from the name with the value: `N=PATH`.
+        apply: |o, v| o.keys.add_layer_spec(v),
     },
     OptSpec {
         name: "log",
