@@ -1218,3 +1218,76 @@ fn daemon_memory_holds_no_passphrase() {
     );
     m.umount();
 }
+
+// ---------------------------------------------------------------------------------------
+// The LUKS area is metadata
+// ---------------------------------------------------------------------------------------
+
+/// A damaged image whose L2 entry points into the LUKS area: a write there is refused
+/// (the area is in the overlap record) and the header is left intact.
+#[test]
+fn writes_never_land_on_the_luks_area() {
+    use support::patch::{COPIED, Cluster0, EXT_FDE, Geo, put64, read_be64};
+    let d = tempdir();
+    let dir = d.path();
+    let k = key_file(dir, "k", b"area key");
+    let img = create(dir, "img.qcow2", Some(("luks", &k)), "", None);
+    let e = Keyed::new(&img, &[Some(&k)]);
+    e.qemu_io(&["write -P 0x71 0 0x10000"]);
+    let fde = Cluster0::load(&img).ext(EXT_FDE).unwrap().data.clone();
+    let area = u64::from_be_bytes(fde[..8].try_into().unwrap());
+    let g = Geo::read(&img);
+    let at = g.l2_entry(&img, 0);
+    assert_ne!(read_be64(&img, at), 0);
+    put64(&img, at, (area + 2 * g.cs()) | COPIED);
+    let before = fs::read(&img).unwrap()[area as usize..][..4096].to_vec();
+    let chain = e.open(true);
+    let err = chain.top.write_at(&[0xee; 512], 0).unwrap_err().report();
+    assert!(err.contains("LUKS"), "{err}");
+    drop(chain);
+    assert_eq!(
+        &fs::read(&img).unwrap()[area as usize..][..4096],
+        &before[..],
+        "the LUKS header changed"
+    );
+}
+
+/// An encrypted image left dirty by a crash (lazy refcounts): qcow2fs rebuilds its
+/// refcounts, the LUKS area counted as `qemu-img check` counts it.
+#[test]
+fn refcount_rebuild_counts_the_luks_area() {
+    let d = tempdir();
+    let dir = d.path();
+    let k = key_file(dir, "k", b"crash key");
+    let img = create(
+        dir,
+        "img.qcow2",
+        Some(("luks", &k)),
+        "lazy_refcounts=on",
+        None,
+    );
+    let e = Keyed::new(&img, &[Some(&k)]);
+    let mut args = e.objects();
+    args.extend(["--image-opts".to_string()]);
+    for c in [
+        "write -P 0x5c 0 0x50000",
+        "write -P 0x5d 0x200000 0x10000",
+        "abort",
+    ] {
+        args.extend(["-c".to_string(), c.to_string()]);
+    }
+    args.push(e.image_opts());
+    let out = run_in(dir, "qemu-io", &args, Duration::from_secs(60));
+    assert_eq!(out.signal(), Some(libc::SIGABRT), "{}", out.describe());
+    assert!(dirty_flag(&img), "the crash left the image dirty");
+    let want = e.qemu_raw();
+    let chain = e.open(true);
+    chain.top.write_at(&[0x5e; 4096], 0x100000).unwrap();
+    chain.top.close().unwrap();
+    drop(chain);
+    assert!(!dirty_flag(&img), "the rebuild left the image dirty");
+    e.assert_check_clean();
+    let mut model = want;
+    model[0x100000..0x101000].fill(0x5e);
+    assert_same_bytes("after the rebuild", &model, &e.qemu_raw());
+}
