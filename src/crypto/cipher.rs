@@ -5,7 +5,10 @@
 //! Keys are expanded once, when the cipher is built, onto locked pages
 //! ([`super::secret::Locked`]); a call only computes IVs and runs the blocks. The block
 //! ciphers and modes are RustCrypto's: `aes` picks AES-NI at run time on x86_64 (through
-//! `cpufeatures`), `xts-mode`, `cbc` and `ctr` do the chaining; ECB is the cipher alone.
+//! `cpufeatures`), `cbc` and `ctr` do the chaining; ECB is the cipher alone. XTS is the
+//! tweak arithmetic around the cipher's many-blocks-at-once path (the `xts-mode` crate
+//! runs the cipher one block at a time, which leaves AES-NI idle most of the time: 0.6
+//! GB/s instead of 3; the tests check the two agree).
 
 use super::hash::HashAlg;
 use super::secret::Locked;
@@ -14,7 +17,6 @@ use cipher::{
     Array, BlockCipherDecrypt, BlockCipherEncrypt, BlockModeDecrypt, BlockModeEncrypt,
     BlockSizeUser, InOutBuf, InnerIvInit, KeyInit, StreamCipher,
 };
-use xts_mode::Xts128;
 
 /// Bytes in one encryption sector: each is encrypted on its own, with its own IV.
 pub const SECTOR_SIZE: usize = 512;
@@ -281,7 +283,37 @@ impl<T: Engine> Engine for Locked<T> {
 struct Ecb<C>(C);
 struct Cbc<C>(C);
 struct Ctr<C>(C);
-struct Xts<C>(Xts128<C>);
+/// XTS (IEEE P1619) over whole blocks, as QEMU uses it: the IV encrypted with the tweak
+/// key gives the first block's tweak, each next one is the previous times x in GF(2^128)
+/// (little-endian); each block is XORed with its tweak, run through the data key, and
+/// XORed again. Sectors are whole blocks, so no ciphertext stealing.
+struct Xts<C> {
+    data: C,
+    tweak: C,
+}
+
+/// Blocks in one sector.
+const XTS_BLOCKS: usize = SECTOR_SIZE / 16;
+
+impl<C: BlockCipherEncrypt + BlockSizeUser<BlockSize = U16>> Xts<C> {
+    /// XORs each 16-byte block of `sector` with its tweak (computed once into `tweaks`).
+    fn whiten(&self, iv: &[u8], sector: &mut [u8], tweaks: &mut [u128; XTS_BLOCKS]) {
+        let mut t = Array::try_from(iv).expect("XTS takes a 16-byte IV");
+        self.tweak.encrypt_block(&mut t);
+        let mut x = u128::from_le_bytes(t.into());
+        for (i, block) in sector.chunks_exact_mut(16).enumerate() {
+            tweaks[i] = x;
+            xor_block(block, x);
+            // Times x: shift left, folding the carry back in with the polynomial 0x87.
+            x = (x << 1) ^ ((x >> 127) * 0x87);
+        }
+    }
+}
+
+fn xor_block(block: &mut [u8], t: u128) {
+    let v = u128::from_le_bytes(block.try_into().expect("16-byte block")) ^ t;
+    block.copy_from_slice(&v.to_le_bytes());
+}
 
 /// The whole blocks of `sector` (a sector is always whole blocks).
 fn blocks<C: BlockSizeUser>(sector: &mut [u8]) -> InOutBuf<'_, '_, Array<u8, C::BlockSize>> {
@@ -350,12 +382,20 @@ where
     C: BlockCipherEncrypt + BlockCipherDecrypt + BlockSizeUser<BlockSize = U16> + Send + Sync,
 {
     fn encrypt(&self, iv: &[u8], sector: &mut [u8]) {
-        let tweak = Array::try_from(iv).expect("XTS takes a 16-byte IV");
-        self.0.encrypt_sector(sector, tweak);
+        let mut tweaks = [0u128; XTS_BLOCKS];
+        self.whiten(iv, sector, &mut tweaks);
+        self.data.encrypt_blocks_inout(blocks::<C>(sector));
+        for (block, &t) in sector.chunks_exact_mut(16).zip(&tweaks) {
+            xor_block(block, t);
+        }
     }
     fn decrypt(&self, iv: &[u8], sector: &mut [u8]) {
-        let tweak = Array::try_from(iv).expect("XTS takes a 16-byte IV");
-        self.0.decrypt_sector(sector, tweak);
+        let mut tweaks = [0u128; XTS_BLOCKS];
+        self.whiten(iv, sector, &mut tweaks);
+        self.data.decrypt_blocks_inout(blocks::<C>(sector));
+        for (block, &t) in sector.chunks_exact_mut(16).zip(&tweaks) {
+            xor_block(block, t);
+        }
     }
 }
 
@@ -395,10 +435,10 @@ where
         CipherMode::Ctr => Box::new(Locked::new(Ctr(keyed::<C>(key)?))),
         CipherMode::Xts => {
             let (data, tweak) = key.split_at(key.len() / 2);
-            Box::new(Locked::new(Xts(Xts128::new(
-                keyed::<C>(data)?,
-                keyed::<C>(tweak)?,
-            ))))
+            Box::new(Locked::new(Xts {
+                data: keyed::<C>(data)?,
+                tweak: keyed::<C>(tweak)?,
+            }))
         }
     })
 }
@@ -465,6 +505,79 @@ impl SectorCipher {
         for (i, s) in buf.chunks_exact_mut(SECTOR_SIZE).enumerate() {
             let iv = self.iv(sector.wrapping_add(i as u64));
             self.engine.decrypt(&iv[..self.iv_len], s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Our XTS against the `xts-mode` crate, sector by sector, both ways, for each
+    /// 16-byte-block cipher.
+    fn xts_agrees<C>(key_len: usize)
+    where
+        C: BlockCipherEncrypt
+            + BlockCipherDecrypt
+            + BlockSizeUser<BlockSize = U16>
+            + KeyInit
+            + Send
+            + Sync,
+    {
+        let key: Vec<u8> = (0..2 * key_len as u32)
+            .map(|i| (i * 37 + 11) as u8)
+            .collect();
+        let ours = Xts {
+            data: C::new_from_slice(&key[..key_len]).unwrap(),
+            tweak: C::new_from_slice(&key[key_len..]).unwrap(),
+        };
+        let theirs = xts_mode::Xts128::new(
+            C::new_from_slice(&key[..key_len]).unwrap(),
+            C::new_from_slice(&key[key_len..]).unwrap(),
+        );
+        let plain: Vec<u8> = (0..SECTOR_SIZE as u32).map(|i| (i * 7 + 3) as u8).collect();
+        for sector in [0u64, 1, 0x7f, 0x1234_5678_9abc, u64::MAX] {
+            let mut iv = [0u8; 16];
+            iv[..8].copy_from_slice(&sector.to_le_bytes());
+            let (mut a, mut b) = (plain.clone(), plain.clone());
+            ours.encrypt(&iv, &mut a);
+            theirs.encrypt_sector(&mut b, Array::from(iv));
+            assert_eq!(a, b, "encrypting sector {sector:#x}");
+            assert_ne!(a, plain);
+            ours.decrypt(&iv, &mut a);
+            assert_eq!(a, plain, "decrypting sector {sector:#x}");
+        }
+    }
+
+    #[test]
+    fn xts_agrees_with_the_xts_mode_crate() {
+        xts_agrees::<aes::Aes128>(16);
+        xts_agrees::<aes::Aes192>(24);
+        xts_agrees::<aes::Aes256>(32);
+        xts_agrees::<serpent::Serpent>(32);
+        xts_agrees::<twofish::Twofish>(32);
+    }
+
+    /// `cargo test --release --lib -- --ignored --nocapture cipher_speed`
+    #[test]
+    #[ignore]
+    fn cipher_speed() {
+        for alg in [CipherAlg::Aes256, CipherAlg::Serpent256] {
+            let spec = CipherSpec::new(alg, CipherMode::Xts, IvGenAlg::Plain64, None).unwrap();
+            let c = spec.build(&[7u8; 64]).unwrap();
+            let mut buf = vec![0u8; 8 << 20];
+            for what in ["decrypt", "encrypt"] {
+                let t = std::time::Instant::now();
+                for i in 0..4 {
+                    if what == "decrypt" {
+                        c.decrypt(i * 16384, &mut buf);
+                    } else {
+                        c.encrypt(i * 16384, &mut buf);
+                    }
+                }
+                let mib = 4.0 * 8.0 / t.elapsed().as_secs_f64();
+                eprintln!("{}-xts-plain64 {what}: {mib:.0} MiB/s", alg.name());
+            }
         }
     }
 }
