@@ -3,11 +3,14 @@
 
 mod cat;
 pub mod control;
+mod daemon;
+mod guest;
 mod info;
 pub mod logging;
 mod map;
 pub mod mount;
 pub mod options;
+mod snapshot;
 mod status;
 mod stream;
 mod utab;
@@ -72,6 +75,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         mountpoint: PathBuf,
+    },
+    /// Internal snapshots of a mounted image (give its mount point) or of an image:
+    /// create, delete, revert to, list.
+    Snapshot {
+        #[command(subcommand)]
+        action: snapshot::Action,
     },
     /// Copy the data the backing chain provides into the image (offline), like QEMU's
     /// block-stream; safe to interrupt and run again.
@@ -165,6 +174,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }),
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Status { json, mountpoint } => status::run(&mountpoint, json),
+        Command::Snapshot { action } => snapshot::run(action),
         Command::Stream {
             bottom,
             drop_backing,
@@ -175,7 +185,7 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 const SUBCOMMANDS: &[&str] = &[
-    "info", "cat", "map", "mount", "umount", "status", "stream", "gen-man", "help",
+    "info", "cat", "map", "mount", "umount", "status", "snapshot", "stream", "gen-man", "help",
 ];
 
 /// Prints the man page `page` with its generated option section brought up to date.

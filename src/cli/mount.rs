@@ -349,7 +349,7 @@ fn serve(
     });
     config.n_threads = Some(threads);
     config.clone_fd = true;
-    let daemon = Arc::new(super::status::Daemon {
+    let daemon = Arc::new(super::daemon::Daemon {
         chain,
         image: image_abs.clone(),
         mountpoint: mountpoint.to_path_buf(),
@@ -363,6 +363,7 @@ fn serve(
             "ro".into()
         },
         force_share: o.force_share,
+        show_snapshots: o.snapshots,
         mount: state.clone(),
     });
     let mut session = fuser::Session::new(fs, mountpoint, &config)

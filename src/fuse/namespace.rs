@@ -351,6 +351,37 @@ impl Namespace {
         self.node(ino)
     }
 
+    /// The `snapshots` directory, made (under the root) if the mount has none yet;
+    /// whether it was made.
+    pub fn snapshots_dir(&mut self, mtime: SystemTime) -> (u64, bool) {
+        match self.lookup(ROOT_INO, OsStr::new("snapshots")) {
+            Some(n) => (n.ino, false),
+            None => (self.add(ROOT_INO, "snapshots".into(), dir(), mtime), true),
+        }
+    }
+
+    /// Adds the file of snapshot `s`, named `name`, showing `dev`, to directory `dir`.
+    pub fn add_snapshot(
+        &mut self,
+        dir: u64,
+        s: &Snapshot,
+        name: OsString,
+        dev: Arc<dyn BlockDev>,
+    ) -> u64 {
+        let role = FileRole::Snapshot(s.key);
+        self.add(dir, name, NodeKind::File { dev, role }, snapshot_mtime(s))
+    }
+
+    /// The files that belong to snapshot `key`, as (inode, directory, name).
+    pub fn snapshot_files(&self, key: SnapshotKey) -> Vec<(u64, u64, OsString)> {
+        self.nodes()
+            .filter(|n| {
+                matches!(n.kind, NodeKind::File { role: FileRole::Snapshot(k), .. } if k == key)
+            })
+            .map(|n| (n.ino, n.parent, n.name.clone()))
+            .collect()
+    }
+
     /// The file showing `role`, if there is one.
     pub fn find_role(&self, role: FileRole) -> Option<&Node> {
         self.nodes()
