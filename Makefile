@@ -78,13 +78,14 @@ install: release
 	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/qcow2fs
 	install -d $(DESTDIR)$(SBINDIR)
 	ln -sf $(abspath $(BINDIR))/qcow2fs $(DESTDIR)$(SBINDIR)/mount.qcow2fs
+	ln -sf $(abspath $(BINDIR))/qcow2fs $(DESTDIR)$(SBINDIR)/mount.fuse.qcow2fs
 	ln -sf $(abspath $(BINDIR))/qcow2fs $(DESTDIR)$(SBINDIR)/umount.fuse.qcow2fs
 	install -D -m 0644 man/qcow2fs.1 $(DESTDIR)$(MANDIR)/man1/qcow2fs.1
 	install -D -m 0644 man/mount.qcow2fs.8 $(DESTDIR)$(MANDIR)/man8/mount.qcow2fs.8
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/qcow2fs $(DESTDIR)$(SBINDIR)/mount.qcow2fs \
-		$(DESTDIR)$(SBINDIR)/umount.fuse.qcow2fs
+		$(DESTDIR)$(SBINDIR)/mount.fuse.qcow2fs $(DESTDIR)$(SBINDIR)/umount.fuse.qcow2fs
 	rm -f $(DESTDIR)$(MANDIR)/man1/qcow2fs.1 $(DESTDIR)$(MANDIR)/man8/mount.qcow2fs.8
 
 clean:

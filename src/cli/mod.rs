@@ -68,6 +68,14 @@ pub enum Command {
     },
     /// Unmount a qcow2fs mount and wait until its daemon has finished.
     Umount { mountpoint: PathBuf },
+    /// Reopen a mount read-write or read-only without unmounting (what
+    /// `mount -o remount,rw|ro MNT` does too).
+    Remount {
+        /// `rw` or `ro`.
+        #[arg(short = 'o', value_name = "rw|ro", action = clap::ArgAction::Append)]
+        options: Vec<String>,
+        mountpoint: PathBuf,
+    },
     /// Show what a mount serves: image and layers, mode, open files, cache, locks,
     /// snapshots (asked of its daemon).
     Status {
@@ -166,12 +174,29 @@ pub fn run(cli: Cli) -> Result<()> {
             options,
             image,
             mountpoint,
-        } => mount::run(mount::MountRequest {
-            image,
+        } => {
+            if let Some(rw) = remount_request(options.iter().map(String::as_str)) {
+                return mount::remount(&mountpoint, rw);
+            }
+            mount::run(mount::MountRequest {
+                image,
+                mountpoint,
+                foreground,
+                options: options::MountOptions::parse(options.iter().map(String::as_str))?,
+            })
+        }
+        Command::Remount {
+            options,
             mountpoint,
-            foreground,
-            options: options::MountOptions::parse(options.iter().map(String::as_str))?,
-        }),
+        } => {
+            let rw = remount_request(
+                std::iter::once("remount").chain(options.iter().map(String::as_str)),
+            );
+            match rw {
+                Some(rw) => mount::remount(&mountpoint, rw),
+                None => Err(Error::invalid("qcow2fs remount needs -o rw or -o ro")),
+            }
+        }
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Status { json, mountpoint } => status::run(&mountpoint, json),
         Command::Snapshot { action } => snapshot::run(action),
@@ -185,7 +210,8 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 const SUBCOMMANDS: &[&str] = &[
-    "info", "cat", "map", "mount", "umount", "status", "snapshot", "stream", "gen-man", "help",
+    "info", "cat", "map", "mount", "umount", "remount", "status", "snapshot", "stream", "gen-man",
+    "help",
 ];
 
 /// Prints the man page `page` with its generated option section brought up to date.
@@ -263,6 +289,13 @@ fn helper_request(args: &[std::ffi::OsString]) -> Result<Option<mount::MountRequ
             "usage: mount.qcow2fs IMAGE MOUNTPOINT [-sfnv] [-o OPTIONS]",
         ));
     }
+    if let Some(rw) = remount_request(lists.iter().map(String::as_str)) {
+        if !fake {
+            let mountpoint = positional.pop().unwrap_or_default();
+            mount::remount(&mountpoint, rw)?;
+        }
+        return Ok(None);
+    }
     let options = options::MountOptions::parse(lists.iter().map(String::as_str))?;
     if fake {
         return Ok(None);
@@ -275,6 +308,23 @@ fn helper_request(args: &[std::ffi::OsString]) -> Result<Option<mount::MountRequ
         foreground: false,
         options,
     }))
+}
+
+/// For option lists that hold `remount` (as mount(8) passes them to a helper for
+/// `mount -o remount,rw MNT`): whether the mount is to become read-write (the last of
+/// `rw` and `ro` wins; without either, read-only is not asked for, so read-write).
+fn remount_request<'a>(lists: impl Iterator<Item = &'a str>) -> Option<bool> {
+    let opts: Vec<&str> = lists.flat_map(|l| l.split(',')).map(str::trim).collect();
+    if !opts.contains(&"remount") {
+        return None;
+    }
+    Some(
+        opts.iter().rev().find_map(|o| match *o {
+            "rw" => Some(true),
+            "ro" => Some(false),
+            _ => None,
+        }) != Some(false),
+    )
 }
 
 /// `umount.fuse.qcow2fs DIR [-nlfvr] [-t TYPE] [-N NS]`, which umount(8) runs to

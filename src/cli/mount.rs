@@ -349,21 +349,30 @@ fn serve(
     });
     config.n_threads = Some(threads);
     config.clone_fd = true;
+    let cor_bottom = if o.copy_on_read {
+        Some(match &o.cor_bottom {
+            Some(spec) => super::resolve_layer(&chain, spec)?,
+            None => chain.layers.len() as u32,
+        })
+    } else {
+        None
+    };
     let daemon = Arc::new(super::daemon::Daemon {
-        chain,
+        first_image: chain.image().clone(),
+        chain: parking_lot::RwLock::new(chain),
         image: image_abs.clone(),
         mountpoint: mountpoint.to_path_buf(),
-        mode: if o.overlay.is_some() {
-            "overlay".into()
-        } else if o.copy_on_read {
-            "rw,copy-on-read".into()
+        mode: parking_lot::Mutex::new(if o.overlay.is_some() {
+            super::daemon::Mode::Overlay
         } else if o.rw {
-            "rw".into()
+            super::daemon::Mode::ReadWrite
         } else {
-            "ro".into()
-        },
+            super::daemon::Mode::ReadOnly
+        }),
+        copy_on_read: parking_lot::Mutex::new(cor_bottom),
         force_share: o.force_share,
         show_snapshots: o.snapshots,
+        show_layers: o.layers,
         mount: state.clone(),
     });
     let mut session = fuser::Session::new(fs, mountpoint, &config)
@@ -550,6 +559,78 @@ pub fn run(req: MountRequest) -> Result<()> {
             ))
         }
     }
+}
+
+/// The kernel's flags for remounting `m` with its flags as they are, but read-only or
+/// read-write.
+fn remount_flags(m: &MountEntry, rw: bool) -> libc::c_ulong {
+    let mut flags = libc::MS_REMOUNT;
+    for o in m.mount_options.split(',') {
+        flags |= match o {
+            "nosuid" => libc::MS_NOSUID,
+            "nodev" => libc::MS_NODEV,
+            "noexec" => libc::MS_NOEXEC,
+            "noatime" => libc::MS_NOATIME,
+            "nodiratime" => libc::MS_NODIRATIME,
+            "relatime" => libc::MS_RELATIME,
+            "strictatime" => libc::MS_STRICTATIME,
+            "sync" => libc::MS_SYNCHRONOUS,
+            "dirsync" => libc::MS_DIRSYNC,
+            _ => 0,
+        };
+    }
+    if !rw {
+        flags |= libc::MS_RDONLY;
+    }
+    flags
+}
+
+/// Sets the kernel's read-only flag of the mount at `mountpoint`.
+fn kernel_remount(mountpoint: &Path, m: &MountEntry, rw: bool) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid NUL-terminated strings; a remount reads no source, type or data.
+    let r = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            remount_flags(m, rw),
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reopens the mount at `mountpoint` read-write or read-only, daemon first (all or
+/// nothing there), then the kernel's read-only flag, which only root may change: the
+/// daemon goes back to its mode when the kernel refuses.
+pub fn remount(mountpoint: &Path, rw: bool) -> Result<()> {
+    let (canon, m) = super::control::qcow2fs_mount(mountpoint)?;
+    let was_rw = m.mount_options.split(',').any(|o| o == "rw");
+    let ask =
+        |rw: bool| super::control::request(&canon, &serde_json::json!({"op": "remount", "rw": rw}));
+    ask(rw)?;
+    if was_rw == rw {
+        return Ok(());
+    }
+    if let Err(e) = kernel_remount(&canon, &m, rw) {
+        let undo = ask(!rw);
+        let why = if e.raw_os_error() == Some(libc::EPERM) {
+            "only root may change a mount's read-only flag; unmount and mount it again".to_string()
+        } else {
+            format!("the kernel refused the remount: {e}")
+        };
+        if let Err(u) = undo {
+            log::error!("{u:#}");
+        }
+        return Err(Error::new(ErrorKind::PermissionDenied, why).in_file(mountpoint));
+    }
+    Ok(())
 }
 
 /// Whether any thread of process `pid` still runs. A process whose main thread has

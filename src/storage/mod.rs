@@ -50,6 +50,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         self.len()
     }
 
+    /// The host file behind the store, if it is one (for locking and reopening it).
+    fn as_file(&self) -> Option<&FileStorage> {
+        None
+    }
+
     /// Owner and mode of the file behind the store; `None` for stores that are not files
     /// (they restrict nothing).
     fn access(&self) -> Option<Access> {
