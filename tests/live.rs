@@ -571,3 +571,138 @@ fn killed_during_snapshot_operations_the_image_stays_consistent() {
         }
     }
 }
+
+/// A full disk in the middle of taking a snapshot: the snapshot is refused, the image is
+/// as before (no half-written table, refcounts consistent) and the mount goes on writing.
+#[test]
+fn a_full_disk_fails_the_snapshot_and_nothing_else() {
+    let d = tempdir();
+    let fsdir = mountpoint(d.path(), "small");
+    let small = PlainMount::with_type(Some("tmpfs"), "tmpfs", &fsdir, "size=12m");
+    let image = new_image(&fsdir, "f.qcow2", "32M", "");
+    qemu_io(&image, &["write -P 0x61 0 8M"]);
+    let before = qemu_raw(&image);
+    // Leave less than a cluster free.
+    let filler = fsdir.join("filler");
+    let free = || {
+        let out = run(
+            &fsdir,
+            "df",
+            &["--output=avail", "-B1", fsdir.to_str().unwrap()],
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    fs::write(&filler, vec![1u8; (free() - 16384) as usize]).unwrap();
+    assert!(free() < 65536, "test setup: {} bytes free", free());
+    let mnt = mountpoint(d.path(), "m");
+    let m = Mount::new(&image, &mnt, &["rw"]);
+    let r = q(
+        d.path(),
+        &["snapshot", "create", mnt.to_str().unwrap(), "full"],
+    );
+    assert!(
+        r.code() == Some(1) && r.stderr.contains("No space"),
+        "{}",
+        r.describe()
+    );
+    assert!(!mnt.join("snapshots").exists());
+    // The mount still writes where the image has room.
+    let f = OpenOptions::new().write(true).open(m.disk()).unwrap();
+    f.write_all_at(&[0x62; 4096], 4096).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    m.umount();
+    fs::remove_file(&filler).unwrap();
+    assert_check_clean(&image);
+    assert!(qemu_snapshot_ids(&image).is_empty());
+    let mut want = before;
+    want[4096..8192].fill(0x62);
+    assert_same_bytes("after the refused snapshot", &want, &qemu_raw(&image));
+    drop(small);
+}
+
+/// However a mount is made, the kernel's read-only flag is the daemon's mode; a reopen
+/// read-write over a read-only filesystem fails and leaves the mount read-only.
+#[test]
+fn the_kernel_flag_follows_the_daemon_in_every_mount_form() {
+    let d = tempdir();
+    let image = new_image(d.path(), "k.qcow2", "8M", "");
+    let bin = absolute(Path::new(qcow2fs_bin()));
+    let helpers = ["/sbin/mount.qcow2fs", "/sbin/mount.fuse.qcow2fs"]
+        .map(|p| TempSymlink::new(Path::new(p), &bin).unwrap_or_else(|e| panic!("{e}")));
+    let mnt = mountpoint(d.path(), "m");
+    let mode = |d: &Path| -> String {
+        let out = run(
+            d,
+            qcow2fs_bin(),
+            &["status", "--json", mnt.to_str().unwrap()],
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["mode"].as_str().unwrap_or("").to_string()
+    };
+    let kernel = || {
+        mount_info(&mnt)
+            .map(|i| i.mount_options.split(',').next().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    for (fstype, opts, want) in [
+        (None, "", "ro"),
+        (None, "rw", "rw"),
+        (Some("qcow2fs"), "ro", "ro"),
+        (Some("fuse.qcow2fs"), "ro", "ro"),
+        (Some("fuse.qcow2fs"), "rw", "rw"),
+    ] {
+        let m = match fstype {
+            None if opts.is_empty() => Mount::new(&image, &mnt, &[]),
+            None => Mount::new(&image, &mnt, &[opts]),
+            Some(t) => {
+                let pm = PlainMount::with_type(Some(t), image.to_str().unwrap(), &mnt, opts);
+                std::mem::forget(pm);
+                Mount::adopt(&mnt)
+            }
+        };
+        assert_eq!(
+            (mode(d.path()), kernel()),
+            (want.to_string(), want.to_string()),
+            "{fstype:?} -o {opts}"
+        );
+        // mount(8)'s remount, through the helper.
+        let other = if want == "ro" { "rw" } else { "ro" };
+        run_timeout(
+            std::process::Command::new("mount")
+                .arg("-o")
+                .arg(format!("remount,{other}"))
+                .arg(&mnt),
+            MOUNT_TIMEOUT,
+        )
+        .expect_success();
+        assert_eq!(
+            (mode(d.path()), kernel()),
+            (other.to_string(), other.to_string()),
+            "{fstype:?} -o {opts}, remount {other}"
+        );
+        m.umount();
+    }
+    drop(helpers);
+    // A read-only filesystem under the image: read-write fails, the mount stays read-only.
+    let ro_dir = mountpoint(d.path(), "rofs");
+    let bind = PlainMount::new(d.path().to_str().unwrap(), &ro_dir, "bind,ro");
+    let m = Mount::new(&ro_dir.join("k.qcow2"), &mnt, &[]);
+    let r = q(d.path(), &["remount", "-o", "rw", mnt.to_str().unwrap()]);
+    assert!(
+        r.code() == Some(1) && r.stderr.contains("Read-only file system"),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(
+        (mode(d.path()), kernel()),
+        ("ro".to_string(), "ro".to_string())
+    );
+    assert!(!fs::read(m.disk()).unwrap().is_empty());
+    m.umount();
+    drop(bind);
+}
