@@ -51,6 +51,7 @@ demo: release
 # benches/RESULTS.md; BENCH_QUICK=1 for a smoke run), then the engine micro-benchmarks.
 bench:
 	bash benches/run.sh
+	QCOW2FS=$(TARGET_DIR)/release/qcow2fs bash benches/live_snapshot.sh
 	$(CARGO) bench --bench engine
 
 # Fuzzing: each target in fuzz/fuzz_targets runs for FUZZ_SECONDS from a seed corpus that
