@@ -1,7 +1,9 @@
 //! Mount options (`-o a,b=c`), defined once: the table below drives parsing, the `--help`
 //! text and the man-page check.
 
+use crate::block::{BackingPolicy, OpenOptions};
 use crate::error::{Error, Result};
+use crate::storage::remote::{self, RemoteOptions};
 use std::path::PathBuf;
 
 /// One `-o` option qcow2fs understands.
@@ -115,13 +117,48 @@ pub const MOUNT_OPTIONS: &[OptSpec] = &[
     },
     OptSpec {
         name: "backing",
-        value: Some("follow|deny"),
-        help: "deny: show the top image alone, unallocated ranges as zeros (default follow).",
+        value: Some("POLICY"),
+        help: "follow (default); deny: show the top image alone, unallocated ranges as zeros; follow-remote: a local image may name an http(s)/s3 URL; follow-local: a remote image may name a local file by absolute path; follow-any: both.",
     },
     OptSpec {
         name: "backing_dir",
         value: Some("DIR"),
         help: "Open backing and data files only if they lie under DIR.",
+    },
+    OptSpec {
+        name: "cache_dir",
+        value: Some("DIR"),
+        help: "Remote images: the disk cache of fetched blocks (default $XDG_CACHE_HOME/qcow2fs; /var/cache/qcow2fs for root).",
+    },
+    OptSpec {
+        name: "cache_max",
+        value: Some("SIZE"),
+        help: "Remote images: bound of the disk cache, e.g. 4G; 0 disables it (default 1G).",
+    },
+    OptSpec {
+        name: "s3_endpoint",
+        value: Some("URL"),
+        help: "Endpoint of an S3-compatible store for s3:// images (default AWS_ENDPOINT_URL, else AWS).",
+    },
+    OptSpec {
+        name: "ca_file",
+        value: Some("FILE"),
+        help: "Remote images: trust the CA certificates in this PEM file instead of the built-in roots.",
+    },
+    OptSpec {
+        name: "remote_block",
+        value: Some("SIZE"),
+        help: "Remote images: size of the blocks fetched and cached, 4K to 16M (default 256K).",
+    },
+    OptSpec {
+        name: "remote_timeout",
+        value: Some("SECS"),
+        help: "Remote images: longest wait to connect and for each read (default 30).",
+    },
+    OptSpec {
+        name: "remote_retries",
+        value: Some("N"),
+        help: "Remote images: attempts after the first for timeouts, 5xx and dropped connections (default 4).",
     },
 ];
 
@@ -210,6 +247,12 @@ pub struct MountOptions {
     pub keep_overlay: bool,
     pub deny_backing: bool,
     pub backing_dir: Option<PathBuf>,
+    /// A local image may name a remote backing or data file.
+    pub follow_remote: bool,
+    /// A remote image may name a local backing or data file.
+    pub follow_local: bool,
+    /// How remote images are read.
+    pub remote: RemoteOptions,
     /// Kernel mount flags to forward (nodev, nosuid, noexec, noatime, ...).
     pub kernel_flags: Vec<String>,
 }
@@ -238,6 +281,9 @@ impl Default for MountOptions {
             keep_overlay: false,
             deny_backing: false,
             backing_dir: None,
+            follow_remote: false,
+            follow_local: false,
+            remote: RemoteOptions::default(),
             kernel_flags: Vec::new(),
         }
     }
@@ -375,15 +421,62 @@ impl MountOptions {
             }
             "keep_overlay" => self.keep_overlay = true,
             "backing" => {
-                self.deny_backing = match need(value)?.as_str() {
-                    "deny" => true,
-                    "follow" => false,
-                    v => {
+                let v = need(value)?;
+                (self.deny_backing, self.follow_remote, self.follow_local) = match v.as_str() {
+                    "deny" => (true, false, false),
+                    "follow" => (false, false, false),
+                    "follow-remote" => (false, true, false),
+                    "follow-local" => (false, false, true),
+                    "follow-any" => (false, true, true),
+                    _ => {
                         return Err(Error::invalid(format!(
-                            "option backing={v}: expected follow or deny"
+                            "option backing={v}: expected follow, deny, follow-remote, follow-local or follow-any"
                         )));
                     }
                 }
+            }
+            "cache_dir" => self.remote.cache_dir = Some(PathBuf::from(need(value)?)),
+            "cache_max" => {
+                let v = need(value)?;
+                self.remote.cache_max = parse_size(&v).ok_or_else(|| {
+                    Error::invalid(format!("option cache_max={v}: not a size like 1G"))
+                })?;
+            }
+            "s3_endpoint" => {
+                let v = need(value)?;
+                if !v.starts_with("http://") && !v.starts_with("https://") {
+                    return Err(Error::invalid(format!(
+                        "option s3_endpoint={v}: expected an http:// or https:// URL"
+                    )));
+                }
+                self.remote.s3_endpoint = Some(v);
+            }
+            "ca_file" => self.remote.http.ca_file = Some(PathBuf::from(need(value)?)),
+            "remote_block" => {
+                let v = need(value)?;
+                let size = parse_size(&v).ok_or_else(|| {
+                    Error::invalid(format!("option remote_block={v}: not a size like 256K"))
+                })?;
+                self.remote.block = remote::check_block(size)
+                    .map_err(|e| Error::invalid(format!("option remote_block={v}: {e}")))?;
+            }
+            "remote_timeout" => {
+                let secs: u64 = number(name, &need(value)?)?;
+                if !(1..=3600).contains(&secs) {
+                    return Err(Error::invalid(format!(
+                        "option remote_timeout={secs}: expected 1 to 3600 (seconds)"
+                    )));
+                }
+                self.remote.http.timeout = std::time::Duration::from_secs(secs);
+            }
+            "remote_retries" => {
+                let n: u32 = number(name, &need(value)?)?;
+                if n > 20 {
+                    return Err(Error::invalid(format!(
+                        "option remote_retries={n}: expected 0 to 20"
+                    )));
+                }
+                self.remote.http.retries = n;
             }
             "backing_dir" => self.backing_dir = Some(PathBuf::from(need(value)?)),
             _ if is_generic(opt) => {
@@ -400,6 +493,30 @@ impl MountOptions {
             }
         }
         Ok(())
+    }
+}
+
+impl MountOptions {
+    /// How to open the image these options describe (writable with `rw`).
+    pub fn open_options(&self) -> OpenOptions {
+        let mut o = OpenOptions {
+            force_share: self.force_share,
+            backing: if self.deny_backing {
+                BackingPolicy::Deny
+            } else {
+                BackingPolicy::Follow
+            },
+            backing_dir: self.backing_dir.clone(),
+            remote: self.remote.clone(),
+            follow_local: self.follow_local,
+            follow_remote: self.follow_remote,
+            ..Default::default()
+        };
+        o.image.writable = self.rw;
+        if let Some(c) = self.cache_size {
+            o.image.cache_bytes = c;
+        }
+        o
     }
 }
 
