@@ -7,7 +7,7 @@ SBINDIR ?= /sbin
 MANDIR  ?= $(PREFIX)/share/man
 CARGO   ?= cargo
 
-.PHONY: all build release test lint demo install uninstall bench fuzz clean
+.PHONY: all build release test lint demo install uninstall bench bench-remote fuzz clean
 
 all: release
 
@@ -46,6 +46,11 @@ bench:
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= header snapshot_table entries decompress image vmstate
 FUZZ = cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+
+# Remote images over local HTTP and S3 (moto), beside QEMU's curl driver (needs root;
+# writes benches/REMOTE.md; BENCH_SIZE=256M for a shorter run).
+bench-remote:
+	bash benches/remote.sh
 
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use support::corpus;
 use support::images::create_image;
-use support::remote::{Faults, FileServer, Moto, key_of};
+use support::remote::{Faults, FileServer, Moto, TlsProxy, key_of};
 use support::*;
 
 /// Library options with a private cache directory (and moto's endpoint for s3:// names).
@@ -741,4 +741,23 @@ fn mount_reports_eio_and_logs_the_range() {
         .find(|l| l.contains("HTTP 500"))
         .unwrap_or_else(|| panic!("no log line about the failure:\n{logged}"));
     assert!(line.contains(&url) && line.contains("bytes="), "{line}");
+}
+
+/// https: certificates are verified (a self-signed one is refused at open), and
+/// `ca_file` trusts a private CA.
+#[test]
+fn https_verifies_certificates() {
+    let (dir, top) = corpus::build("compressed_v2");
+    let server = FileServer::start(dir.path());
+    let work = tempdir();
+    let tls = TlsProxy::start(work.path(), server.port());
+    let url = format!("https://127.0.0.1:{}{}", tls.port, canon(&top).display());
+    let cache = tempdir();
+    let e = open_err(&url, &impatient(cache.path(), 0));
+    let msg = format!("{e:#}");
+    assert!(msg.contains("TLS") && msg.contains(&url), "{msg}");
+    let mut opts = remote_opts(cache.path(), None);
+    opts.remote.http.ca_file = Some(tls.cert.clone());
+    let chain = open_url(&url, &opts);
+    assert_same_bytes("over https", &qemu_raw(&top), &read_all(&*chain.top));
 }

@@ -5,7 +5,8 @@
 //!   root directory at their absolute paths, with range requests, ETags and `If-Match`;
 //!   it counts what it was asked, and misbehaves on command ([`Faults`]: delays, resets,
 //!   500s, short bodies, ignoring Range or If-Match).
-//! - [`Moto`]: moto's S3 server (Python), with helpers to make buckets and upload trees.
+//! - [`Moto`]: moto's S3 server (Python), with helpers to make buckets and upload trees;
+//! - [`TlsProxy`]: a TLS front with a self-signed certificate, for `https://`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -95,6 +96,10 @@ impl FileServer {
             shared,
             accept: Some(accept),
         }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The URL of the file at `path` (absolute, under the root).
@@ -456,6 +461,102 @@ pub fn key_of(path: &Path) -> String {
 }
 
 impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TLS front for a server on 127.0.0.1 (Python's ssl module), with a self-signed
+/// certificate for 127.0.0.1 made by openssl: `cert` is the PEM file to trust.
+pub struct TlsProxy {
+    child: Child,
+    pub port: u16,
+    pub cert: PathBuf,
+}
+
+const TLS_SCRIPT: &str = r#"
+import socket, ssl, sys, threading
+cert, key, upstream = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+ls = socket.socket()
+ls.bind(("127.0.0.1", 0))
+ls.listen(64)
+print(ls.getsockname()[1], flush=True)
+def pump(a, b):
+    try:
+        while True:
+            d = a.recv(65536)
+            if not d:
+                break
+            b.sendall(d)
+    except Exception:
+        pass
+    for s in (a, b):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except Exception:
+            pass
+def handle(c):
+    try:
+        t = ctx.wrap_socket(c, server_side=True)
+    except Exception:
+        c.close()
+        return
+    u = socket.create_connection(("127.0.0.1", upstream))
+    threading.Thread(target=pump, args=(t, u), daemon=True).start()
+    pump(u, t)
+threading.Thread(target=lambda: sys.stdin.read() or __import__("os")._exit(0), daemon=True).start()
+while True:
+    c, _ = ls.accept()
+    threading.Thread(target=handle, args=(c,), daemon=True).start()
+"#;
+
+impl TlsProxy {
+    /// Starts a TLS front for `upstream_port`, with its certificate made in `dir`.
+    pub fn start(dir: &Path, upstream_port: u16) -> TlsProxy {
+        let cert = dir.join("cert.pem");
+        let key = dir.join("key.pem");
+        let st = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=127.0.0.1"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("running openssl");
+        assert!(st.success(), "openssl req failed");
+        let mut child = Command::new("python3")
+            .args(["-c", TLS_SCRIPT])
+            .arg(&cert)
+            .arg(&key)
+            .arg(upstream_port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting python3 for the TLS front");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .expect("reading the TLS front's port");
+        let port = line.trim().parse().unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("the TLS front did not start: {line:?}")
+        });
+        TlsProxy { child, port, cert }
+    }
+}
+
+impl Drop for TlsProxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

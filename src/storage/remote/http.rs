@@ -135,11 +135,19 @@ fn load_roots(path: &Path) -> crate::Result<Vec<Certificate<'static>>> {
     Ok(certs)
 }
 
+/// Whether an I/O error is a failed TLS handshake (rustls errors arrive as I/O errors):
+/// certificate problems, which retrying does not cure.
+fn is_tls(io: &std::io::Error) -> bool {
+    let s = io.to_string();
+    s.contains("certificate") || s.contains("handshake")
+}
+
 /// A transport failure in words, without anything that could hold the URL.
 fn describe(e: &ureq::Error) -> String {
     use ureq::Error as E;
     match e {
         E::Timeout(t) => format!("timed out ({t})"),
+        E::Io(io) if is_tls(io) => format!("TLS: {io}"),
         E::Io(io) => io.to_string(),
         E::HostNotFound => "host not found".into(),
         E::ConnectionFailed => "connection failed".into(),
@@ -164,10 +172,11 @@ fn describe(e: &ureq::Error) -> String {
 /// Whether a transport failure is worth another attempt.
 fn transient(e: &ureq::Error) -> bool {
     use ureq::Error as E;
-    matches!(
-        e,
-        E::Timeout(_) | E::Io(_) | E::ConnectionFailed | E::Protocol(_) | E::HostNotFound
-    )
+    match e {
+        E::Io(io) => !is_tls(io),
+        E::Timeout(_) | E::ConnectionFailed | E::Protocol(_) | E::HostNotFound => true,
+        _ => false,
+    }
 }
 
 /// `bytes START-END/TOTAL` (TOTAL may be `*`).
