@@ -15,6 +15,8 @@
 #   BENCH_RANDOM_IOS=2000  4 KiB random reads per random run over HTTP
 #   BENCH_S3_RANDOM_IOS=200  the same from moto (which copies the object for each request)
 #   BENCH_QEMU_TIMEOUT=300 seconds each QEMU run may take
+#   BENCH_CACHE_MAX=4G     cache_max of the mounts (above the image size, so that the
+#                          warm runs show the disk cache rather than its eviction)
 #   BENCH_OUT=FILE         the report (default benches/REMOTE.md)
 set -euo pipefail
 
@@ -132,7 +134,7 @@ row() {
 qcow2fs_run() { # SOURCE URL CACHE_DIR CASE(seq|rand) LABEL [OPTS]
     local src=$1 url=$2 cache=$3 kind=$4 label=$5 extra=${6:-} ios=$IOS
     [[ $src == *s3 ]] && ios=$S3_IOS
-    "$BIN" mount -o "cache_dir=$cache${extra:+,$extra}" "$url" "$MNT"
+    "$BIN" mount -o "cache_dir=$cache,cache_max=${BENCH_CACHE_MAX:-4G}${extra:+,$extra}" "$url" "$MNT"
     local disk=$MNT/disk.raw t0 t1 nread
     t0=$(date +%s.%N)
     if [[ $kind == seq ]]; then
