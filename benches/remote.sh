@@ -60,17 +60,18 @@ qemu-img create -q -f qcow2 "$IMG" "$SIZE"
 qemu-io -c "write -P 0x5a 0 $SIZE" "$IMG" >/dev/null
 BYTES=$(stat -c %s "$IMG")
 
-# Servers, each printing its port first.
-start_server() { # FIFO-less: the server writes its port into $1
+# Servers, each printing its port first (into $1). Not in a subshell: their pids must
+# reach PIDS, which the cleanup kills.
+start_server() {
     local portfile=$1; shift
     "$@" >"$portfile" 2>/dev/null &
     PIDS+=($!)
     for _ in $(seq 100); do [[ -s $portfile ]] && break; sleep 0.1; done
     [[ -s $portfile ]] || die "server did not start: $*"
-    head -n1 "$portfile"
 }
-HTTP_PORT=$(start_server "$DIR/http.port" python3 "$ROOT/benches/range_server.py" "$DIR/srv")
-MOTO_PORT=$(start_server "$DIR/moto.port" python3 -c '
+start_server "$DIR/http.port" python3 "$ROOT/benches/range_server.py" "$DIR/srv"
+HTTP_PORT=$(head -n1 "$DIR/http.port")
+start_server "$DIR/moto.port" python3 -c '
 import sys, time
 from moto.server import ThreadedMotoServer
 s = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -78,7 +79,8 @@ s.start()
 print(s.get_host_and_port()[1], flush=True)
 while True:
     time.sleep(3600)
-')
+'
+MOTO_PORT=$(head -n1 "$DIR/moto.port")
 export AWS_ACCESS_KEY_ID=bench-key AWS_SECRET_ACCESS_KEY=bench-secret AWS_REGION=us-east-1
 log "uploading the image to moto"
 python3 - "$MOTO_PORT" "$IMG" <<'EOF'
