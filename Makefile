@@ -12,7 +12,7 @@ TARGET_DIR ?= $(or $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev
 	sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'),target)
 BIN = $(TARGET_DIR)/release/qcow2fs
 
-.PHONY: all build release test lint man demo install uninstall bench fuzz clean
+.PHONY: all build release test lint man demo install uninstall bench bench-remote fuzz clean
 
 all: release
 
@@ -64,6 +64,11 @@ bench:
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= header snapshot_table entries decompress image vmstate luks
 FUZZ = cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+
+# Remote images over local HTTP and S3 (moto), beside QEMU's curl driver (needs root;
+# writes benches/REMOTE.md; BENCH_SIZE=256M for a shorter run).
+bench-remote:
+	bash benches/remote.sh
 
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked

@@ -6,8 +6,12 @@ use std::path::Path;
 
 const CHUNK: usize = 4 << 20;
 
-pub fn run(image: &Path, snapshot: Option<&str>, force_share: bool) -> Result<()> {
-    let chain = super::open(image, force_share)?;
+pub fn run(
+    image: &Path,
+    snapshot: Option<&str>,
+    opts: &super::options::MountOptions,
+) -> Result<()> {
+    let chain = super::open(image, opts)?;
     let dev = super::pick_view(&chain, snapshot)?;
     let size = dev.size();
     let stdout = std::io::stdout();

@@ -178,6 +178,7 @@ impl Daemon {
             "open-for-writing": self.mount.open_files.writers.load(Relaxed),
             "cache": image.cache_stats(),
             "locks": locks,
+            "remote": crate::storage::remote::stats(),
         })
     }
 

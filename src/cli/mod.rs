@@ -15,7 +15,7 @@ mod status;
 mod stream;
 mod utab;
 
-use crate::block::{self, Chain, OpenOptions};
+use crate::block::{self, Chain};
 use crate::error::{Error, ErrorKind, Result};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -42,6 +42,10 @@ pub enum Command {
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
+        /// Options for remote images and backing files, as for mount (-o, repeatable):
+        /// backing=, backing_dir=, cache_dir=, cache_max=, s3_endpoint=, ca_file=, ...
+        #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
+        options: Vec<String>,
         image: PathBuf,
     },
     /// Write the raw disk, or one snapshot at its own disk size, to standard output.
@@ -52,6 +56,10 @@ pub enum Command {
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
+        /// Options for remote images and backing files, as for mount (-o, repeatable):
+        /// backing=, backing_dir=, cache_dir=, cache_max=, s3_endpoint=, ca_file=, ...
+        #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
+        options: Vec<String>,
         image: PathBuf,
     },
     /// Mount an image: its active disk, snapshots and backing layers appear as raw files.
@@ -114,6 +122,10 @@ pub enum Command {
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
+        /// Options for remote images and backing files, as for mount (-o, repeatable):
+        /// backing=, backing_dir=, cache_dir=, cache_max=, s3_endpoint=, ca_file=, ...
+        #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
+        options: Vec<String>,
         image: PathBuf,
     },
     /// Print a man page (man/qcow2fs.1 or man/mount.qcow2fs.8) with its option section
@@ -122,15 +134,29 @@ pub enum Command {
     GenMan { page: PathBuf },
 }
 
+/// Options of the reading commands (`info`, `cat`, `map`): `-o` lists as for mount,
+/// of which the ones that open images apply, and `-U`.
+pub(crate) fn read_options(lists: &[String], force_share: bool) -> Result<options::MountOptions> {
+    let mut o = options::MountOptions::parse(lists.iter().map(String::as_str))?;
+    if o.rw {
+        return Err(Error::invalid("option rw applies to mount only"));
+    }
+    o.force_share |= force_share;
+    Ok(o)
+}
+
 /// Opens `image` with its chain for reading, or fails with a one-line error.
-pub(crate) fn open(image: &Path, force_share: bool) -> Result<Chain> {
-    block::open_chain(
-        image,
-        &OpenOptions {
-            force_share,
-            ..Default::default()
-        },
-    )
+pub(crate) fn open(image: &Path, opts: &options::MountOptions) -> Result<Chain> {
+    block::open_chain(image, &opts.open_options())
+}
+
+/// How an image named on the command line is shown: a URL without its query string
+/// (which may hold a signature), a path as given.
+pub(crate) fn shown_image(image: &Path) -> PathBuf {
+    match image.to_str().map(crate::storage::remote::Location::parse) {
+        Some(Ok(Some(loc))) => PathBuf::from(loc.shown()),
+        _ => image.to_path_buf(),
+    }
 }
 
 /// The active disk, or the snapshot `key` names.
@@ -156,19 +182,31 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info {
             json,
             force_share,
+            options,
             image,
-        } => info::run(&image, json, force_share),
+        } => info::run(&image, json, &read_options(&options, force_share)?),
         Command::Cat {
             snapshot,
             force_share,
+            options,
             image,
-        } => cat::run(&image, snapshot.as_deref(), force_share),
+        } => cat::run(
+            &image,
+            snapshot.as_deref(),
+            &read_options(&options, force_share)?,
+        ),
         Command::Map {
             json,
             snapshot,
             force_share,
+            options,
             image,
-        } => map::run(&image, snapshot.as_deref(), json, force_share),
+        } => map::run(
+            &image,
+            snapshot.as_deref(),
+            json,
+            &read_options(&options, force_share)?,
+        ),
         Command::Mount {
             foreground,
             options,

@@ -3,8 +3,7 @@
 
 use super::logging;
 use super::options::MountOptions;
-use crate::block::{self, BlockDev, Chain, CopyOnRead, OpenOptions, Overlay, OverlayOptions};
-use crate::engine::ImageOptions;
+use crate::block::{self, BlockDev, Chain, CopyOnRead, Overlay, OverlayOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fuse::namespace::{FileRole, LayoutOptions, Namespace};
 use crate::fuse::{FsConfig, MountState, Qcow2Fs};
@@ -245,6 +244,8 @@ fn serve(
     ready: Option<OwnedFd>,
 ) -> Result<()> {
     let o = &req.options;
+    // The image's name as shown (a URL without its query string).
+    let shown = super::shown_image(&req.image);
     let layout = LayoutOptions {
         snapshots: o.snapshots,
         layers: o.layers,
@@ -260,11 +261,8 @@ fn serve(
             cache_bytes: o.cache_size.unwrap_or(crate::engine::DEFAULT_CACHE_BYTES) / 4,
         };
         private_overlay_dir = Some(opts.dir.clone());
-        let image_abs = req
-            .image
-            .canonicalize()
-            .unwrap_or_else(|_| req.image.clone());
-        Namespace::build_with(&chain, &req.image, layout, &mut |role, name, dev| {
+        let image_abs = req.image.canonicalize().unwrap_or_else(|_| shown.clone());
+        Namespace::build_with(&chain, &shown, layout, &mut |role, name, dev| {
             let backing = match role {
                 FileRole::Active => Some((image_abs.clone(), "qcow2")),
                 FileRole::Layer(_) => Some((
@@ -286,7 +284,7 @@ fn serve(
             None => chain.layers.len() as u32,
         };
         let top = chain.top.clone();
-        Namespace::build_with(&chain, &req.image, layout, &mut |role, _, dev| {
+        Namespace::build_with(&chain, &shown, layout, &mut |role, _, dev| {
             Ok(match role {
                 FileRole::Active => {
                     Arc::new(CopyOnRead::new(top.clone(), bottom)) as Arc<dyn BlockDev>
@@ -295,7 +293,7 @@ fn serve(
             })
         })?
     } else {
-        Namespace::build(&chain, &req.image, layout)?
+        Namespace::build(&chain, &shown, layout)?
     };
     let writable = o.rw || o.overlay.is_some();
     // SAFETY: getegid/geteuid have no preconditions.
@@ -311,10 +309,7 @@ fn serve(
         },
     ));
     let fs = Qcow2Fs::new(state.clone());
-    let image_abs = req
-        .image
-        .canonicalize()
-        .unwrap_or_else(|_| req.image.clone());
+    let image_abs = req.image.canonicalize().unwrap_or_else(|_| shown.clone());
     let mut config = fuser::Config::default();
     let fsname = o
         .fsname
@@ -402,11 +397,7 @@ fn serve(
                 false
             }
         };
-    log::info!(
-        "mounted {} on {}",
-        req.image.display(),
-        mountpoint.display()
-    );
+    log::info!("mounted {} on {}", shown.display(), mountpoint.display());
     if let Some(fd) = ready {
         let mut f = std::fs::File::from(fd);
         let _ = f.write_all(b"\0");
@@ -458,26 +449,7 @@ pub fn run(req: MountRequest) -> Result<()> {
             .map_err(|e| Error::io(log, "opening the log file", e))?;
     }
     // Open before forking, so errors are reported by the command itself.
-    let mut image_opts = ImageOptions {
-        writable: req.options.rw,
-        ..Default::default()
-    };
-    if let Some(c) = req.options.cache_size {
-        image_opts.cache_bytes = c;
-    }
-    let chain = block::open_chain(
-        &req.image,
-        &OpenOptions {
-            image: image_opts,
-            force_share: req.options.force_share,
-            backing: if req.options.deny_backing {
-                block::BackingPolicy::Deny
-            } else {
-                block::BackingPolicy::Follow
-            },
-            backing_dir: req.options.backing_dir.clone(),
-        },
-    )?;
+    let chain = block::open_chain(&req.image, &req.options.open_options())?;
     if req.foreground {
         if let Some(log) = &req.options.log {
             logging::to_file(log).map_err(|e| Error::io(log, "opening the log file", e))?;

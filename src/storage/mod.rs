@@ -6,6 +6,7 @@ mod fault;
 mod file;
 pub mod lock;
 mod memory;
+pub mod remote;
 
 pub use fault::{FaultOp, FaultStorage};
 pub use file::{FileStorage, open_regular};
