@@ -706,3 +706,91 @@ fn the_kernel_flag_follows_the_daemon_in_every_mount_form() {
     m.umount();
     drop(bind);
 }
+
+/// What a remount means for the other modes: an overlay mount cannot be remounted (it
+/// never writes the image); a copy-on-read mount copies only while it is read-write; a
+/// read-only loop-mounted guest keeps working across both remounts.
+#[test]
+fn remount_of_overlay_and_copy_on_read_mounts_and_under_a_guest() {
+    let d = tempdir();
+    let base = new_image(d.path(), "base.qcow2", "32M", "");
+    qemu_io(&base, &["write -P 0x71 0 4M"]);
+    qemu_img(
+        d.path(),
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    let top = d.path().join("top.qcow2");
+    let mnt = mountpoint(d.path(), "m");
+    let mp = mnt.to_str().unwrap();
+    // Overlay: refused both ways, the mount keeps serving.
+    let m = Mount::new(&top, &mnt, &["overlay"]);
+    for how in ["rw", "ro"] {
+        let r = q(d.path(), &["remount", "-o", how, mp]);
+        assert!(
+            r.code() == Some(1) && r.stderr.contains("overlay"),
+            "{}",
+            r.describe()
+        );
+    }
+    assert_eq!(fs::read(m.disk()).unwrap()[0], 0x71);
+    m.umount();
+    // Copy-on-read: read-only copies nothing; read-write copies what is read.
+    let own = |image: &Path| -> u64 {
+        let v = qemu_map_json(image);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["depth"] == 0 && e["data"] == true)
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum()
+    };
+    let m = Mount::new(&top, &mnt, &["rw,copy-on-read"]);
+    q(d.path(), &["remount", "-o", "ro", mp]).expect_success();
+    let mut b = vec![0u8; 65536];
+    let f = fs::File::open(m.disk()).unwrap();
+    f.read_exact_at(&mut b, 0).unwrap();
+    assert_eq!(b[0], 0x71);
+    q(d.path(), &["remount", "-o", "rw", mp]).expect_success();
+    assert!(
+        run(d.path(), qcow2fs_bin(), &["status", "--json", mp])
+            .stdout_text()
+            .contains("copy-on-read")
+    );
+    f.read_exact_at(&mut b, 1 << 20).unwrap();
+    drop(f);
+    m.umount();
+    let copied = own(&top);
+    assert!(
+        (65536..(4 << 20)).contains(&copied),
+        "copy-on-read copied {copied} bytes: only what was read while read-write should be"
+    );
+    assert_check_clean(&top);
+    // A read-only loop-mounted guest across both remounts.
+    let g = new_image(d.path(), "g.qcow2", "32M", "");
+    let m = Mount::new(&g, &mnt, &["rw"]);
+    run(
+        d.path(),
+        "mkfs.ext4",
+        &["-q", "-F", m.disk().to_str().unwrap()],
+    );
+    q(d.path(), &["remount", "-o", "ro", mp]).expect_success();
+    let guest = mountpoint(d.path(), "guest");
+    let lm = LoopMount::new(&m.disk(), &guest, true, "");
+    let before = fs::read_dir(&guest).unwrap().count();
+    q(d.path(), &["remount", "-o", "rw", mp]).expect_success();
+    assert_eq!(fs::read_dir(&guest).unwrap().count(), before);
+    q(d.path(), &["remount", "-o", "ro", mp]).expect_success();
+    assert_eq!(fs::read_dir(&guest).unwrap().count(), before);
+    lm.unmount();
+    m.umount();
+}
