@@ -113,7 +113,8 @@ pub fn now() -> (u32, u32) {
     (d.as_secs() as u32, d.subsec_micros() * 1000)
 }
 
-fn snapshot_json(s: &Snapshot) -> Value {
+/// A snapshot as the control channel and `qcow2fs snapshot` show it.
+pub fn snapshot_json(s: &Snapshot) -> Value {
     json!({
         "id": s.entry.id,
         "name": s.entry.name(),

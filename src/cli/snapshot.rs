@@ -3,7 +3,7 @@
 //! image that is not mounted (like `qemu-img snapshot`), so one tool does both.
 
 use super::control;
-use super::daemon::{check_new_name, is_mountpoint, now};
+use super::daemon::{check_new_name, is_mountpoint, now, snapshot_json};
 use super::guest::Frozen;
 use crate::block::{self, OpenOptions};
 use crate::engine::{ImageOptions, Snapshot};
@@ -65,17 +65,6 @@ fn print_snapshot(verb: &str, v: &Value) {
     );
 }
 
-fn to_json(s: &Snapshot) -> Value {
-    json!({
-        "id": s.entry.id,
-        "name": s.entry.name(),
-        "date-sec": s.entry.date_sec,
-        "date-nsec": s.entry.date_nsec,
-        "vm-state-size": s.entry.vm_state_size,
-        "disk-size": s.disk_size,
-    })
-}
-
 /// Opens an image that is not mounted, for writing or reading, with QEMU's locks.
 fn open(image: &Path, writable: bool) -> Result<block::Chain> {
     block::open_chain(
@@ -98,6 +87,21 @@ fn find(chain: &block::Chain, spec: &str) -> Result<Snapshot> {
         )
         .in_file(chain.image().path())
     })
+}
+
+/// Runs `op` on snapshot `spec` of an image that is not mounted, then closes it cleanly.
+fn offline(
+    target: &Path,
+    spec: &str,
+    verb: &str,
+    op: impl FnOnce(&crate::engine::Image, crate::engine::SnapshotKey) -> Result<()>,
+) -> Result<()> {
+    let chain = open(target, true)?;
+    let s = find(&chain, spec)?;
+    op(chain.image(), s.key)?;
+    chain.image().close()?;
+    print_snapshot(verb, &json!({ "snapshot": snapshot_json(&s) }));
+    Ok(())
 }
 
 /// Runs `qcow2fs snapshot ACTION`.
@@ -162,7 +166,7 @@ pub fn run(action: Action) -> Result<()> {
             check_new_name(&image.snapshots(), &name).map_err(|e| e.in_file(&target))?;
             let s = image.create_snapshot(&name, now())?;
             image.close()?;
-            print_snapshot("took", &json!({ "snapshot": to_json(&s) }));
+            print_snapshot("took", &json!({ "snapshot": snapshot_json(&s) }));
             Ok(())
         }
         Action::Delete { target, snapshot } => {
@@ -174,12 +178,9 @@ pub fn run(action: Action) -> Result<()> {
                 print_snapshot("deleted", &v);
                 return Ok(());
             }
-            let chain = open(&target, true)?;
-            let s = find(&chain, &snapshot)?;
-            chain.image().delete_snapshot(s.key)?;
-            chain.image().close()?;
-            print_snapshot("deleted", &json!({ "snapshot": to_json(&s) }));
-            Ok(())
+            offline(&target, &snapshot, "deleted", |image, key| {
+                image.delete_snapshot(key)
+            })
         }
         Action::Revert {
             force,
@@ -194,12 +195,9 @@ pub fn run(action: Action) -> Result<()> {
                 print_snapshot("reverted to", &v);
                 return Ok(());
             }
-            let chain = open(&target, true)?;
-            let s = find(&chain, &snapshot)?;
-            chain.image().revert_to_snapshot(s.key)?;
-            chain.image().close()?;
-            print_snapshot("reverted to", &json!({ "snapshot": to_json(&s) }));
-            Ok(())
+            offline(&target, &snapshot, "reverted to", |image, key| {
+                image.revert_to_snapshot(key)
+            })
         }
         Action::List { json, target } => {
             let list: Vec<Value> = if is_mountpoint(&target) {
@@ -207,7 +205,12 @@ pub fn run(action: Action) -> Result<()> {
                 v["snapshots"].as_array().cloned().unwrap_or_default()
             } else {
                 let chain = open(&target, false)?;
-                chain.image().snapshots().iter().map(to_json).collect()
+                chain
+                    .image()
+                    .snapshots()
+                    .iter()
+                    .map(snapshot_json)
+                    .collect()
             };
             if json {
                 println!(

@@ -206,12 +206,7 @@ impl Image {
         let mut m = self.meta.write();
         {
             let (t, w) = m.writer(self.path())?;
-            self.write_back(t, w)?;
-            if w.we_set_dirty {
-                t.header.incompatible_features &= !incompat::DIRTY;
-                self.write_header(t)?;
-                w.we_set_dirty = false;
-            }
+            self.close_locked(t, w)?;
         }
         m.w = None;
         self.writable
@@ -260,6 +255,12 @@ impl Image {
         }
         let mut m = self.meta.write();
         let (t, w) = m.writer(self.path())?;
+        self.close_locked(t, w)
+    }
+
+    /// The clean-close duties: everything written back, then the dirty bit qcow2fs set
+    /// cleared (F5).
+    fn close_locked(&self, t: &mut Tables, w: &mut WriteState) -> Result<()> {
         self.write_back(t, w)?;
         if w.we_set_dirty {
             t.header.incompatible_features &= !incompat::DIRTY;

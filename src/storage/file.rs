@@ -191,16 +191,7 @@ impl Storage for FileStorage {
         }
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => {
-                let zeros = vec![0u8; len.min(1 << 20) as usize];
-                let mut done = 0;
-                while done < len {
-                    let n = (len - done).min(zeros.len() as u64) as usize;
-                    self.write_at(&zeros[..n], off + done)?;
-                    done += n as u64;
-                }
-                Ok(())
-            }
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => super::write_zeros(self, off, len),
             _ => Err(e),
         }
     }

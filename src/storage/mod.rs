@@ -31,6 +31,18 @@ pub struct Access {
     pub mode: u32,
 }
 
+/// Writes `len` zero bytes at `off`, a MiB at a time.
+pub fn write_zeros<S: Storage + ?Sized>(store: &S, off: u64, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        store.write_at(&zeros[..n], off + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// A store of bytes addressed by offset.
 #[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync + std::fmt::Debug {
@@ -70,14 +82,7 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Deallocates a range so it reads as zeros. Stores that cannot write zeros.
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], off + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zeros(self, off, len)
     }
 
     /// Fills `buf` from `off`, with zeros past the end of the store.
