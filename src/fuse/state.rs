@@ -154,6 +154,20 @@ impl MountState {
         }
     }
 
+    /// The file `ino` for a change, with the I/O gate held: EROFS when the mount or the
+    /// file is read-only.
+    pub fn writable_file(
+        &self,
+        ino: u64,
+    ) -> Result<(FileRef, RwLockReadGuard<'_, ()>), fuser::Errno> {
+        let f = self.file(ino)?;
+        let io = self.io_gate();
+        if !self.is_writable(&*f.dev) {
+            return Err(fuser::Errno::EROFS);
+        }
+        Ok((f, io))
+    }
+
     /// Records a change to a file: new mtime, st_blocks to be counted again.
     pub fn touched(&self, state: &NodeState) {
         let mut b = state.blocks.state.lock();
