@@ -9,6 +9,7 @@ mod open;
 mod overlay;
 mod qcow2;
 mod raw;
+pub mod reopen;
 mod write;
 
 pub use cor::CopyOnRead;

@@ -9,10 +9,9 @@ const CHUNK: usize = 4 << 20;
 pub fn run(
     image: &Path,
     snapshot: Option<&str>,
-    force_share: bool,
-    keys: &super::KeyArgs,
+    opts: &super::options::MountOptions,
 ) -> Result<()> {
-    let chain = super::open(image, force_share, keys, false)?;
+    let chain = super::open(image, opts)?;
     let dev = super::pick_view(&chain, snapshot)?;
     let size = dev.size();
     let stdout = std::io::stdout();

@@ -333,9 +333,10 @@ pub fn info_text(path: &Path, chain: &Chain) -> String {
     s
 }
 
-pub fn run(image: &Path, json: bool, force_share: bool, keys: &super::KeyArgs) -> Result<()> {
+pub fn run(image: &Path, json: bool, opts: &super::options::MountOptions) -> Result<()> {
     // Like qemu-img info, no key is needed: encrypted layers stay locked without one.
-    let chain = super::open(image, force_share, keys, true)?;
+    let chain = super::open_metadata(image, opts)?;
+    let image = &super::shown_image(image);
     if json {
         let text = serde_json::to_string_pretty(&info_json(image, &chain)).unwrap_or_default();
         println!("{text}");

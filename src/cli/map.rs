@@ -146,10 +146,9 @@ pub fn run(
     image: &Path,
     snapshot: Option<&str>,
     json: bool,
-    force_share: bool,
-    keys: &super::KeyArgs,
+    opts: &super::options::MountOptions,
 ) -> Result<()> {
-    let chain = super::open(image, force_share, keys, false)?;
+    let chain = super::open(image, opts)?;
     let dev = super::pick_view(&chain, snapshot)?;
     let entries = entries(&*dev)?;
     let text = if json {

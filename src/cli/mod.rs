@@ -3,16 +3,19 @@
 
 mod cat;
 pub mod control;
+mod daemon;
+mod guest;
 mod info;
 pub mod logging;
 mod map;
 pub mod mount;
 pub mod options;
+mod snapshot;
 mod status;
 mod stream;
 mod utab;
 
-use crate::block::{self, Chain, OpenOptions};
+use crate::block::{self, Chain};
 use crate::error::{Error, ErrorKind, Result};
 use clap::{Parser, Subcommand};
 use std::os::unix::ffi::OsStrExt;
@@ -40,6 +43,10 @@ pub enum Command {
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
+        /// Options for remote images and backing files, as for mount (-o, repeatable):
+        /// backing=, backing_dir=, cache_dir=, cache_max=, s3_endpoint=, ca_file=, ...
+        #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
+        options: Vec<String>,
         #[command(flatten)]
         keys: KeyArgs,
         image: PathBuf,
@@ -52,6 +59,10 @@ pub enum Command {
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
+        /// Options for remote images and backing files, as for mount (-o, repeatable):
+        /// backing=, backing_dir=, cache_dir=, cache_max=, s3_endpoint=, ca_file=, ...
+        #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
+        options: Vec<String>,
         #[command(flatten)]
         keys: KeyArgs,
         image: PathBuf,
@@ -70,6 +81,14 @@ pub enum Command {
     },
     /// Unmount a qcow2fs mount and wait until its daemon has finished.
     Umount { mountpoint: PathBuf },
+    /// Reopen a mount read-write or read-only without unmounting (what
+    /// `mount -o remount,rw|ro MNT` does too).
+    Remount {
+        /// `rw` or `ro`.
+        #[arg(short = 'o', value_name = "rw|ro", action = clap::ArgAction::Append)]
+        options: Vec<String>,
+        mountpoint: PathBuf,
+    },
     /// Show what a mount serves: image and layers, mode, open files, cache, locks,
     /// snapshots (asked of its daemon).
     Status {
@@ -77,6 +96,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
         mountpoint: PathBuf,
+    },
+    /// Internal snapshots of a mounted image (give its mount point) or of an image:
+    /// create, delete, revert to, list.
+    Snapshot {
+        #[command(subcommand)]
+        action: snapshot::Action,
     },
     /// Copy the data the backing chain provides into the image (offline), like QEMU's
     /// block-stream; safe to interrupt and run again.
@@ -104,6 +129,10 @@ pub enum Command {
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
+        /// Options for remote images and backing files, as for mount (-o, repeatable):
+        /// backing=, backing_dir=, cache_dir=, cache_max=, s3_endpoint=, ca_file=, ...
+        #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
+        options: Vec<String>,
         #[command(flatten)]
         keys: KeyArgs,
         image: PathBuf,
@@ -114,7 +143,8 @@ pub enum Command {
     GenMan { page: PathBuf },
 }
 
-/// The passphrases of encrypted images, for the commands that open images.
+/// The passphrases of encrypted images, for the commands that open images (the same as
+/// `-o key-file=PATH` and `-o key-file.N=PATH`).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct KeyArgs {
     /// Passphrase of an encrypted image, read verbatim from PATH (a trailing newline is
@@ -128,7 +158,8 @@ pub struct KeyArgs {
 }
 
 impl KeyArgs {
-    pub fn keys(&self) -> Result<block::Keys> {
+    /// Adds these keys to `keys` (replacing what `-o` gave for the same layers).
+    pub fn add_to(&self, keys: &mut block::Keys) -> Result<()> {
         let source = |p: &Path| {
             if p.as_os_str() == "-" {
                 block::KeySource::Prompt
@@ -136,10 +167,9 @@ impl KeyArgs {
                 block::KeySource::File(p.to_path_buf())
             }
         };
-        let mut keys = block::Keys {
-            all: self.key_file.as_deref().map(source),
-            ..Default::default()
-        };
+        if let Some(k) = &self.key_file {
+            keys.all = Some(source(k));
+        }
         for spec in &self.layer_key_file {
             let bytes = spec.as_os_str().as_bytes();
             let bad = || {
@@ -158,27 +188,52 @@ impl KeyArgs {
             }
             keys.layers.insert(depth, source(path));
         }
+        Ok(())
+    }
+
+    pub fn keys(&self) -> Result<block::Keys> {
+        let mut keys = block::Keys::default();
+        self.add_to(&mut keys)?;
         Ok(keys)
     }
 }
 
-/// Opens `image` with its chain for reading, or fails with a one-line error. With
-/// `locked_ok`, encrypted layers without a key stay locked (metadata only).
-pub(crate) fn open(
-    image: &Path,
+/// Options of the reading commands (`info`, `cat`, `map`): `-o` lists as for mount,
+/// of which the ones that open images apply, `-U`, and the key flags.
+pub(crate) fn read_options(
+    lists: &[String],
     force_share: bool,
     keys: &KeyArgs,
-    locked_ok: bool,
-) -> Result<Chain> {
-    block::open_chain(
-        image,
-        &OpenOptions {
-            force_share,
-            keys: keys.keys()?,
-            locked_ok,
-            ..Default::default()
-        },
-    )
+) -> Result<options::MountOptions> {
+    let mut o = options::MountOptions::parse(lists.iter().map(String::as_str))?;
+    if o.rw {
+        return Err(Error::invalid("option rw applies to mount only"));
+    }
+    o.force_share |= force_share;
+    keys.add_to(&mut o.keys)?;
+    Ok(o)
+}
+
+/// Opens `image` with its chain for reading, or fails with a one-line error.
+pub(crate) fn open(image: &Path, opts: &options::MountOptions) -> Result<Chain> {
+    block::open_chain(image, &opts.open_options())
+}
+
+/// [`open`] for metadata only: encrypted layers without a key stay locked (like
+/// qemu-img info, which needs no key).
+pub(crate) fn open_metadata(image: &Path, opts: &options::MountOptions) -> Result<Chain> {
+    let mut o = opts.open_options();
+    o.locked_ok = true;
+    block::open_chain(image, &o)
+}
+
+/// How an image named on the command line is shown: a URL without its query string
+/// (which may hold a signature), a path as given.
+pub(crate) fn shown_image(image: &Path) -> PathBuf {
+    match image.to_str().map(crate::storage::remote::Location::parse) {
+        Some(Ok(Some(loc))) => PathBuf::from(loc.shown()),
+        _ => image.to_path_buf(),
+    }
 }
 
 /// The active disk, or the snapshot `key` names.
@@ -204,35 +259,65 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info {
             json,
             force_share,
+            options,
             keys,
             image,
-        } => info::run(&image, json, force_share, &keys),
+        } => info::run(&image, json, &read_options(&options, force_share, &keys)?),
         Command::Cat {
             snapshot,
             force_share,
+            options,
             keys,
             image,
-        } => cat::run(&image, snapshot.as_deref(), force_share, &keys),
+        } => cat::run(
+            &image,
+            snapshot.as_deref(),
+            &read_options(&options, force_share, &keys)?,
+        ),
         Command::Map {
             json,
             snapshot,
             force_share,
+            options,
             keys,
             image,
-        } => map::run(&image, snapshot.as_deref(), json, force_share, &keys),
+        } => map::run(
+            &image,
+            snapshot.as_deref(),
+            json,
+            &read_options(&options, force_share, &keys)?,
+        ),
         Command::Mount {
             foreground,
             options,
             image,
             mountpoint,
-        } => mount::run(mount::MountRequest {
-            image,
+        } => {
+            if let Some(rw) = remount_request(options.iter().map(String::as_str)) {
+                return mount::remount(&mountpoint, rw);
+            }
+            mount::run(mount::MountRequest {
+                image,
+                mountpoint,
+                foreground,
+                options: options::MountOptions::parse(options.iter().map(String::as_str))?,
+            })
+        }
+        Command::Remount {
+            options,
             mountpoint,
-            foreground,
-            options: options::MountOptions::parse(options.iter().map(String::as_str))?,
-        }),
+        } => {
+            let rw = remount_request(
+                std::iter::once("remount").chain(options.iter().map(String::as_str)),
+            );
+            match rw {
+                Some(rw) => mount::remount(&mountpoint, rw),
+                None => Err(Error::invalid("qcow2fs remount needs -o rw or -o ro")),
+            }
+        }
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Status { json, mountpoint } => status::run(&mountpoint, json),
+        Command::Snapshot { action } => snapshot::run(action),
         Command::Stream {
             bottom,
             drop_backing,
@@ -244,7 +329,8 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 const SUBCOMMANDS: &[&str] = &[
-    "info", "cat", "map", "mount", "umount", "status", "stream", "gen-man", "help",
+    "info", "cat", "map", "mount", "umount", "remount", "status", "snapshot", "stream", "gen-man",
+    "help",
 ];
 
 /// Prints the man page `page` with its generated option section brought up to date.
@@ -322,6 +408,13 @@ fn helper_request(args: &[std::ffi::OsString]) -> Result<Option<mount::MountRequ
             "usage: mount.qcow2fs IMAGE MOUNTPOINT [-sfnv] [-o OPTIONS]",
         ));
     }
+    if let Some(rw) = remount_request(lists.iter().map(String::as_str)) {
+        if !fake {
+            let mountpoint = positional.pop().unwrap_or_default();
+            mount::remount(&mountpoint, rw)?;
+        }
+        return Ok(None);
+    }
     let options = options::MountOptions::parse(lists.iter().map(String::as_str))?;
     if fake {
         return Ok(None);
@@ -334,6 +427,23 @@ fn helper_request(args: &[std::ffi::OsString]) -> Result<Option<mount::MountRequ
         foreground: false,
         options,
     }))
+}
+
+/// For option lists that hold `remount` (as mount(8) passes them to a helper for
+/// `mount -o remount,rw MNT`): whether the mount is to become read-write (the last of
+/// `rw` and `ro` wins; without either, read-only is not asked for, so read-write).
+fn remount_request<'a>(lists: impl Iterator<Item = &'a str>) -> Option<bool> {
+    let opts: Vec<&str> = lists.flat_map(|l| l.split(',')).map(str::trim).collect();
+    if !opts.contains(&"remount") {
+        return None;
+    }
+    Some(
+        opts.iter().rev().find_map(|o| match *o {
+            "rw" => Some(true),
+            "ro" => Some(false),
+            _ => None,
+        }) != Some(false),
+    )
 }
 
 /// `umount.fuse.qcow2fs DIR [-nlfvr] [-t TYPE] [-N NS]`, which umount(8) runs to

@@ -1,78 +1,10 @@
 //! `qcow2fs status MNT`: what a running mount serves, asked of its daemon over the
-//! control channel; and the daemon's side, which answers control requests.
+//! control channel (the daemon's side is in `daemon`).
 
 use super::control;
-use crate::block::{BlockDev, Chain};
 use crate::error::Result;
-use crate::fuse::MountState;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
-
-/// What the daemon of one mount knows about itself, to answer control requests.
-pub struct Daemon {
-    pub chain: Chain,
-    pub image: PathBuf,
-    pub mountpoint: PathBuf,
-    /// `ro`, `rw`, `rw,copy-on-read` or `overlay`.
-    pub mode: String,
-    pub force_share: bool,
-    pub mount: Arc<MountState>,
-}
-
-impl Daemon {
-    fn layer_json(depth: usize, dev: &dyn BlockDev) -> Value {
-        json!({"depth": depth, "path": dev.info().path, "format": dev.info().format})
-    }
-
-    /// The answer to `{"op": "status"}`.
-    pub fn status(&self) -> Value {
-        let image = self.chain.image();
-        let mut layers = vec![Self::layer_json(0, &*self.chain.top)];
-        layers.extend(
-            self.chain
-                .layers
-                .iter()
-                .enumerate()
-                .map(|(i, l)| Self::layer_json(i + 1, &**l)),
-        );
-        let snapshots: Vec<Value> = image
-            .snapshots()
-            .iter()
-            .map(|s| json!({"id": s.entry.id, "name": s.entry.name(), "disk-size": s.disk_size}))
-            .collect();
-        let writable = image.is_writable();
-        let locks = if self.force_share {
-            "none (force_share)".to_string()
-        } else if writable {
-            "write on the image (and its data file), read on the backing files".to_string()
-        } else {
-            "read on the image and its backing files".to_string()
-        };
-        json!({
-            "pid": std::process::id(),
-            "image": self.image,
-            "mountpoint": self.mountpoint,
-            "mode": self.mode,
-            "layers": layers,
-            "snapshots": snapshots,
-            "open-files": self.mount.open_files.total.load(Relaxed),
-            "open-for-writing": self.mount.open_files.writers.load(Relaxed),
-            "cache": image.cache_stats(),
-            "locks": locks,
-        })
-    }
-
-    /// Answers one control request.
-    pub fn handle(&self, req: &Value) -> std::result::Result<Value, String> {
-        match req.get("op").and_then(Value::as_str) {
-            Some("status") => Ok(self.status()),
-            Some(op) => Err(format!("unknown request '{op}'")),
-            None => Err("the request names no op".into()),
-        }
-    }
-}
+use std::path::Path;
 
 /// `qcow2fs status [--json] MNT`.
 pub fn run(mountpoint: &Path, as_json: bool) -> Result<()> {
@@ -116,6 +48,37 @@ pub fn run(mountpoint: &Path, as_json: bool) -> Result<()> {
         );
     }
     println!("locks: {}", s("locks").unwrap_or_default());
+    for r in v
+        .get("remote")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let g = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let lookups = g("memory_hits") + g("disk_hits") + g("fetched_for_reads");
+        println!(
+            "remote {}: {} requests ({} retried), {} bytes fetched for {} read; blocks: {} from memory, {} from the disk cache{}, {} fetched, {} ahead; hit rate {:.1}%",
+            r.get("url").and_then(Value::as_str).unwrap_or(""),
+            g("requests"),
+            g("retries"),
+            g("bytes_fetched"),
+            g("bytes_read"),
+            g("memory_hits"),
+            g("disk_hits"),
+            if r.get("cached_on_disk") == Some(&Value::Bool(true)) {
+                ""
+            } else {
+                " (off)"
+            },
+            g("fetched_for_reads"),
+            g("readahead_blocks"),
+            if lookups == 0 {
+                0.0
+            } else {
+                100.0 * (g("memory_hits") + g("disk_hits")) as f64 / lookups as f64
+            }
+        );
+    }
     for l in v
         .get("layers")
         .and_then(Value::as_array)

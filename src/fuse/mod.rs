@@ -159,14 +159,10 @@ impl Filesystem for Qcow2Fs {
         _lock_owner: Option<LockOwner>,
         reply: fuser::ReplyWrite,
     ) {
-        let f = match self.m.file(ino.0) {
+        let (f, _io) = match self.m.writable_file(ino.0) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        let _io = self.m.io_gate();
-        if !self.m.is_writable(&*f.dev) {
-            return reply.error(Errno::EROFS);
-        }
         // A disk does not grow by writing past its end: a write that starts there fails
         // with ENOSPC (as on a block device), one that straddles it is cut short.
         let size = f.dev.size();
@@ -233,14 +229,10 @@ impl Filesystem for Qcow2Fs {
             return reply.error(Errno::EPERM);
         }
         if let Some(size) = size {
-            let f = match self.m.file(ino.0) {
+            let (f, _io) = match self.m.writable_file(ino.0) {
                 Ok(f) => f,
                 Err(e) => return reply.error(e),
             };
-            let _io = self.m.io_gate();
-            if !self.m.is_writable(&*f.dev) {
-                return reply.error(Errno::EROFS);
-            }
             if size != f.dev.size() {
                 if let Err(e) = f.dev.resize(size) {
                     log::error!("truncate to {size} bytes: {e:#}");
@@ -266,14 +258,10 @@ impl Filesystem for Qcow2Fs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let f = match self.m.file(ino.0) {
+        let (f, _io) = match self.m.writable_file(ino.0) {
             Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        let _io = self.m.io_gate();
-        if !self.m.is_writable(&*f.dev) {
-            return reply.error(Errno::EROFS);
-        }
         match fallocate(&*f.dev, offset, length, mode) {
             Ok(()) => {
                 self.m.touched(&f.state);

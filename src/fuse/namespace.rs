@@ -351,6 +351,95 @@ impl Namespace {
         self.node(ino)
     }
 
+    /// The `snapshots` directory, made (under the root) if the mount has none yet;
+    /// whether it was made.
+    pub fn snapshots_dir(&mut self, mtime: SystemTime) -> (u64, bool) {
+        match self.lookup(ROOT_INO, OsStr::new("snapshots")) {
+            Some(n) => (n.ino, false),
+            None => (self.add(ROOT_INO, "snapshots".into(), dir(), mtime), true),
+        }
+    }
+
+    /// Adds the file of snapshot `s`, named `name`, showing `dev`, to directory `dir`.
+    pub fn add_snapshot(
+        &mut self,
+        dir: u64,
+        s: &Snapshot,
+        name: OsString,
+        dev: Arc<dyn BlockDev>,
+    ) -> u64 {
+        let role = FileRole::Snapshot(s.key);
+        self.add(dir, name, NodeKind::File { dev, role }, snapshot_mtime(s))
+    }
+
+    /// The files that belong to snapshot `key`, as (inode, directory, name).
+    pub fn snapshot_files(&self, key: SnapshotKey) -> Vec<(u64, u64, OsString)> {
+        self.nodes()
+            .filter(|n| {
+                matches!(n.kind, NodeKind::File { role: FileRole::Snapshot(k), .. } if k == key)
+            })
+            .map(|n| (n.ino, n.parent, n.name.clone()))
+            .collect()
+    }
+
+    /// Puts `dev` in front of the backing layers (an external snapshot made the image it
+    /// shows layer 1): the other layers' files are renamed (their depth grows by one).
+    /// Returns every (directory, name) that appeared or went, for the kernel's cache.
+    pub fn push_layer(
+        &mut self,
+        dev: Arc<dyn BlockDev>,
+        mtime: SystemTime,
+    ) -> Vec<(u64, OsString)> {
+        let mut changed = Vec::new();
+        let dir = match self.lookup(ROOT_INO, OsStr::new("layers")) {
+            Some(n) => n.ino,
+            None => {
+                changed.push((ROOT_INO, OsString::from("layers")));
+                self.add(ROOT_INO, "layers".into(), dir(), mtime)
+            }
+        };
+        let layers: Vec<(u64, usize, std::path::PathBuf)> = self
+            .nodes()
+            .filter_map(|n| match &n.kind {
+                NodeKind::File {
+                    role: FileRole::Layer(d),
+                    dev,
+                } => Some((n.ino, *d, dev.info().path.clone())),
+                _ => None,
+            })
+            .collect();
+        // Deepest first, so that no new name is taken while renaming.
+        let mut layers = layers;
+        layers.sort_by_key(|l| std::cmp::Reverse(l.1));
+        for (ino, depth, path) in layers {
+            let new = layer_name(depth + 1, &path);
+            if let Some(n) = self.node(ino) {
+                changed.push((dir, n.name.clone()));
+            }
+            self.rename(ino, new.clone());
+            if let Some(Some(Node {
+                kind: NodeKind::File { role, .. },
+                ..
+            })) = self.nodes.get_mut((ino - 1) as usize)
+            {
+                *role = FileRole::Layer(depth + 1);
+            }
+            changed.push((dir, new));
+        }
+        let name = layer_name(1, &dev.info().path);
+        changed.push((dir, name.clone()));
+        self.add(
+            dir,
+            name,
+            NodeKind::File {
+                dev,
+                role: FileRole::Layer(1),
+            },
+            mtime,
+        );
+        changed
+    }
+
     /// The file showing `role`, if there is one.
     pub fn find_role(&self, role: FileRole) -> Option<&Node> {
         self.nodes()

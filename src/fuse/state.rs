@@ -39,7 +39,7 @@ pub struct FsConfig {
     pub umask: u32,
     /// Kernel readahead window in bytes, if set.
     pub readahead: Option<u32>,
-    /// The active disk is writable (`-o rw`).
+    /// The active disk is writable (`-o rw`) when the mount starts.
     pub writable: bool,
 }
 
@@ -63,6 +63,8 @@ pub struct FileRef {
 pub struct MountState {
     ns: RwLock<Namespace>,
     pub cfg: FsConfig,
+    /// Files may be written (a remount changes it, under the gate).
+    writable: std::sync::atomic::AtomicBool,
     pub open_files: OpenFiles,
     gate: RwLock<()>,
     notifier: OnceLock<Notifier>,
@@ -72,6 +74,7 @@ impl MountState {
     pub fn new(ns: Namespace, cfg: FsConfig) -> Self {
         MountState {
             ns: RwLock::new(ns),
+            writable: std::sync::atomic::AtomicBool::new(cfg.writable),
             cfg,
             open_files: OpenFiles::default(),
             gate: RwLock::new(()),
@@ -128,7 +131,12 @@ impl MountState {
 
     /// Whether a file accepts writes.
     pub fn is_writable(&self, dev: &dyn BlockDev) -> bool {
-        self.cfg.writable && dev.writable()
+        self.writable.load(Ordering::Acquire) && dev.writable()
+    }
+
+    /// Lets files be written, or not (a remount, holding the gate).
+    pub fn set_writable(&self, writable: bool) {
+        self.writable.store(writable, Ordering::Release);
     }
 
     /// The file `ino`, or ENOENT/EISDIR.
@@ -144,6 +152,20 @@ impl MountState {
             }),
             NodeKind::Dir { .. } => Err(fuser::Errno::EISDIR),
         }
+    }
+
+    /// The file `ino` for a change, with the I/O gate held: EROFS when the mount or the
+    /// file is read-only.
+    pub fn writable_file(
+        &self,
+        ino: u64,
+    ) -> Result<(FileRef, RwLockReadGuard<'_, ()>), fuser::Errno> {
+        let f = self.file(ino)?;
+        let io = self.io_gate();
+        if !self.is_writable(&*f.dev) {
+            return Err(fuser::Errno::EROFS);
+        }
+        Ok((f, io))
     }
 
     /// Records a change to a file: new mtime, st_blocks to be counted again.

@@ -6,6 +6,7 @@ mod fault;
 mod file;
 pub mod lock;
 mod memory;
+pub mod remote;
 
 pub use fault::{FaultOp, FaultStorage};
 pub use file::{FileStorage, open_regular};
@@ -30,6 +31,18 @@ pub struct Access {
     pub mode: u32,
 }
 
+/// Writes `len` zero bytes at `off`, a MiB at a time.
+pub fn write_zeros<S: Storage + ?Sized>(store: &S, off: u64, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        store.write_at(&zeros[..n], off + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
 /// A store of bytes addressed by offset.
 #[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync + std::fmt::Debug {
@@ -50,6 +63,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         self.len()
     }
 
+    /// The host file behind the store, if it is one (for locking and reopening it).
+    fn as_file(&self) -> Option<&FileStorage> {
+        None
+    }
+
     /// Owner and mode of the file behind the store; `None` for stores that are not files
     /// (they restrict nothing).
     fn access(&self) -> Option<Access> {
@@ -64,14 +82,7 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Deallocates a range so it reads as zeros. Stores that cannot write zeros.
     fn punch_hole(&self, off: u64, len: u64) -> io::Result<()> {
-        let zeros = vec![0u8; len.min(1 << 20) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], off + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        write_zeros(self, off, len)
     }
 
     /// Fills `buf` from `off`, with zeros past the end of the store.

@@ -11,8 +11,9 @@ pub use table::{
     GENERIC_OPTIONS, Generic, GenericOption, MOUNT_OPTIONS, OptDefault, OptSpec, Value,
 };
 
-use crate::block::Keys;
+use crate::block::{BackingPolicy, Keys, OpenOptions};
 use crate::error::{Error, Result};
+use crate::storage::remote::RemoteOptions;
 use fuser::MountOption;
 use std::path::PathBuf;
 
@@ -41,6 +42,12 @@ pub struct MountOptions {
     pub keep_overlay: bool,
     pub deny_backing: bool,
     pub backing_dir: Option<PathBuf>,
+    /// A local image may name a remote backing or data file.
+    pub follow_remote: bool,
+    /// A remote image may name a local backing or data file.
+    pub follow_local: bool,
+    /// How remote images are read.
+    pub remote: RemoteOptions,
     /// Passphrases of encrypted layers (`key-file`, `key-file.N`).
     pub keys: Keys,
     /// Kernel mount flags to forward (nodev, nosuid, noexec, noatime, ...), by their
@@ -71,6 +78,9 @@ impl Default for MountOptions {
             keep_overlay: false,
             deny_backing: false,
             backing_dir: None,
+            follow_remote: false,
+            follow_local: false,
+            remote: RemoteOptions::default(),
             keys: Keys::default(),
             kernel_flags: Vec::new(),
         }
@@ -248,6 +258,29 @@ impl MountOptions {
     }
 
     /// The kernel flags to pass at mount time.
+    /// How to open the image these options describe (writable with `rw`).
+    pub fn open_options(&self) -> OpenOptions {
+        let mut o = OpenOptions {
+            force_share: self.force_share,
+            backing: if self.deny_backing {
+                BackingPolicy::Deny
+            } else {
+                BackingPolicy::Follow
+            },
+            backing_dir: self.backing_dir.clone(),
+            remote: self.remote.clone(),
+            follow_local: self.follow_local,
+            follow_remote: self.follow_remote,
+            keys: self.keys.clone(),
+            ..Default::default()
+        };
+        o.image.writable = self.rw;
+        if let Some(c) = self.cache_size {
+            o.image.cache_bytes = c;
+        }
+        o
+    }
+
     pub fn kernel_mount_options(&self) -> impl Iterator<Item = MountOption> + '_ {
         self.kernel_flags.iter().filter_map(|f| kernel_option(f))
     }
@@ -275,6 +308,7 @@ mod tests {
         match o.value {
             Value::Flag | Value::Optional(_) => name.to_string(),
             Value::Choice(words) => format!("{name}={}", words[0]),
+            Value::Required("URL") => format!("{name}=http://127.0.0.1:9000"),
             Value::Required(_) => match o.default {
                 OptDefault::Value(v) => format!("{name}={v}"),
                 _ => format!("{name}=8"),
@@ -322,7 +356,7 @@ mod tests {
             ("cache_size=1P", "option cache_size=1P: not a size"),
             (
                 "backing=maybe",
-                "option backing=maybe: expected follow or deny",
+                "option backing=maybe: expected follow, deny, follow-remote, follow-local or follow-any",
             ),
             ("uid", "option uid needs a value (uid=N)"),
             ("layers", "option layers needs a value (layers=on|off)"),
@@ -466,6 +500,7 @@ mod tests {
         assert_eq!(o.keys.layers[&0], KeySource::Prompt);
         assert_eq!(o.keys.layers[&1], KeySource::File("/k/one".into()));
         assert_eq!(o.keys.layers.len(), 2);
+        assert_eq!(o.open_options().keys, o.keys);
         for (opts, message) in [
             ("key-file", "option key-file needs a value (key-file=PATH)"),
             ("key-file=", "the key file name is empty"),
