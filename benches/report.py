@@ -45,6 +45,11 @@ WORKLOADS = [
     ("sparse.mount_first_read", "1 TiB sparse image: mount to first 4 KiB read", "ms", ("<=", 0.5)),
     ("rw.write_seq", "allocating sequential 1 MiB writes, O_DIRECT, fsync", "MB/s", (">=", 1.5)),
     ("rw.write_rand", "4 KiB random overwrites, QD1, O_DIRECT, fsync", "IOPS", (">=", 1.5)),
+    ("luks.seq_direct", "LUKS aes-256-xts image: sequential 1 MiB, O_DIRECT", "MB/s", (">=", 2.0)),
+    ("luks.rand_qd1_direct", "LUKS aes-256-xts image: 4 KiB random, QD1, O_DIRECT", "IOPS", (">=", 2.0)),
+    ("luks.rand_4j_direct", "LUKS aes-256-xts image: 4 KiB random, 4 jobs, O_DIRECT", "IOPS", (">=", 2.0)),
+    ("rw_luks.write_seq", "LUKS image: allocating sequential 1 MiB writes, O_DIRECT, fsync", "MB/s", None),
+    ("rw_luks.write_rand", "LUKS image: 4 KiB random overwrites, QD1, O_DIRECT, fsync", "IOPS", None),
 ]
 
 SYSTEMS = ["ours", "qsd", "qcowmount"]
@@ -106,6 +111,41 @@ def cpu_ratio(name, extra, work):
         if q and wo and wq and ms > 0:
             ratios.append((ms / wo) / (q / wq))
     return statistics.median(ratios) if ratios else None
+
+
+def cpu_per_mb(name, extra, work, system="ours"):
+    """Median over repetitions of the daemon's CPU milliseconds per MB of a fio job."""
+    cpu = extra.get(name + ".cpu_ms", {}).get(system, {})
+    done = work.get(name, {}).get(system, {})
+    v = [ms / done[r] for r, ms in cpu.items() if done.get(r)]
+    return statistics.median(v) if v else None
+
+
+def decryption_cost(data, extra, work):
+    """What decryption costs qcow2fs: the LUKS image against the unencrypted one with
+    the same data, sequential O_DIRECT reads (throughput, and daemon CPU per byte)."""
+    plain, luks = data.get("plain.seq_direct", {}), data.get("luks.seq_direct", {})
+    if not plain.get("ours") or not luks.get("ours"):
+        return None
+    tp = statistics.median(plain["ours"].values())
+    tl = statistics.median(luks["ours"].values())
+    text = (
+        f"Cost of decryption (qcow2fs, sequential 1 MiB O_DIRECT reads, the same data "
+        f"unencrypted and LUKS aes-256-xts): {tp:.0f} MB/s against {tl:.0f} MB/s "
+        f"({tl / tp:.2f}x)"
+    )
+    cp, cl = cpu_per_mb("plain.seq_direct", extra, work), cpu_per_mb("luks.seq_direct", extra, work)
+    if cp is not None and cl is not None:
+        # 1 ms of CPU per MB is 1 ns per byte.
+        text += (
+            f"; daemon CPU {cp:.2f} against {cl:.2f} ns per byte, so decrypting costs "
+            f"about {cl - cp:.2f} ns per byte ({1000 / max(cl - cp, 1e-9):.0f} MB/s of one core)"
+        )
+    qp, ql = plain.get("qsd"), luks.get("qsd")
+    if qp and ql:
+        a, b = statistics.median(qp.values()), statistics.median(ql.values())
+        text += f"; qsd: {a:.0f} against {b:.0f} MB/s ({b / a:.2f}x)"
+    return text + "."
 
 
 def fmt(value, unit):
@@ -236,6 +276,10 @@ def report(args):
         if runs:
             out(f"The ceiling for {what}: {statistics.median(runs.values()):.0f} MB/s.")
             out("")
+    cost = decryption_cost(data, extra, work)
+    if cost:
+        out(cost)
+        out("")
     out("\\* qsd cannot export an internal snapshot; its figure is for the active disk of")
     out("the same image (it would need qemu-nbd in between for the snapshot).")
     out("")

@@ -2,6 +2,7 @@
 # qcow2fs benchmark harness: builds its images with qemu-img and qemu-io, mounts them with
 # qcow2fs, with qemu-storage-daemon's FUSE export ("qsd") and, when it is installed, with
 # libqcow's qcowmount (plain and zlib images only: it follows no backing files), runs fio and dd on each in turn (ours, qsd, qcowmount, ours, ...)
+# (a LUKS aes-256-xts-plain64 image too, both daemons given the same key file)
 # for several repetitions and writes the medians, the ratios ours/qsd and the targets to
 # benches/RESULTS.md (through benches/report.py).
 #
@@ -103,7 +104,7 @@ trap 'exit 130' INT TERM
 log "building qcow2fs (cargo build --release)"
 (cd "$ROOT" && cargo build --release --quiet)
 BIN=$DIR/qcow2fs
-cp "$ROOT/target/release/qcow2fs" "$BIN"
+cp "${CARGO_TARGET_DIR:-$ROOT/target}/release/qcow2fs" "$BIN"
 COMMIT=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(cd "$ROOT" && git status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
     COMMIT="$COMMIT (+ uncommitted changes in src/)"
@@ -149,15 +150,20 @@ mount_ours() {
 }
 umount_ours() { "$BIN" umount "$MNT/$1"; }
 
-# mount_qsd IMAGE NAME [writable]: exports IMAGE on the regular file $MNT/NAME.raw.
+# mount_qsd IMAGE NAME [writable]: exports IMAGE on the regular file $MNT/NAME.raw. With
+# QSD_KEY set, the image is LUKS-encrypted and that file holds its passphrase.
 mount_qsd() {
-    local image=$1 file=$MNT/$2.raw ro=on wr=off
+    local image=$1 file=$MNT/$2.raw ro=on wr=off secret=() enc=""
     [[ ${3:-} == writable ]] && { ro=off; wr=on; }
+    if [[ -n ${QSD_KEY:-} ]]; then
+        secret=(--object "secret,id=s0,file=$QSD_KEY")
+        enc=",encrypt.format=luks,encrypt.key-secret=s0"
+    fi
     touch "$file"
     QSD_PIDFILES+=("$MNT/$2.pid")
-    qemu-storage-daemon --daemonize --pidfile "$MNT/$2.pid" \
+    qemu-storage-daemon --daemonize --pidfile "$MNT/$2.pid" "${secret[@]}" \
         --blockdev "driver=file,node-name=f,filename=$image,read-only=$ro" \
-        --blockdev "driver=qcow2,node-name=q,file=f,read-only=$ro" \
+        --blockdev "driver=qcow2,node-name=q,file=f,read-only=$ro$enc" \
         --export "type=fuse,id=e,node-name=q,mountpoint=$file,writable=$wr"
 }
 umount_qsd() {
@@ -335,6 +341,13 @@ qemu-img create -q -f qcow2 sparse.qcow2 1T
 cmds=()
 for ((i = 0; i < 2048; i++)); do cmds+=(-c "write -P 0x5a $((i * 512))M 64k"); done
 qemu-io "${cmds[@]}" sparse.qcow2 >/dev/null
+# The same data encrypted with QEMU's default LUKS cipher, aes-256-xts-plain64 (a small
+# iter-time: the benchmark measures the payload cipher, not the unlocking).
+KEY=$IMG/luks.key
+printf %s 'qcow2fs benchmark passphrase' >"$KEY"
+LUKS_OPTS="encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10"
+qemu-img convert --object "secret,id=s0,file=$KEY" -f raw -O qcow2 -o "$LUKS_OPTS" \
+    data.raw luks.qcow2
 rm data.raw
 # The ceiling of the cold passes: the image file itself read cold.
 for ((rep = 1; rep <= REPS; rep++)); do
@@ -354,6 +367,8 @@ read_suite zlib "$IMG/zlib.qcow2" "" seq_direct rand_qd1_direct
 read_suite zstd "$IMG/zstd.qcow2" "" seq_direct rand_qd1_direct
 read_suite chain "$IMG/chain7.qcow2" "" seq_direct rand_qd1_direct
 read_suite snap "$IMG/snap.qcow2" base seq_direct rand_qd1_direct
+QSD_KEY=$KEY OURS_OPTS=ro,key-file=$KEY read_suite luks "$IMG/luks.qcow2" "" \
+    seq_direct rand_qd1_direct rand_4j_direct
 
 # ---- mount to first read on the 1 TiB image --------------------------------------------------
 for ((rep = 1; rep <= REPS; rep++)); do
@@ -397,30 +412,47 @@ done
 
 # ---- writes (a fresh image for every run) ------------------------------------------------------
 # Allocating sequential writes into an empty image, then 4 KiB random overwrites of
-# allocated clusters (a copy of the data image), both O_DIRECT and ending with fsync.
+# allocated clusters (a copy of the data image), both O_DIRECT and ending with fsync; the
+# same on the LUKS image ("rw_luks").
 for ((rep = 1; rep <= REPS; rep++)); do
-    for w in write_seq write_rand; do
-        for s in ours qsd; do
-            log "rw.$w $s rep $rep"
-            rm -f "$IMG/rw.qcow2"
-            if [[ $w == write_seq ]]; then
-                qemu-img create -q -f qcow2 "$IMG/rw.qcow2" "$SIZE_BYTES"
-                args=(--rw=write --bs=1M --direct=1 --end_fsync=1)
-            else
-                cp "$IMG/data.qcow2" "$IMG/rw.qcow2"
-                args=(--rw=randwrite --bs=4k --direct=1 --end_fsync=1 "${TB[@]}")
-            fi
-            drop_caches
-            if [[ $s == ours ]]; then
-                mount_ours "$IMG/rw.qcow2" ours-rw rw
-                fio_run "rw.$w" ours "$rep" "$MNT/ours-rw/rw.raw" "${args[@]}"
-                umount_ours ours-rw
-            else
-                mount_qsd "$IMG/rw.qcow2" qsd-rw writable
-                fio_run "rw.$w" qsd "$rep" "$MNT/qsd-rw.raw" "${args[@]}"
-                umount_qsd qsd-rw
-            fi
-            qemu-img check -q "$IMG/rw.qcow2" || die "qemu-img check failed after rw.$w on $s"
+    for kind in plain luks; do
+        for w in write_seq write_rand; do
+            for s in ours qsd; do
+                name=rw.$w key="" ours_opts=rw check=("$IMG/rw.qcow2")
+                if [[ $kind == luks ]]; then
+                    name=rw_luks.$w key=$KEY ours_opts=rw,key-file=$KEY
+                    check=(--object "secret,id=s0,file=$KEY" --image-opts
+                        "driver=qcow2,file.filename=$IMG/rw.qcow2,encrypt.key-secret=s0")
+                fi
+                log "$name $s rep $rep"
+                rm -f "$IMG/rw.qcow2"
+                if [[ $w == write_seq && $kind == plain ]]; then
+                    qemu-img create -q -f qcow2 "$IMG/rw.qcow2" "$SIZE_BYTES"
+                elif [[ $w == write_seq ]]; then
+                    qemu-img create -q -f qcow2 --object "secret,id=s0,file=$KEY" \
+                        -o "$LUKS_OPTS" "$IMG/rw.qcow2" "$SIZE_BYTES"
+                elif [[ $kind == plain ]]; then
+                    cp "$IMG/data.qcow2" "$IMG/rw.qcow2"
+                else
+                    cp "$IMG/luks.qcow2" "$IMG/rw.qcow2"
+                fi
+                if [[ $w == write_seq ]]; then
+                    args=(--rw=write --bs=1M --direct=1 --end_fsync=1)
+                else
+                    args=(--rw=randwrite --bs=4k --direct=1 --end_fsync=1 "${TB[@]}")
+                fi
+                drop_caches
+                if [[ $s == ours ]]; then
+                    mount_ours "$IMG/rw.qcow2" ours-rw "$ours_opts"
+                    fio_run "$name" ours "$rep" "$MNT/ours-rw/rw.raw" "${args[@]}"
+                    umount_ours ours-rw
+                else
+                    QSD_KEY=$key mount_qsd "$IMG/rw.qcow2" qsd-rw writable
+                    fio_run "$name" qsd "$rep" "$MNT/qsd-rw.raw" "${args[@]}"
+                    umount_qsd qsd-rw
+                fi
+                qemu-img check -q "${check[@]}" || die "qemu-img check failed after $name on $s"
+            done
         done
     done
 done
