@@ -1,12 +1,14 @@
 //! The block-layer stack: each layer is a [`BlockDev`] that may wrap another (a qcow2
 //! image wraps its backing file). This is the one place guest data is read, following the
-//! engine's mappings.
+//! engine's mappings. A snapshot's VM state and the guest memory rebuilt from it are
+//! disks too (`vmstate`).
 
 mod cor;
 mod open;
 mod overlay;
 mod qcow2;
 mod raw;
+mod vmstate;
 mod write;
 
 pub use cor::CopyOnRead;
@@ -14,6 +16,7 @@ pub use open::{BackingPolicy, Chain, OpenOptions, open_chain};
 pub use overlay::{Overlay, OverlayOptions, private_dir};
 pub use qcow2::Qcow2Layer;
 pub use raw::RawLayer;
+pub use vmstate::{VmMemory, VmStateFiles};
 
 use crate::error::Result;
 use std::path::Path;
