@@ -274,7 +274,7 @@ fn serve(
                         .unwrap_or_else(|_| dev.info().path.clone()),
                     dev.info().format,
                 )),
-                FileRole::Snapshot(_) => None,
+                _ => None,
             };
             let ov = Overlay::create(dev, name, backing, &opts)?;
             log::info!("{name}: writes go to the overlay {}", ov.path().display());
@@ -308,6 +308,7 @@ fn serve(
             umask: o.umask,
             readahead: o.readahead_kb.map(|kb| kb.saturating_mul(1024)),
             writable,
+            xattrs: o.xattrs,
         },
     ));
     let fs = Qcow2Fs::new(state.clone());

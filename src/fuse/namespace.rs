@@ -8,9 +8,16 @@
 //! - `NAME.raw`: the active disk;
 //! - `snapshots/SNAPNAME.raw`: one file per internal snapshot (`SNAPNAME@ID.raw` where the
 //!   name is empty, `.`, `..` or shared);
+//! - for a snapshot with VM state, next to its disk (same stem): `SNAPNAME.vmstate`, the
+//!   migration stream; `SNAPNAME.mem`, the guest-physical memory rebuilt from it (when
+//!   the machine's memory layout is known); `SNAPNAME.ram/BLOCK.raw`, each RAM block
+//!   alone, its name escaped as snapshot names are. A VM state that cannot be used is
+//!   left out with the reason in the log; the disk file stays. Snapshots taken while
+//!   mounted have no VM state;
 //! - `layers/N-FILENAME.raw`: backing layer N, seen through its own chain.
 
-use crate::block::{BlockDev, Chain};
+use super::xattr::{self, Fixed};
+use crate::block::{BlockDev, Chain, Qcow2Layer, VmStateFiles};
 use crate::engine::{Snapshot, SnapshotKey};
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
@@ -29,6 +36,25 @@ pub enum FileRole {
     Active,
     Snapshot(SnapshotKey),
     Layer(usize),
+    /// A snapshot's VM-state stream (`NAME.vmstate`).
+    VmState(SnapshotKey),
+    /// The guest-physical memory rebuilt from it (`NAME.mem`).
+    Memory(SnapshotKey),
+    /// One RAM block of it (`NAME.ram/BLOCK.raw`), by its place in the stream's list.
+    RamBlock(SnapshotKey, usize),
+}
+
+impl FileRole {
+    /// The snapshot a file belongs to, if any.
+    pub fn snapshot(self) -> Option<SnapshotKey> {
+        match self {
+            FileRole::Snapshot(k)
+            | FileRole::VmState(k)
+            | FileRole::Memory(k)
+            | FileRole::RamBlock(k, _) => Some(k),
+            FileRole::Active | FileRole::Layer(_) => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -77,6 +103,8 @@ pub struct Node {
     pub kind: NodeKind,
     pub mtime: SystemTime,
     pub state: Arc<NodeState>,
+    /// Extended attributes fixed when the file was made (`xattr`).
+    pub xattrs: Fixed,
 }
 
 impl Node {
@@ -172,13 +200,22 @@ pub fn snapshot_file_stems(snaps: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
 
 /// `STEM.raw`.
 pub fn raw_name(stem: &[u8]) -> OsString {
+    with_extension(stem, "raw")
+}
+
+/// `STEM.EXT`.
+pub fn with_extension(stem: &[u8], ext: &str) -> OsString {
     let mut v = stem.to_vec();
-    v.extend_from_slice(b".raw");
+    v.push(b'.');
+    v.extend_from_slice(ext.as_bytes());
     OsString::from_vec(v)
 }
 
-/// The file names of `snapshots` in the mount, by key.
-pub fn snapshot_file_names(snapshots: &[&Snapshot]) -> Vec<(SnapshotKey, OsString)> {
+/// The longest file name the kernel accepts.
+const NAME_MAX: usize = 255;
+
+/// The file-name stems of `snapshots` in the mount (without `.raw`), by key.
+pub fn snapshot_file_stems_of(snapshots: &[&Snapshot]) -> Vec<(SnapshotKey, Vec<u8>)> {
     let pairs: Vec<(String, Vec<u8>)> = snapshots
         .iter()
         .map(|s| (s.entry.id.clone(), s.entry.name_bytes.clone()))
@@ -186,7 +223,15 @@ pub fn snapshot_file_names(snapshots: &[&Snapshot]) -> Vec<(SnapshotKey, OsStrin
     snapshots
         .iter()
         .zip(snapshot_file_stems(&pairs))
-        .map(|(s, stem)| (s.key, raw_name(&stem)))
+        .map(|(s, stem)| (s.key, stem))
+        .collect()
+}
+
+/// The file names of `snapshots` in the mount, by key.
+pub fn snapshot_file_names(snapshots: &[&Snapshot]) -> Vec<(SnapshotKey, OsString)> {
+    snapshot_file_stems_of(snapshots)
+        .into_iter()
+        .map(|(k, stem)| (k, raw_name(&stem)))
         .collect()
 }
 
@@ -260,10 +305,14 @@ impl Namespace {
                 .collect();
             if !usable.is_empty() {
                 let dir = ns.add(ROOT_INO, "snapshots".into(), dir(), image_mtime);
-                for ((key, name), s) in snapshot_file_names(&usable).into_iter().zip(&usable) {
+                for ((key, stem), s) in snapshot_file_stems_of(&usable).into_iter().zip(&usable) {
                     let role = FileRole::Snapshot(key);
+                    let name = raw_name(&stem);
                     let dev = wrap(role, &name.to_string_lossy(), chain.snapshot(key))?;
-                    ns.add(dir, name, NodeKind::File { dev, role }, snapshot_mtime(s));
+                    ns.add_snapshot(dir, s, name, dev);
+                    if s.entry.vm_state_size > 0 {
+                        ns.add_vm_state(dir, s, &stem, &chain.top);
+                    }
                 }
             }
         }
@@ -300,7 +349,25 @@ impl Namespace {
             kind,
             mtime,
             state: Arc::default(),
+            xattrs: Fixed::new(),
         }));
+        ino
+    }
+
+    /// Adds file `name` to directory `parent`, with its fixed extended attributes.
+    fn add_file(
+        &mut self,
+        parent: u64,
+        name: OsString,
+        file: (Arc<dyn BlockDev>, FileRole),
+        mtime: SystemTime,
+        xattrs: Fixed,
+    ) -> u64 {
+        let (dev, role) = file;
+        let ino = self.add(parent, name, NodeKind::File { dev, role }, mtime);
+        if let Some(Some(n)) = self.nodes.get_mut((ino - 1) as usize) {
+            n.xattrs = xattrs;
+        }
         ino
     }
 
@@ -360,7 +427,9 @@ impl Namespace {
         }
     }
 
-    /// Adds the file of snapshot `s`, named `name`, showing `dev`, to directory `dir`.
+    /// Adds the disk file of snapshot `s`, named `name`, showing `dev`, to directory
+    /// `dir`. Its VM state, if it has one, is added by [`Namespace::add_vm_state`] (a
+    /// snapshot taken while mounted has none).
     pub fn add_snapshot(
         &mut self,
         dir: u64,
@@ -369,17 +438,103 @@ impl Namespace {
         dev: Arc<dyn BlockDev>,
     ) -> u64 {
         let role = FileRole::Snapshot(s.key);
-        self.add(dir, name, NodeKind::File { dev, role }, snapshot_mtime(s))
+        let attrs = xattr::snapshot_attrs(s);
+        self.add_file(dir, name, (dev, role), snapshot_mtime(s), attrs)
     }
 
-    /// The files that belong to snapshot `key`, as (inode, directory, name).
+    /// Adds the VM-state files of snapshot `s` (of `top`'s image) to directory `dir`,
+    /// named after its file-name stem `stem`: those its state allows, the reasons for the
+    /// others in the log.
+    pub fn add_vm_state(&mut self, dir: u64, s: &Snapshot, stem: &[u8], top: &Qcow2Layer) {
+        let shown = String::from_utf8_lossy(stem).into_owned();
+        let files = match VmStateFiles::open(top, s) {
+            Ok(f) => f,
+            Err(e) => {
+                log::warn!("{e:#}; leaving its VM state out of the mount");
+                return;
+            }
+        };
+        let key = s.key;
+        let mtime = snapshot_mtime(s);
+        let mut attrs = xattr::snapshot_attrs(s);
+        let sum = match &files.summary {
+            Ok(sum) => {
+                attrs.extend(xattr::vm_attrs(sum));
+                Some(sum)
+            }
+            Err(why) => {
+                log::warn!("{why}; the mount shows the stream alone ({shown}.vmstate)");
+                None
+            }
+        };
+        let name = with_extension(stem, "vmstate");
+        let file = (
+            files.stream.clone() as Arc<dyn BlockDev>,
+            FileRole::VmState(key),
+        );
+        self.add_file(dir, name, file, mtime, attrs.clone());
+        let Some(sum) = sum else { return };
+        match (&files.memory, &sum.physical) {
+            (Some(mem), _) => {
+                let file = (mem.clone() as Arc<dyn BlockDev>, FileRole::Memory(key));
+                let name = with_extension(stem, "mem");
+                self.add_file(dir, name, file, mtime, attrs.clone());
+            }
+            (None, Err(why)) => log::info!(
+                "{}: snapshot {shown}: no {shown}.mem: {why}; its RAM blocks are in {shown}.ram/",
+                top.image().path().display()
+            ),
+            (None, Ok(_)) => {}
+        }
+        if files.blocks.is_empty() {
+            return;
+        }
+        let ram = self.add(dir, with_extension(stem, "ram"), self::dir(), mtime);
+        for (i, (block, dev)) in files.blocks.iter().enumerate() {
+            let name = raw_name(&escape_name(block.as_bytes()));
+            if name.len() > NAME_MAX {
+                log::warn!(
+                    "snapshot {shown}: the file name of RAM block {block:?} would be too long; left out"
+                );
+                continue;
+            }
+            let mut attrs = attrs.clone();
+            attrs.push(("vmstate.block", block.clone().into_bytes()));
+            let file = (dev.clone() as Arc<dyn BlockDev>, FileRole::RamBlock(key, i));
+            self.add_file(ram, name, file, mtime, attrs);
+        }
+    }
+
+    /// The files that belong to snapshot `key` (its disk and VM-state files), then the
+    /// directories that hold only such files, as (inode, directory, name): removing them
+    /// in this order leaves no empty directory of the snapshot behind.
     pub fn snapshot_files(&self, key: SnapshotKey) -> Vec<(u64, u64, OsString)> {
-        self.nodes()
-            .filter(|n| {
-                matches!(n.kind, NodeKind::File { role: FileRole::Snapshot(k), .. } if k == key)
-            })
+        let mut files: Vec<(u64, u64, OsString)> = self
+            .nodes()
+            .filter(
+                |n| matches!(n.kind, NodeKind::File { role, .. } if role.snapshot() == Some(key)),
+            )
             .map(|n| (n.ino, n.parent, n.name.clone()))
-            .collect()
+            .collect();
+        let mut dirs: Vec<u64> = self
+            .nodes()
+            .filter(|n| {
+                matches!(n.kind, NodeKind::File { role: FileRole::RamBlock(k, _), .. } if k == key)
+            })
+            .map(|n| n.parent)
+            .collect();
+        dirs.sort_unstable();
+        dirs.dedup();
+        for d in dirs {
+            let Some(n) = self.node(d) else { continue };
+            let NodeKind::Dir { children } = &n.kind else {
+                continue;
+            };
+            if children.iter().all(|c| files.iter().any(|f| f.0 == *c)) {
+                files.push((d, n.parent, n.name.clone()));
+            }
+        }
+        files
     }
 
     /// The file showing `role`, if there is one.
