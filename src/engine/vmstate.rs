@@ -112,3 +112,57 @@ impl Image {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::ImageOptions;
+    use crate::engine::create::{CreateOptions, create};
+    use crate::storage::MemStorage;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    const MIB: u64 = 1 << 20;
+
+    /// An empty image with 64 KiB clusters: one L1 entry covers 512 MiB.
+    fn image() -> Image {
+        let store = Arc::new(MemStorage::new(Vec::new()));
+        let opts = CreateOptions {
+            size: 16 * MIB,
+            cluster_bits: 16,
+            backing: None,
+        };
+        create(&*store, Path::new("mem"), &opts).unwrap();
+        Image::open(Path::new("mem"), store, &ImageOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn the_state_starts_at_the_first_l1_entry_past_the_disk() {
+        let img = image();
+        assert_eq!(img.vm_state_offset(0), Some(0));
+        assert_eq!(img.vm_state_offset(16 * MIB), Some(512 * MIB));
+        assert_eq!(img.vm_state_offset(512 * MIB), Some(512 * MIB));
+        assert_eq!(img.vm_state_offset(512 * MIB + 512), Some(1024 * MIB));
+        assert_eq!(img.vm_state_offset(!511), None);
+    }
+
+    #[test]
+    fn the_state_must_lie_within_the_l1_table() {
+        let img = image();
+        let area = |len, entries| img.area_of(16 * MIB, len, entries);
+        assert_eq!(
+            area(100, 2),
+            Ok(VmStateArea {
+                offset: 512 * MIB,
+                len: 100
+            })
+        );
+        assert!(area(512 * MIB, 2).is_ok(), "up to the table's end");
+        let e = area(512 * MIB + 1, 2).unwrap_err();
+        assert!(e.contains("runs past its L1 table"), "{e}");
+        assert!(area(100, 1).is_err(), "a table covering only the disk");
+        assert!(area(0, 2).unwrap_err().contains("no VM state"));
+        assert!(img.area_of(!511, 1, u64::MAX).is_err());
+        assert!(img.area_of(16 * MIB, u64::MAX, u64::MAX).is_err());
+    }
+}
