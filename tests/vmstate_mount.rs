@@ -1146,3 +1146,31 @@ fn extended_attributes_follow_the_file_modes() {
         );
     }
 }
+
+/// Where the VM-state area is not allocated in the image, QEMU reads the backing file at
+/// the same guest offset (past the overlay's disk, within a larger backing file), and so
+/// does `cat --vmstate`.
+#[test]
+fn unallocated_vm_state_reads_the_backing_file_as_qemu_does() {
+    let d = tempdir();
+    let dir = d.path();
+    let base = create_image(dir, "base.qcow2", Some(GIB), "", None);
+    qemu_io(&base, &[format!("write -q -P 0x77 {} 128k", GIB / 2)]);
+    let backing = Some(("base.qcow2", "qcow2"));
+    let top = create_image(dir, "top.qcow2", Some(1 << 20), "", backing);
+    // One sector of state in the image itself: its L1 table then covers the area.
+    qemu_io(&top, &["write -b -q -P 0x99 196608 512"]);
+    qemu_img(dir, &["snapshot", "-c", "running", "top.qcow2"]);
+    let len = 200_000;
+    patch::set_snapshot_vm_state_size(&top, 0, len);
+    let qemu = qemu_vmstate(&top, "running", len);
+    let k = 1024;
+    let all = |r: std::ops::Range<usize>, v: u8| qemu[r].iter().all(|&b| b == v);
+    assert!(
+        all(0..128 * k, 0x77),
+        "the setup: QEMU reads the backing file"
+    );
+    assert!(all(128 * k..192 * k, 0) && all(192 * k..192 * k + 512, 0x99));
+    let ours = qcow2fs(dir, &["cat", "--vmstate", "running", "top.qcow2"]);
+    assert_same_bytes("cat --vmstate of an overlay", &qemu, &ours);
+}

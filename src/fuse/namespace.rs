@@ -641,6 +641,89 @@ mod tests {
         assert_eq!(stem(Path::new("x.tar.qcow2")), "x.tar");
     }
 
+    /// A disk of no bytes, for files whose content does not matter.
+    #[derive(Debug)]
+    struct NoDisk(crate::block::LayerInfo);
+
+    impl BlockDev for NoDisk {
+        fn size(&self) -> u64 {
+            0
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> crate::Result<()> {
+            Ok(())
+        }
+        fn status(&self, _: u64, len: u64, _: bool) -> crate::Result<crate::block::Status> {
+            Ok(crate::block::Status {
+                len,
+                depth: 0,
+                present: false,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: None,
+            })
+        }
+        fn info(&self) -> &crate::block::LayerInfo {
+            &self.0
+        }
+    }
+
+    #[test]
+    fn a_snapshots_files_are_its_disk_its_vm_state_and_their_folder_last() {
+        let mut ns = Namespace {
+            nodes: Vec::new(),
+            index: HashMap::new(),
+        };
+        let disk = || -> Arc<dyn BlockDev> {
+            Arc::new(NoDisk(crate::block::LayerInfo {
+                path: "x".into(),
+                format: "qcow2",
+            }))
+        };
+        let (a, b) = (SnapshotKey(1), SnapshotKey(2));
+        ns.add(ROOT_INO, OsString::new(), dir(), UNIX_EPOCH);
+        let d = ns.add(ROOT_INO, "snapshots".into(), dir(), UNIX_EPOCH);
+        let file = |ns: &mut Namespace, parent, name: &str, role| {
+            ns.add_file(
+                parent,
+                name.into(),
+                (disk(), role),
+                UNIX_EPOCH,
+                Fixed::new(),
+            )
+        };
+        file(&mut ns, d, "a.raw", FileRole::Snapshot(a));
+        file(&mut ns, d, "a.vmstate", FileRole::VmState(a));
+        let ram = ns.add(d, "a.ram".into(), dir(), UNIX_EPOCH);
+        file(&mut ns, ram, "pc.ram.raw", FileRole::RamBlock(a, 0));
+        file(&mut ns, ram, "pc.bios.raw", FileRole::RamBlock(a, 1));
+        file(&mut ns, d, "a.mem", FileRole::Memory(a));
+        file(&mut ns, d, "b.raw", FileRole::Snapshot(b));
+        let names = |k| -> Vec<String> {
+            ns.snapshot_files(k)
+                .iter()
+                .map(|f| ns.path_of(f.0).to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(
+            names(a),
+            [
+                "snapshots/a.raw",
+                "snapshots/a.vmstate",
+                "snapshots/a.ram/pc.ram.raw",
+                "snapshots/a.ram/pc.bios.raw",
+                "snapshots/a.mem",
+                "snapshots/a.ram",
+            ]
+        );
+        assert_eq!(names(b), ["snapshots/b.raw"]);
+        for (ino, _, _) in ns.snapshot_files(a) {
+            ns.remove(ino);
+        }
+        let left: Vec<OsString> = ns.entries(d).unwrap().into_iter().map(|e| e.2).collect();
+        assert_eq!(left, [".", "..", "b.raw"]);
+    }
+
     #[test]
     fn nodes_come_and_go() {
         let mut ns = Namespace {
