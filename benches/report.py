@@ -287,7 +287,7 @@ def vm_state(extra, out):
     }
     if "vm.mem.read_cold" not in med:
         return
-    ram = (med["vm.mem_bytes"] - 2**30) / 2**30
+    ram = med.get("vm.ram_bytes", med["vm.mem_bytes"] - 2**30) / 2**30
     out(f"The VM state of a snapshot of a guest with {ram:.0f} GiB of RAM (`benches/vmstate.sh`:")
     out(f"every 16th page data, the others zero pages, a {med['vm.stream_bytes'] / 2**20:.0f} MiB "
         "stream), a new daemon")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The VM-state benchmark: a snapshot of a synthetic guest with 8 GiB of RAM (every 16th
 # page holds data, the others are zero pages, as savevm sends them; machine pc-i440fx-10.0,
-# so NAME.mem is 9 GiB: 3 GiB below 4 GiB, 5 GiB from 4 GiB), its stream written into a
-# qcow2 image's VM-state area with qemu-io. It measures, with a new daemon for every
+# so NAME.mem is 9 GiB: 3 GiB below 4 GiB, 5 GiB from 4 GiB; a guest under 3.5 GiB has all
+# its RAM below 4 GiB), its stream written into a qcow2 image's VM-state area with qemu-io. It measures, with a new daemon for every
 # repetition:
 #   - the time to the first byte of NAME.mem, cold (page cache dropped) and warm (the image
 #     in the page cache): mount, then one 4 KiB O_DIRECT read, which builds the page index;
@@ -161,6 +161,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
         : >"$DIR/daemon.log"
         if [[ $cache == cold ]]; then drop_caches; else cat "$IMG" >/dev/null; fi
         mount_guest
+        MEM_BYTES=$(stat -c %s "$MEM")
         record "vm.mem.ttfb_$cache" "$rep" "$(first_byte "$MEM")"
         [[ $cache == cold ]] && drop_caches
         record "vm.mem.read_$cache" "$rep" "$(read_all "$MEM")"
@@ -178,7 +179,8 @@ for ((rep = 1; rep <= REPS; rep++)); do
     done
 done
 record vm.stream_bytes 1 "$STREAM_LEN"
-record vm.mem_bytes 1 "$((RAM + (1 << 30)))"
+record vm.ram_bytes 1 "$RAM"
+record vm.mem_bytes 1 "$MEM_BYTES"
 
 # ---- summary --------------------------------------------------------------------------------
 python3 - "$RECORDS" <<'EOF'
@@ -189,7 +191,8 @@ for line in open(sys.argv[1]):
     name, _, _, value = line.split("\t")
     v[name].append(float(value))
 m = {k: statistics.median(x) for k, x in v.items()}
-print(f"stream {m['vm.stream_bytes'] / 2**20:.0f} MiB, memory file {m['vm.mem_bytes'] / 2**30:.0f} GiB")
+print(f"RAM {m['vm.ram_bytes'] / 2**30:.0f} GiB, stream {m['vm.stream_bytes'] / 2**20:.0f} MiB, "
+      f"memory file {m['vm.mem_bytes'] / 2**30:.0f} GiB")
 for what in ("mem", "vmstate"):
     print(f"{what:8} first byte cold {m[f'vm.{what}.ttfb_cold'] / 1000:8.1f} ms, warm "
           f"{m[f'vm.{what}.ttfb_warm'] / 1000:8.1f} ms; read cold {m[f'vm.{what}.read_cold']:6.0f} MB/s, "

@@ -190,8 +190,27 @@ fn check_fixture(f: &str) {
     let vm_size = snap["vm-state-size"].as_u64().unwrap();
     let ram = facts["ram_bytes"].as_u64().unwrap();
     let blocks = facts["vmstate"]["ram_blocks"].as_array().unwrap().clone();
-    let m = Mount::new(&img, &mountpoint(d.path(), "mnt"), &[]);
+    let log = d.path().join("mount.log");
+    let opt = format!("log={}", log.display());
+    let m = Mount::new(&img, &mountpoint(d.path(), "mnt"), &[&opt]);
 
+    // Listing and stat do not build the page index: until a read, st_blocks is the
+    // mount's estimate (one block more than the size).
+    let mem_path = m.path("snapshots/running.mem");
+    for _ in 0..3 {
+        let md = fs::metadata(&mem_path).unwrap();
+        assert_eq!(
+            md.blocks(),
+            md.len().div_ceil(512) + 1,
+            "{f}: st_blocks before a read"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        !log_text(&log).contains("indexed"),
+        "{f}: {}",
+        log_text(&log)
+    );
     assert_eq!(
         listing(&m.path("snapshots")),
         BTreeSet::from(
@@ -222,8 +241,11 @@ fn check_fixture(f: &str) {
     );
 
     // The memory: the pc.ram block rebuilt, and pmemsave's dump outside the VGA window.
-    let mem_path = m.path("snapshots/running.mem");
     let mem = fs::read(&mem_path).unwrap();
+    assert!(
+        log_text(&log).contains("VM state indexed"),
+        "{f}: built by the read"
+    );
     assert_eq!(
         mem.len() as u64,
         ram,

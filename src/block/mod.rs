@@ -60,6 +60,14 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
 
     fn info(&self) -> &LayerInfo;
 
+    /// Whether asking for the status of every extent is cheap now. A disk whose map is
+    /// built on first use (the memory rebuilt from a snapshot's VM state) says no until
+    /// then, so that listing a directory does not build it: its allocated bytes are
+    /// counted once it has been read.
+    fn map_ready(&self) -> bool {
+        true
+    }
+
     /// The file that holds this layer's data (an external data file, or the image).
     fn data_path(&self) -> &Path {
         &self.info().path

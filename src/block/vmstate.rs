@@ -5,8 +5,10 @@
 //!
 //! What the files are and how large is known from the start of the stream alone (its
 //! summary, one small read), so opening the image stays cheap. The page index is built on
-//! the first read or allocation query of any of a snapshot's memory files, once, and
-//! shared by all of them and every reader: readers that arrive meanwhile wait for it. A
+//! the first read (or SEEK_DATA/SEEK_HOLE) of any of a snapshot's memory files, once, and
+//! shared by all of them and every reader: readers that arrive meanwhile wait for it.
+//! Until then the files do not offer their allocation for counting (`map_ready`), so
+//! listing a directory does not build it. A
 //! stream found broken then stays broken (EIO, with the reason logged); a failed read of
 //! the image is tried again next time.
 //!
@@ -314,6 +316,10 @@ impl BlockDev for VmMemory {
 
     fn info(&self) -> &LayerInfo {
         &self.info
+    }
+
+    fn map_ready(&self) -> bool {
+        self.index.state.lock().is_some()
     }
 
     fn sources(&self) -> Vec<crate::storage::Access> {

@@ -186,6 +186,10 @@ impl MountState {
         if let Some(v) = b.bytes {
             return (v, true);
         }
+        if !b.computing && !dev.map_ready() {
+            // Counting would build the disk's map: wait until a reader has.
+            return (dev.size() + 512, false);
+        }
         if !b.computing {
             b.computing = true;
             let generation = b.generation;
