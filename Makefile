@@ -12,7 +12,7 @@ TARGET_DIR ?= $(or $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev
 	sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'),target)
 BIN = $(TARGET_DIR)/release/qcow2fs
 
-.PHONY: all build release test lint man demo install uninstall bench fuzz clean
+.PHONY: all build release test lint man demo install uninstall bench bench-remote fuzz clean
 
 all: release
 
@@ -51,6 +51,7 @@ demo: release
 # benches/RESULTS.md; BENCH_QUICK=1 for a smoke run), then the engine micro-benchmarks.
 bench:
 	bash benches/run.sh
+	QCOW2FS=$(TARGET_DIR)/release/qcow2fs bash benches/live_snapshot.sh
 	$(CARGO) bench --bench engine
 
 # Fuzzing: each target in fuzz/fuzz_targets runs for FUZZ_SECONDS from a seed corpus that
@@ -63,6 +64,11 @@ bench:
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS ?= header snapshot_table entries decompress image vmstate luks
 FUZZ = cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
+
+# Remote images over local HTTP and S3 (moto), beside QEMU's curl driver (needs root;
+# writes benches/REMOTE.md; BENCH_SIZE=256M for a shorter run).
+bench-remote:
+	bash benches/remote.sh
 
 fuzz:
 	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
@@ -78,13 +84,14 @@ install: release
 	install -D -m 0755 $(BIN) $(DESTDIR)$(BINDIR)/qcow2fs
 	install -d $(DESTDIR)$(SBINDIR)
 	ln -sf $(abspath $(BINDIR))/qcow2fs $(DESTDIR)$(SBINDIR)/mount.qcow2fs
+	ln -sf $(abspath $(BINDIR))/qcow2fs $(DESTDIR)$(SBINDIR)/mount.fuse.qcow2fs
 	ln -sf $(abspath $(BINDIR))/qcow2fs $(DESTDIR)$(SBINDIR)/umount.fuse.qcow2fs
 	install -D -m 0644 man/qcow2fs.1 $(DESTDIR)$(MANDIR)/man1/qcow2fs.1
 	install -D -m 0644 man/mount.qcow2fs.8 $(DESTDIR)$(MANDIR)/man8/mount.qcow2fs.8
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/qcow2fs $(DESTDIR)$(SBINDIR)/mount.qcow2fs \
-		$(DESTDIR)$(SBINDIR)/umount.fuse.qcow2fs
+		$(DESTDIR)$(SBINDIR)/mount.fuse.qcow2fs $(DESTDIR)$(SBINDIR)/umount.fuse.qcow2fs
 	rm -f $(DESTDIR)$(MANDIR)/man1/qcow2fs.1 $(DESTDIR)$(MANDIR)/man8/mount.qcow2fs.8
 
 clean:

@@ -1074,6 +1074,39 @@ fn extended_attributes_of_disks_and_layers_are_read_only() {
     );
     assert!(r.stderr.contains("No such attribute"), "{}", r.describe());
     assert_eq!(attrs(&m.disk()).len(), 4, "unchanged");
+    // An external snapshot puts a new image under the active file: its attributes follow.
+    let new = dir.join("new.qcow2");
+    let mnt_s = m.mountpoint.to_str().unwrap();
+    let args = [
+        "snapshot",
+        "create",
+        "--external",
+        new.to_str().unwrap(),
+        mnt_s,
+    ];
+    run_in(dir, qcow2fs_bin(), &args, COMMAND_LIMIT).expect_success();
+    let got = attrs(&m.disk());
+    assert_eq!(
+        got["user.qcow2.image"],
+        s(&new),
+        "after the external snapshot"
+    );
+    assert_eq!(
+        got["user.qcow2.backing"],
+        s(&top),
+        "after the external snapshot"
+    );
+    let layer = attrs(&m.path("layers/1-top.raw"));
+    assert_eq!(
+        layer["user.qcow2.image"],
+        s(&top),
+        "the old image, now layer 1"
+    );
+    assert_eq!(
+        layer["user.qcow2.backing"],
+        s(&base),
+        "the old image, now layer 1"
+    );
     m.umount();
 
     let m = Mount::new(&top, &mountpoint(dir, "mnt2"), &["xattrs=off"]);

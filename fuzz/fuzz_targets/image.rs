@@ -74,6 +74,7 @@ fuzz_target!(|data: &[u8]| {
         backing: BackingPolicy::Follow,
         backing_dir: Some(dir.path().to_path_buf()),
         force_share: true,
+        ..Default::default()
     };
     let Ok(chain) = open_chain(path, &opts) else {
         return;

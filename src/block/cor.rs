@@ -120,7 +120,8 @@ impl BlockDev for CopyOnRead {
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        if buf.is_empty() || off >= self.size() {
+        // A mount reopened read-only copies nothing.
+        if buf.is_empty() || off >= self.size() || !self.inner.writable() {
             return self.inner.read_at(buf, off);
         }
         // Only ranges that come from the chain need the exclusive path.

@@ -8,6 +8,7 @@ mod open;
 mod overlay;
 mod qcow2;
 mod raw;
+pub mod reopen;
 mod vmstate;
 mod write;
 

@@ -1,11 +1,17 @@
 //! Opening an image with its whole backing chain: name resolution, format detection, the
 //! security policy for files an image names, loop detection and the depth limit.
+//!
+//! Images and the files they name may be remote (`http(s)://`, `s3://`): names stored in
+//! a remote image resolve against its URL, on the same host or in the same bucket, and
+//! reach local files only with `follow_local`; a local image may name a URL only with
+//! `follow_remote`. Remote images are read-only and take no locks.
 
 use super::qcow2::Shared;
 use super::{BlockDev, Qcow2Layer, RawLayer};
 use crate::engine::{Image, ImageOptions, SnapshotKey, View};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::header::MAGIC;
+use crate::storage::remote::{self, Location, Remote, RemoteOptions};
 use crate::storage::{FileStorage, Storage, lock};
 use std::ffi::OsStr;
 use std::fs::File;
@@ -35,6 +41,12 @@ pub struct OpenOptions {
     pub backing_dir: Option<PathBuf>,
     /// Take no locks (like qemu-img -U): for reading an image that is in use.
     pub force_share: bool,
+    /// How remote images are read.
+    pub remote: RemoteOptions,
+    /// Remote images may name local backing and data files (by absolute path).
+    pub follow_local: bool,
+    /// Local images may name remote backing and data files (URLs).
+    pub follow_remote: bool,
 }
 
 /// An opened image: its active disk and the backing layers below it.
@@ -63,8 +75,45 @@ enum Format {
     Raw,
 }
 
-fn open_file(path: &Path, what: &str, referrer: Option<&Path>) -> Result<File> {
-    open_file_mode(path, what, referrer, false)
+/// Where a layer's bytes are: a local file or a remote object.
+#[derive(Clone, Debug)]
+enum Source {
+    Local(PathBuf),
+    Remote(Location),
+}
+
+impl Source {
+    /// The name used for the layer in messages, `info` and the mount (a URL is shown
+    /// without its query string).
+    fn path(&self) -> PathBuf {
+        match self {
+            Source::Local(p) => p.clone(),
+            Source::Remote(l) => PathBuf::from(l.shown()),
+        }
+    }
+
+    /// The source `path` names: a URL, or a local path.
+    fn of(path: &Path) -> Result<Source> {
+        if let Some(s) = path.to_str()
+            && let Some(loc) = Location::parse(s).map_err(|e| e.during("opening the image"))?
+        {
+            return Ok(Source::Remote(loc));
+        }
+        Ok(Source::Local(path.to_path_buf()))
+    }
+}
+
+/// An opened source, before it is locked and wrapped.
+enum Opened {
+    Local(File),
+    Remote(Box<remote::RemoteStore>),
+}
+
+/// What makes two names the same file (loop detection).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Identity {
+    File(u64, u64),
+    Url(String),
 }
 
 /// Opens an image, backing file or data file: regular files only, without blocking
@@ -79,6 +128,79 @@ fn open_file_mode(path: &Path, what: &str, referrer: Option<&Path>, write: bool)
     })
 }
 
+/// Opens a source for reading (and writing, for a local image opened writable).
+fn open_source(
+    src: &Source,
+    what: &str,
+    referrer: Option<&Path>,
+    write: bool,
+    remote: &mut Option<Remote>,
+    opts: &OpenOptions,
+) -> Result<Opened> {
+    match src {
+        Source::Local(p) => Ok(Opened::Local(open_file_mode(p, what, referrer, write)?)),
+        Source::Remote(loc) => {
+            if write {
+                return Err(Error::read_only(format!(
+                    "remote {what}s are read-only: mount without rw (-o overlay keeps writes in a local throwaway overlay)"
+                ))
+                .in_file(Path::new(&loc.shown())));
+            }
+            let r = remote.get_or_insert_with(|| Remote::new(opts.remote.clone()));
+            let store = r.open(loc).map_err(|e| match referrer {
+                Some(by) => e.during(format!("opening the {what} named by {}", by.display())),
+                None => e,
+            })?;
+            Ok(Opened::Remote(Box::new(store)))
+        }
+    }
+}
+
+impl Opened {
+    fn identity(&self, path: &Path) -> Result<Identity> {
+        match self {
+            Opened::Local(f) => {
+                use std::os::unix::fs::MetadataExt;
+                let md = f
+                    .metadata()
+                    .map_err(|e| Error::io(path, "inspecting the file", e))?;
+                Ok(Identity::File(md.dev(), md.ino()))
+            }
+            Opened::Remote(r) => Ok(Identity::Url(r.shown().to_string())),
+        }
+    }
+
+    /// Whether the file starts with the qcow2 magic.
+    fn is_qcow2(&self) -> bool {
+        let mut magic = [0u8; 4];
+        let n = match self {
+            Opened::Local(f) => {
+                use std::os::unix::fs::FileExt;
+                f.read_at(&mut magic, 0).ok()
+            }
+            Opened::Remote(r) => r.read_at(&mut magic, 0).ok(),
+        };
+        n == Some(4) && u32::from_be_bytes(magic) == MAGIC
+    }
+
+    /// Locks a local file the way QEMU would for this use (unless told to share
+    /// everything), and makes the store.
+    fn into_storage(
+        self,
+        path: &Path,
+        writable: bool,
+        opts: &OpenOptions,
+    ) -> Result<Arc<dyn Storage>> {
+        Ok(match self {
+            Opened::Local(f) => {
+                take_lock(&f, path, writable, opts)?;
+                Arc::new(FileStorage::new(f))
+            }
+            Opened::Remote(r) => Arc::new(*r),
+        })
+    }
+}
+
 /// Whether a name would be a protocol prefix for QEMU ("nbd:...", "http://...").
 fn has_protocol(name: &[u8]) -> bool {
     match name.iter().position(|&c| c == b':') {
@@ -87,23 +209,56 @@ fn has_protocol(name: &[u8]) -> bool {
     }
 }
 
-/// Resolves a file name stored in `referrer` against the directory of `referrer`.
-fn resolve(referrer: &Path, name: &[u8], what: &str, opts: &OpenOptions) -> Result<PathBuf> {
-    let shown = String::from_utf8_lossy(name);
+/// Resolves a file name stored in `referrer` (see the module documentation).
+fn resolve(referrer: &Source, name: &[u8], what: &str, opts: &OpenOptions) -> Result<Source> {
+    let rpath = referrer.path();
     if name.is_empty() {
-        return Err(Error::corrupt(format!("the {what} name is empty")).in_file(referrer));
+        return Err(Error::corrupt(format!("the {what} name is empty")).in_file(&rpath));
     }
+    let url = remote::is_remote(name);
+    if url || matches!(referrer, Source::Remote(_)) {
+        let text = std::str::from_utf8(name).map_err(|_| {
+            Error::unsupported(format!("the {what} name is not UTF-8, which a URL must be"))
+                .in_file(&rpath)
+        })?;
+        match referrer {
+            Source::Remote(base) if !(opts.follow_local && text.starts_with('/')) => {
+                if text.starts_with("json:") || (!url && has_protocol(name)) {
+                    return Err(pseudo_name(what, &String::from_utf8_lossy(name), &rpath));
+                }
+                return base.join(text).map(Source::Remote).map_err(|e| {
+                    e.during(format!("resolving the {what} name"))
+                        .in_file(&rpath)
+                });
+            }
+            Source::Remote(_) => {}
+            Source::Local(_) => {
+                let loc = Location::parse(text)
+                    .map_err(|e| {
+                        e.during(format!("resolving the {what} name"))
+                            .in_file(&rpath)
+                    })?
+                    .ok_or_else(|| Error::invalid("not a URL"))?;
+                if !opts.follow_remote {
+                    return Err(Error::unsupported(format!(
+                        "{what} '{}' is a URL; a local image's remote {what} is followed only with -o backing=follow-remote (or use -o backing=deny)",
+                        loc.shown()
+                    ))
+                    .in_file(&rpath));
+                }
+                return Ok(Source::Remote(loc));
+            }
+        }
+    }
+    let shown = String::from_utf8_lossy(name);
     if name.starts_with(b"json:") || has_protocol(name) {
-        return Err(Error::unsupported(format!(
-            "{what} '{shown}' is a QEMU pseudo-filename (json: or protocol:); only plain paths are followed (rebase the image onto a path, or use -o backing=deny)"
-        ))
-        .in_file(referrer));
+        return Err(pseudo_name(what, &shown, &rpath));
     }
     let p = Path::new(OsStr::from_bytes(name));
     let full = if p.is_absolute() {
         p.to_path_buf()
     } else {
-        referrer.parent().unwrap_or(Path::new("")).join(p)
+        rpath.parent().unwrap_or(Path::new("")).join(p)
     };
     if let Some(dir) = &opts.backing_dir {
         let canon_dir = dir
@@ -112,20 +267,29 @@ fn resolve(referrer: &Path, name: &[u8], what: &str, opts: &OpenOptions) -> Resu
         let canon = full.canonicalize().map_err(|e| {
             Error::io(
                 &full,
-                format!("resolving the {what} named by {}", referrer.display()),
+                format!("resolving the {what} named by {}", rpath.display()),
                 e,
             )
         })?;
         if !canon.starts_with(&canon_dir) {
             return Err(Error::unsupported(format!(
                 "{what} '{shown}' named by {} resolves outside backing_dir {} (choose a backing_dir that contains it)",
-                referrer.display(),
+                rpath.display(),
                 dir.display()
             ))
             .in_file(&full));
         }
     }
-    Ok(full)
+    Ok(Source::Local(full))
+}
+
+fn pseudo_name(what: &str, shown: &str, referrer: &Path) -> Error {
+    let end = shown.find('?').unwrap_or(shown.len());
+    Error::unsupported(format!(
+        "{what} '{}' is a QEMU pseudo-filename (json: or protocol:); only plain paths and http(s)/s3 URLs are followed (rebase the image onto a path, or use -o backing=deny)",
+        &shown[..end]
+    ))
+    .in_file(referrer)
 }
 
 /// Locks a file the way QEMU would for this use, unless told to share everything.
@@ -138,21 +302,6 @@ fn take_lock(file: &File, path: &Path, writable: bool, opts: &OpenOptions) -> Re
     } else {
         lock::lock_reader(file, path)
     }
-}
-
-fn probe_qcow2(file: &File) -> bool {
-    use std::os::unix::fs::FileExt;
-    let mut magic = [0u8; 4];
-    matches!(file.read_at(&mut magic, 0), Ok(4)) && u32::from_be_bytes(magic) == MAGIC
-}
-
-/// A file's identity (device and inode), which hard links and other names share.
-fn file_id(file: &File, path: &Path) -> Result<(u64, u64)> {
-    use std::os::unix::fs::MetadataExt;
-    let md = file
-        .metadata()
-        .map_err(|e| Error::io(path, "inspecting the file", e))?;
-    Ok((md.dev(), md.ino()))
 }
 
 struct Pending {
@@ -171,10 +320,13 @@ enum PendingKind {
 /// Opens the qcow2 image at `path` and its backing chain.
 pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
     let mut pending: Vec<Pending> = Vec::new();
-    let mut seen: Vec<(u64, u64)> = Vec::new();
-    let mut next: Option<(PathBuf, Format, PathBuf)> =
-        Some((path.to_path_buf(), Format::Qcow2, PathBuf::new()));
-    while let Some((cur, format, referrer)) = next.take() {
+    let mut seen: Vec<Identity> = Vec::new();
+    let mut remote: Option<Remote> = None;
+    // The next layer: its source, format, the image that names it, and the source if
+    // it was opened already (to probe its format).
+    let mut next: Option<(Source, Format, PathBuf, Option<Opened>)> =
+        Some((Source::of(path)?, Format::Qcow2, PathBuf::new(), None));
+    while let Some((src, format, referrer, opened)) = next.take() {
         let depth = pending.len();
         let top = depth == 0;
         let what = if top { "image" } else { "backing file" };
@@ -184,11 +336,16 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
             ))
             .in_file(path));
         }
+        let cur = src.path();
         let writable = top && opts.image.writable;
-        let file = open_file_mode(&cur, what, (!top).then_some(referrer.as_path()), writable)?;
+        let by = (!top).then_some(referrer.as_path());
+        let file = match opened {
+            Some(o) => o,
+            None => open_source(&src, what, by, writable, &mut remote, opts)?,
+        };
         // A loop is found before locking: the lock this mount took on the image would
         // otherwise be reported as another process's.
-        let id = file_id(&file, &cur)?;
+        let id = file.identity(&cur)?;
         if seen.contains(&id) {
             return Err(Error::corrupt(format!(
                 "backing chain loops: {} names {} again",
@@ -198,8 +355,7 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
             .in_file(path));
         }
         seen.push(id);
-        take_lock(&file, &cur, writable, opts)?;
-        let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(file));
+        let storage = file.into_storage(&cur, writable, opts)?;
         if format == Format::Raw {
             pending.push(Pending {
                 path: cur,
@@ -216,10 +372,10 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
         let header = image.header();
         let data_file = match &header.data_file {
             Some(name) if header.has_data_file() => {
-                let dp = resolve(&cur, name, "data file", opts)?;
-                let f = open_file_mode(&dp, "data file", Some(&cur), writable)?;
-                take_lock(&f, &dp, writable, opts)?;
-                let store: Arc<dyn Storage> = Arc::new(FileStorage::new(f));
+                let ds = resolve(&src, name, "data file", opts)?;
+                let dp = ds.path();
+                let f = open_source(&ds, "data file", Some(&cur), writable, &mut remote, opts)?;
+                let store = f.into_storage(&dp, writable, opts)?;
                 if writable {
                     image.set_data_store(dp.clone(), store.clone());
                 }
@@ -228,7 +384,9 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
             _ => None,
         };
         if let (Some(name), BackingPolicy::Follow) = (&header.backing_file, opts.backing) {
-            let bp = resolve(&cur, name, "backing file", opts)?;
+            let bs = resolve(&src, name, "backing file", opts)?;
+            let bp = bs.path();
+            let mut opened = None;
             let fmt = match header.backing_format.as_deref() {
                 Some("qcow2") => Format::Qcow2,
                 Some("raw") => Format::Raw,
@@ -240,18 +398,19 @@ pub fn open_chain(path: &Path, opts: &OpenOptions) -> Result<Chain> {
                     .in_file(&cur));
                 }
                 None => {
-                    let f = open_file(&bp, "backing file", Some(&cur))?;
-                    if !probe_qcow2(&f) {
+                    let f = open_source(&bs, "backing file", Some(&cur), false, &mut remote, opts)?;
+                    if !f.is_qcow2() {
                         return Err(Error::unsupported(format!(
                             "backing file {} has no format in the image header and is not qcow2; refusing to expose it as raw (set the format with `qemu-img rebase -u -F raw`, or use -o backing=deny)",
                             bp.display()
                         ))
                         .in_file(&cur));
                     }
+                    opened = Some(f);
                     Format::Qcow2
                 }
             };
-            next = Some((bp, fmt, cur.clone()));
+            next = Some((bs, fmt, cur.clone(), opened));
         }
         pending.push(Pending {
             path: cur,

@@ -26,8 +26,8 @@ fn vm_state(chain: &crate::block::Chain, spec: &str) -> Result<VmStateFiles> {
     VmStateFiles::open(&chain.top, &s)
 }
 
-pub fn run(image: &Path, what: &What, force_share: bool) -> Result<()> {
-    let chain = super::open(image, force_share)?;
+pub fn run(image: &Path, what: &What, opts: &super::options::MountOptions) -> Result<()> {
+    let chain = super::open(image, opts)?;
     let dev: Arc<dyn BlockDev> = match what {
         What::Disk(snapshot) => super::pick_view(&chain, snapshot.as_deref())?,
         What::VmState(spec) => vm_state(&chain, spec)?.stream,

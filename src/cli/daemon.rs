@@ -11,21 +11,36 @@ use crate::engine::{Image, Snapshot};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fuse::MountState;
 use crate::fuse::namespace::{FileRole, ROOT_INO, escape_name, raw_name, snapshot_file_stems};
+use parking_lot::{Mutex, RwLock};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
+/// How a mount serves its image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    ReadOnly,
+    ReadWrite,
+    /// Throwaway overlays: always writable, never writes the image.
+    Overlay,
+}
+
 /// What the daemon of one mount knows about itself, to answer control requests.
 pub struct Daemon {
-    pub chain: Chain,
+    /// The chain the active disk shows (an external snapshot replaces it).
+    pub chain: RwLock<Chain>,
+    /// The image as mounted (absolute), and the engine's image it was opened as.
     pub image: PathBuf,
+    pub first_image: Arc<Image>,
     pub mountpoint: PathBuf,
-    /// `ro`, `rw`, `rw,copy-on-read` or `overlay`.
-    pub mode: String,
+    pub mode: Mutex<Mode>,
+    /// Copy-on-read, and the deepest layer it copies from, while read-write.
+    pub copy_on_read: Mutex<Option<u32>>,
     pub force_share: bool,
-    /// The mount shows `snapshots/`.
+    /// The mount shows `snapshots/` and `layers/`.
     pub show_snapshots: bool,
+    pub show_layers: bool,
     pub mount: Arc<MountState>,
 }
 
@@ -110,8 +125,18 @@ fn snapshot_json(s: &Snapshot) -> Value {
 }
 
 impl Daemon {
-    fn image(&self) -> &Arc<Image> {
-        self.chain.image()
+    fn image(&self) -> Arc<Image> {
+        self.chain.read().image().clone()
+    }
+
+    /// The mode as users see it.
+    fn mode_name(&self) -> &'static str {
+        match (*self.mode.lock(), self.copy_on_read.lock().is_some()) {
+            (Mode::ReadOnly, _) => "ro",
+            (Mode::ReadWrite, false) => "rw",
+            (Mode::ReadWrite, true) => "rw,copy-on-read",
+            (Mode::Overlay, _) => "overlay",
+        }
     }
 
     fn layer_json(depth: usize, dev: &dyn BlockDev) -> Value {
@@ -120,10 +145,11 @@ impl Daemon {
 
     /// The answer to `{"op": "status"}`.
     pub fn status(&self) -> Value {
-        let image = self.image();
-        let mut layers = vec![Self::layer_json(0, &*self.chain.top)];
+        let chain = self.chain.read();
+        let image = chain.image();
+        let mut layers = vec![Self::layer_json(0, &*chain.top)];
         layers.extend(
-            self.chain
+            chain
                 .layers
                 .iter()
                 .enumerate()
@@ -139,15 +165,20 @@ impl Daemon {
         };
         json!({
             "pid": std::process::id(),
-            "image": self.image,
+            "image": if Arc::ptr_eq(chain.image(), &self.first_image) {
+                self.image.clone()
+            } else {
+                chain.image().path().to_path_buf()
+            },
             "mountpoint": self.mountpoint,
-            "mode": self.mode,
+            "mode": self.mode_name(),
             "layers": layers,
             "snapshots": snapshots,
             "open-files": self.mount.open_files.total.load(Relaxed),
             "open-for-writing": self.mount.open_files.writers.load(Relaxed),
             "cache": image.cache_stats(),
             "locks": locks,
+            "remote": crate::storage::remote::stats(),
         })
     }
 
@@ -160,6 +191,10 @@ impl Daemon {
                 "snapshots": self.image().snapshots().iter().map(snapshot_json).collect::<Vec<_>>()
             })),
             Some("snapshot-create") => self.create(s("name").as_bytes()),
+            Some("snapshot-create-external") => self.create_external(Path::new(s("path"))),
+            Some("remount") => {
+                self.remount(req.get("rw").and_then(Value::as_bool).unwrap_or(false))
+            }
             Some("snapshot-delete") => self.delete(s("snapshot")),
             Some("snapshot-revert") => self.revert(
                 s("snapshot"),
@@ -173,13 +208,13 @@ impl Daemon {
 
     /// Refuses to change a mount that is not read-write.
     fn check_rw(&self, what: &str) -> Result<()> {
-        match self.mode.as_str() {
-            "rw" | "rw,copy-on-read" => Ok(()),
-            "overlay" => Err(Error::read_only(format!(
+        match *self.mode.lock() {
+            Mode::ReadWrite => Ok(()),
+            Mode::Overlay => Err(Error::read_only(format!(
                 "{what}: this mount leaves the image untouched (-o overlay); use qcow2fs snapshot on the image after unmounting, or mount it -o rw"
             ))),
-            _ => Err(Error::read_only(format!(
-                "{what}: the mount is read-only; remount it read-write (qcow2fs remount -o rw, or mount -o rw)"
+            Mode::ReadOnly => Err(Error::read_only(format!(
+                "{what}: the mount is read-only; remount it read-write (qcow2fs remount -o rw MNT, or mount -o remount,rw MNT)"
             ))),
         }
         .map_err(|e| e.in_file(&self.mountpoint))
@@ -190,19 +225,21 @@ impl Daemon {
         let image = self.image();
         let gate = self.mount.exclusive();
         check_new_name(&image.snapshots(), name).map_err(|e| e.in_file(image.path()))?;
+        let chain = self.chain.read();
         let snap = image.create_snapshot(name, now())?;
         let mut added = None;
         if self.show_snapshots {
             let mut ns = self.mount.ns_mut();
             let (dir, made) = ns.snapshots_dir(std::time::SystemTime::now());
             let file = raw_name(&escape_name(name));
-            ns.add_snapshot(dir, &snap, file.clone(), self.chain.snapshot(snap.key));
+            ns.add_snapshot(dir, &snap, file.clone(), chain.snapshot(snap.key));
             added = Some(if made {
                 (ROOT_INO, "snapshots".into())
             } else {
                 (dir, file)
             });
         }
+        drop(chain);
         drop(gate);
         if let Some((parent, entry)) = added {
             let entry: std::ffi::OsString = entry;
@@ -216,7 +253,7 @@ impl Daemon {
         self.check_rw("cannot delete a snapshot")?;
         let image = self.image();
         let gate = self.mount.exclusive();
-        let snap = find(image, spec)?;
+        let snap = find(&image, spec)?;
         let removed = {
             let mut ns = self.mount.ns_mut();
             let files = ns.snapshot_files(snap.key);
@@ -269,7 +306,7 @@ impl Daemon {
             .in_file(&self.mountpoint));
         }
         let gate = self.mount.exclusive();
-        let snap = find(image, spec)?;
+        let snap = find(&image, spec)?;
         image.revert_to_snapshot(snap.key)?;
         if let Some(ino) = active
             && let Ok(f) = self.mount.file(ino)
@@ -286,6 +323,114 @@ impl Daemon {
             snap.entry.name()
         );
         Ok(json!({"snapshot": snapshot_json(&snap)}))
+    }
+}
+
+impl Daemon {
+    /// The active disk's file and the disk it shows over chain `chain` (with
+    /// copy-on-read while read-write, if the mount copies).
+    fn active_dev(&self, chain: &Chain) -> Arc<dyn BlockDev> {
+        match *self.copy_on_read.lock() {
+            Some(bottom) => Arc::new(crate::block::CopyOnRead::new(chain.top.clone(), bottom)),
+            None => chain.top.clone(),
+        }
+    }
+
+    /// Reopens the image read-write or read-only (`mount -o remount`): all or nothing.
+    fn remount(&self, rw: bool) -> Result<Value> {
+        let mode = *self.mode.lock();
+        match (mode, rw) {
+            (Mode::Overlay, _) => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    "an overlay mount is always writable through its overlays and never writes the image; it cannot be remounted",
+                )
+                .in_file(&self.mountpoint));
+            }
+            (Mode::ReadWrite, true) | (Mode::ReadOnly, false) => {
+                return Ok(json!({"mode": self.mode_name()}));
+            }
+            _ => {}
+        }
+        if rw && self.force_share {
+            return Err(Error::invalid(
+                "a mount made with force_share cannot be read-write: writing needs the image lock",
+            )
+            .in_file(&self.mountpoint));
+        }
+        let gate = self.mount.exclusive();
+        let chain = self.chain.read();
+        if rw {
+            crate::block::reopen::reopen_writable(&chain, self.force_share)?;
+            self.mount.set_writable(true);
+            *self.mode.lock() = Mode::ReadWrite;
+        } else {
+            let writers = self.mount.open_files.writers.load(Relaxed);
+            if writers > 0 {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "{writers} file(s) of the mount are open for writing; close them first"
+                    ),
+                )
+                .in_file(&self.mountpoint));
+            }
+            self.mount.set_writable(false);
+            if let Err(e) = crate::block::reopen::reopen_read_only(&chain, self.force_share) {
+                self.mount.set_writable(true);
+                return Err(e);
+            }
+            *self.mode.lock() = Mode::ReadOnly;
+        }
+        drop(chain);
+        drop(gate);
+        let files: Vec<u64> = self.mount.ns().nodes().map(|n| n.ino).collect();
+        for ino in files {
+            self.mount.invalidate_file(ino);
+        }
+        log::info!("remounted {}", self.mode_name());
+        Ok(json!({"mode": self.mode_name()}))
+    }
+
+    /// Puts a new image at `path` on top of the mounted one (an external snapshot): the
+    /// active disk shows it from now on, without closing open files; the old image
+    /// becomes layer 1, read-only.
+    fn create_external(&self, path: &Path) -> Result<Value> {
+        self.check_rw("cannot take an external snapshot")?;
+        if !path.is_absolute() {
+            return Err(Error::invalid("the new image's path must be absolute").in_file(path));
+        }
+        let gate = self.mount.exclusive();
+        let mut chain = self.chain.write();
+        let new = crate::block::reopen::external_snapshot(&chain, path, self.force_share)?;
+        if let Some(b) = self.copy_on_read.lock().as_mut() {
+            *b += 1;
+        }
+        let mut renamed = Vec::new();
+        {
+            let mut ns = self.mount.ns_mut();
+            if let Some(ino) = ns.find_role(FileRole::Active).map(|n| n.ino) {
+                ns.set_dev(ino, self.active_dev(&new));
+                renamed.push((
+                    ROOT_INO,
+                    ns.node(ino).map(|n| n.name.clone()).unwrap_or_default(),
+                ));
+            }
+            if self.show_layers {
+                renamed.extend(ns.push_layer(new.layers[0].clone(), std::time::SystemTime::now()));
+            }
+        }
+        *chain = new;
+        drop(chain);
+        drop(gate);
+        for (parent, name) in renamed {
+            self.mount.invalidate_entry(parent, &name);
+        }
+        if let Some(ino) = self.mount.ns().find_role(FileRole::Active).map(|n| n.ino) {
+            self.mount.invalidate_file(ino);
+        }
+        log::info!("writes go to {} from now on", path.display());
+        Ok(json!({"image": path}))
     }
 }
 

@@ -360,8 +360,9 @@ pub fn info_text(path: &Path, chain: &Chain) -> String {
     s
 }
 
-pub fn run(image: &Path, json: bool, force_share: bool) -> Result<()> {
-    let chain = super::open(image, force_share)?;
+pub fn run(image: &Path, json: bool, opts: &super::options::MountOptions) -> Result<()> {
+    let chain = super::open(image, opts)?;
+    let image = &super::shown_image(image);
     if json {
         let text = serde_json::to_string_pretty(&info_json(image, &chain)).unwrap_or_default();
         println!("{text}");

@@ -142,8 +142,13 @@ pub fn format_human(entries: &[MapEntry]) -> Result<String> {
     Ok(s)
 }
 
-pub fn run(image: &Path, snapshot: Option<&str>, json: bool, force_share: bool) -> Result<()> {
-    let chain = super::open(image, force_share)?;
+pub fn run(
+    image: &Path,
+    snapshot: Option<&str>,
+    json: bool,
+    opts: &super::options::MountOptions,
+) -> Result<()> {
+    let chain = super::open(image, opts)?;
     let dev = super::pick_view(&chain, snapshot)?;
     let entries = entries(&*dev)?;
     let text = if json {

@@ -15,7 +15,7 @@ mod status;
 mod stream;
 mod utab;
 
-use crate::block::{self, Chain, OpenOptions};
+use crate::block::{self, Chain};
 use crate::error::{Error, ErrorKind, Result};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -42,6 +42,10 @@ pub enum Command {
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
+        /// Options for remote images and backing files, as for mount (-o, repeatable):
+        /// backing=, backing_dir=, cache_dir=, cache_max=, s3_endpoint=, ca_file=, ...
+        #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
+        options: Vec<String>,
         image: PathBuf,
     },
     /// Write the raw disk, or one snapshot at its own disk size, to standard output; or a
@@ -59,6 +63,10 @@ pub enum Command {
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
+        /// Options for remote images and backing files, as for mount (-o, repeatable):
+        /// backing=, backing_dir=, cache_dir=, cache_max=, s3_endpoint=, ca_file=, ...
+        #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
+        options: Vec<String>,
         image: PathBuf,
     },
     /// Mount an image: its active disk, snapshots and backing layers appear as raw files.
@@ -75,6 +83,14 @@ pub enum Command {
     },
     /// Unmount a qcow2fs mount and wait until its daemon has finished.
     Umount { mountpoint: PathBuf },
+    /// Reopen a mount read-write or read-only without unmounting (what
+    /// `mount -o remount,rw|ro MNT` does too).
+    Remount {
+        /// `rw` or `ro`.
+        #[arg(short = 'o', value_name = "rw|ro", action = clap::ArgAction::Append)]
+        options: Vec<String>,
+        mountpoint: PathBuf,
+    },
     /// Show what a mount serves: image and layers, mode, open files, cache, locks,
     /// snapshots (asked of its daemon).
     Status {
@@ -113,6 +129,10 @@ pub enum Command {
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
+        /// Options for remote images and backing files, as for mount (-o, repeatable):
+        /// backing=, backing_dir=, cache_dir=, cache_max=, s3_endpoint=, ca_file=, ...
+        #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
+        options: Vec<String>,
         image: PathBuf,
     },
     /// Print a man page (man/qcow2fs.1 or man/mount.qcow2fs.8) with its option section
@@ -121,15 +141,29 @@ pub enum Command {
     GenMan { page: PathBuf },
 }
 
+/// Options of the reading commands (`info`, `cat`, `map`): `-o` lists as for mount,
+/// of which the ones that open images apply, and `-U`.
+pub(crate) fn read_options(lists: &[String], force_share: bool) -> Result<options::MountOptions> {
+    let mut o = options::MountOptions::parse(lists.iter().map(String::as_str))?;
+    if o.rw {
+        return Err(Error::invalid("option rw applies to mount only"));
+    }
+    o.force_share |= force_share;
+    Ok(o)
+}
+
 /// Opens `image` with its chain for reading, or fails with a one-line error.
-pub(crate) fn open(image: &Path, force_share: bool) -> Result<Chain> {
-    block::open_chain(
-        image,
-        &OpenOptions {
-            force_share,
-            ..Default::default()
-        },
-    )
+pub(crate) fn open(image: &Path, opts: &options::MountOptions) -> Result<Chain> {
+    block::open_chain(image, &opts.open_options())
+}
+
+/// How an image named on the command line is shown: a URL without its query string
+/// (which may hold a signature), a path as given.
+pub(crate) fn shown_image(image: &Path) -> PathBuf {
+    match image.to_str().map(crate::storage::remote::Location::parse) {
+        Some(Ok(Some(loc))) => PathBuf::from(loc.shown()),
+        _ => image.to_path_buf(),
+    }
 }
 
 /// The snapshot `spec` names (its ID first, then its name, as in qemu-img).
@@ -160,13 +194,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info {
             json,
             force_share,
+            options,
             image,
-        } => info::run(&image, json, force_share),
+        } => info::run(&image, json, &read_options(&options, force_share)?),
         Command::Cat {
             snapshot,
             vmstate,
             memory,
             force_share,
+            options,
             image,
         } => {
             let what = match (snapshot, vmstate, memory) {
@@ -174,25 +210,48 @@ pub fn run(cli: Cli) -> Result<()> {
                 (_, _, Some(s)) => cat::What::Memory(s),
                 (s, None, None) => cat::What::Disk(s),
             };
-            cat::run(&image, &what, force_share)
+            cat::run(&image, &what, &read_options(&options, force_share)?)
         }
         Command::Map {
             json,
             snapshot,
             force_share,
+            options,
             image,
-        } => map::run(&image, snapshot.as_deref(), json, force_share),
+        } => map::run(
+            &image,
+            snapshot.as_deref(),
+            json,
+            &read_options(&options, force_share)?,
+        ),
         Command::Mount {
             foreground,
             options,
             image,
             mountpoint,
-        } => mount::run(mount::MountRequest {
-            image,
+        } => {
+            if let Some(rw) = remount_request(options.iter().map(String::as_str)) {
+                return mount::remount(&mountpoint, rw);
+            }
+            mount::run(mount::MountRequest {
+                image,
+                mountpoint,
+                foreground,
+                options: options::MountOptions::parse(options.iter().map(String::as_str))?,
+            })
+        }
+        Command::Remount {
+            options,
             mountpoint,
-            foreground,
-            options: options::MountOptions::parse(options.iter().map(String::as_str))?,
-        }),
+        } => {
+            let rw = remount_request(
+                std::iter::once("remount").chain(options.iter().map(String::as_str)),
+            );
+            match rw {
+                Some(rw) => mount::remount(&mountpoint, rw),
+                None => Err(Error::invalid("qcow2fs remount needs -o rw or -o ro")),
+            }
+        }
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Status { json, mountpoint } => status::run(&mountpoint, json),
         Command::Snapshot { action } => snapshot::run(action),
@@ -206,7 +265,8 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 const SUBCOMMANDS: &[&str] = &[
-    "info", "cat", "map", "mount", "umount", "status", "snapshot", "stream", "gen-man", "help",
+    "info", "cat", "map", "mount", "umount", "remount", "status", "snapshot", "stream", "gen-man",
+    "help",
 ];
 
 /// Prints the man page `page` with its generated option section brought up to date.
@@ -284,6 +344,13 @@ fn helper_request(args: &[std::ffi::OsString]) -> Result<Option<mount::MountRequ
             "usage: mount.qcow2fs IMAGE MOUNTPOINT [-sfnv] [-o OPTIONS]",
         ));
     }
+    if let Some(rw) = remount_request(lists.iter().map(String::as_str)) {
+        if !fake {
+            let mountpoint = positional.pop().unwrap_or_default();
+            mount::remount(&mountpoint, rw)?;
+        }
+        return Ok(None);
+    }
     let options = options::MountOptions::parse(lists.iter().map(String::as_str))?;
     if fake {
         return Ok(None);
@@ -296,6 +363,23 @@ fn helper_request(args: &[std::ffi::OsString]) -> Result<Option<mount::MountRequ
         foreground: false,
         options,
     }))
+}
+
+/// For option lists that hold `remount` (as mount(8) passes them to a helper for
+/// `mount -o remount,rw MNT`): whether the mount is to become read-write (the last of
+/// `rw` and `ro` wins; without either, read-only is not asked for, so read-write).
+fn remount_request<'a>(lists: impl Iterator<Item = &'a str>) -> Option<bool> {
+    let opts: Vec<&str> = lists.flat_map(|l| l.split(',')).map(str::trim).collect();
+    if !opts.contains(&"remount") {
+        return None;
+    }
+    Some(
+        opts.iter().rev().find_map(|o| match *o {
+            "rw" => Some(true),
+            "ro" => Some(false),
+            _ => None,
+        }) != Some(false),
+    )
 }
 
 /// `umount.fuse.qcow2fs DIR [-nlfvr] [-t TYPE] [-N NS]`, which umount(8) runs to

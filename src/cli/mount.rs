@@ -3,8 +3,7 @@
 
 use super::logging;
 use super::options::MountOptions;
-use crate::block::{self, BlockDev, Chain, CopyOnRead, OpenOptions, Overlay, OverlayOptions};
-use crate::engine::ImageOptions;
+use crate::block::{self, BlockDev, Chain, CopyOnRead, Overlay, OverlayOptions};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fuse::namespace::{FileRole, LayoutOptions, Namespace};
 use crate::fuse::{FsConfig, MountState, Qcow2Fs};
@@ -245,6 +244,8 @@ fn serve(
     ready: Option<OwnedFd>,
 ) -> Result<()> {
     let o = &req.options;
+    // The image's name as shown (a URL without its query string).
+    let shown = super::shown_image(&req.image);
     let layout = LayoutOptions {
         snapshots: o.snapshots,
         layers: o.layers,
@@ -260,11 +261,8 @@ fn serve(
             cache_bytes: o.cache_size.unwrap_or(crate::engine::DEFAULT_CACHE_BYTES) / 4,
         };
         private_overlay_dir = Some(opts.dir.clone());
-        let image_abs = req
-            .image
-            .canonicalize()
-            .unwrap_or_else(|_| req.image.clone());
-        Namespace::build_with(&chain, &req.image, layout, &mut |role, name, dev| {
+        let image_abs = req.image.canonicalize().unwrap_or_else(|_| shown.clone());
+        Namespace::build_with(&chain, &shown, layout, &mut |role, name, dev| {
             let backing = match role {
                 FileRole::Active => Some((image_abs.clone(), "qcow2")),
                 FileRole::Layer(_) => Some((
@@ -286,7 +284,7 @@ fn serve(
             None => chain.layers.len() as u32,
         };
         let top = chain.top.clone();
-        Namespace::build_with(&chain, &req.image, layout, &mut |role, _, dev| {
+        Namespace::build_with(&chain, &shown, layout, &mut |role, _, dev| {
             Ok(match role {
                 FileRole::Active => {
                     Arc::new(CopyOnRead::new(top.clone(), bottom)) as Arc<dyn BlockDev>
@@ -295,7 +293,7 @@ fn serve(
             })
         })?
     } else {
-        Namespace::build(&chain, &req.image, layout)?
+        Namespace::build(&chain, &shown, layout)?
     };
     let writable = o.rw || o.overlay.is_some();
     // SAFETY: getegid/geteuid have no preconditions.
@@ -312,10 +310,7 @@ fn serve(
         },
     ));
     let fs = Qcow2Fs::new(state.clone());
-    let image_abs = req
-        .image
-        .canonicalize()
-        .unwrap_or_else(|_| req.image.clone());
+    let image_abs = req.image.canonicalize().unwrap_or_else(|_| shown.clone());
     let mut config = fuser::Config::default();
     let fsname = o
         .fsname
@@ -350,21 +345,30 @@ fn serve(
     });
     config.n_threads = Some(threads);
     config.clone_fd = true;
+    let cor_bottom = if o.copy_on_read {
+        Some(match &o.cor_bottom {
+            Some(spec) => super::resolve_layer(&chain, spec)?,
+            None => chain.layers.len() as u32,
+        })
+    } else {
+        None
+    };
     let daemon = Arc::new(super::daemon::Daemon {
-        chain,
+        first_image: chain.image().clone(),
+        chain: parking_lot::RwLock::new(chain),
         image: image_abs.clone(),
         mountpoint: mountpoint.to_path_buf(),
-        mode: if o.overlay.is_some() {
-            "overlay".into()
-        } else if o.copy_on_read {
-            "rw,copy-on-read".into()
+        mode: parking_lot::Mutex::new(if o.overlay.is_some() {
+            super::daemon::Mode::Overlay
         } else if o.rw {
-            "rw".into()
+            super::daemon::Mode::ReadWrite
         } else {
-            "ro".into()
-        },
+            super::daemon::Mode::ReadOnly
+        }),
+        copy_on_read: parking_lot::Mutex::new(cor_bottom),
         force_share: o.force_share,
         show_snapshots: o.snapshots,
+        show_layers: o.layers,
         mount: state.clone(),
     });
     let mut session = fuser::Session::new(fs, mountpoint, &config)
@@ -394,11 +398,7 @@ fn serve(
                 false
             }
         };
-    log::info!(
-        "mounted {} on {}",
-        req.image.display(),
-        mountpoint.display()
-    );
+    log::info!("mounted {} on {}", shown.display(), mountpoint.display());
     if let Some(fd) = ready {
         let mut f = std::fs::File::from(fd);
         let _ = f.write_all(b"\0");
@@ -450,26 +450,7 @@ pub fn run(req: MountRequest) -> Result<()> {
             .map_err(|e| Error::io(log, "opening the log file", e))?;
     }
     // Open before forking, so errors are reported by the command itself.
-    let mut image_opts = ImageOptions {
-        writable: req.options.rw,
-        ..Default::default()
-    };
-    if let Some(c) = req.options.cache_size {
-        image_opts.cache_bytes = c;
-    }
-    let chain = block::open_chain(
-        &req.image,
-        &OpenOptions {
-            image: image_opts,
-            force_share: req.options.force_share,
-            backing: if req.options.deny_backing {
-                block::BackingPolicy::Deny
-            } else {
-                block::BackingPolicy::Follow
-            },
-            backing_dir: req.options.backing_dir.clone(),
-        },
-    )?;
+    let chain = block::open_chain(&req.image, &req.options.open_options())?;
     if req.foreground {
         if let Some(log) = &req.options.log {
             logging::to_file(log).map_err(|e| Error::io(log, "opening the log file", e))?;
@@ -551,6 +532,78 @@ pub fn run(req: MountRequest) -> Result<()> {
             ))
         }
     }
+}
+
+/// The kernel's flags for remounting `m` with its flags as they are, but read-only or
+/// read-write.
+fn remount_flags(m: &MountEntry, rw: bool) -> libc::c_ulong {
+    let mut flags = libc::MS_REMOUNT;
+    for o in m.mount_options.split(',') {
+        flags |= match o {
+            "nosuid" => libc::MS_NOSUID,
+            "nodev" => libc::MS_NODEV,
+            "noexec" => libc::MS_NOEXEC,
+            "noatime" => libc::MS_NOATIME,
+            "nodiratime" => libc::MS_NODIRATIME,
+            "relatime" => libc::MS_RELATIME,
+            "strictatime" => libc::MS_STRICTATIME,
+            "sync" => libc::MS_SYNCHRONOUS,
+            "dirsync" => libc::MS_DIRSYNC,
+            _ => 0,
+        };
+    }
+    if !rw {
+        flags |= libc::MS_RDONLY;
+    }
+    flags
+}
+
+/// Sets the kernel's read-only flag of the mount at `mountpoint`.
+fn kernel_remount(mountpoint: &Path, m: &MountEntry, rw: bool) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::ffi::CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: valid NUL-terminated strings; a remount reads no source, type or data.
+    let r = unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            remount_flags(m, rw),
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Reopens the mount at `mountpoint` read-write or read-only, daemon first (all or
+/// nothing there), then the kernel's read-only flag, which only root may change: the
+/// daemon goes back to its mode when the kernel refuses.
+pub fn remount(mountpoint: &Path, rw: bool) -> Result<()> {
+    let (canon, m) = super::control::qcow2fs_mount(mountpoint)?;
+    let was_rw = m.mount_options.split(',').any(|o| o == "rw");
+    let ask =
+        |rw: bool| super::control::request(&canon, &serde_json::json!({"op": "remount", "rw": rw}));
+    ask(rw)?;
+    if was_rw == rw {
+        return Ok(());
+    }
+    if let Err(e) = kernel_remount(&canon, &m, rw) {
+        let undo = ask(!rw);
+        let why = if e.raw_os_error() == Some(libc::EPERM) {
+            "only root may change a mount's read-only flag; unmount and mount it again".to_string()
+        } else {
+            format!("the kernel refused the remount: {e}")
+        };
+        if let Err(u) = undo {
+            log::error!("{u:#}");
+        }
+        return Err(Error::new(ErrorKind::PermissionDenied, why).in_file(mountpoint));
+    }
+    Ok(())
 }
 
 /// Whether any thread of process `pid` still runs. A process whose main thread has

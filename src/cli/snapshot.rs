@@ -23,10 +23,14 @@ pub enum Action {
         /// around the snapshot, so that it is consistent; repeatable.
         #[arg(long, value_name = "DIR")]
         freeze: Vec<PathBuf>,
+        /// Instead of an internal snapshot, put a new image NEW on top of the mounted one
+        /// (which becomes its read-only backing file): an external snapshot.
+        #[arg(long, value_name = "NEW.qcow2")]
+        external: Option<PathBuf>,
         /// The mount point, or an image that is not mounted.
         target: PathBuf,
-        /// The new snapshot's name.
-        name: OsString,
+        /// The new snapshot's name (internal snapshots).
+        name: Option<OsString>,
     },
     /// Delete a snapshot (by ID or name) and free what only it used.
     Delete {
@@ -101,10 +105,38 @@ pub fn run(action: Action) -> Result<()> {
     match action {
         Action::Create {
             freeze,
+            external,
             target,
             name,
         } => {
-            let name = name.as_bytes().to_vec();
+            if let Some(new) = external {
+                if name.is_some() {
+                    return Err(Error::invalid("an external snapshot takes no name"));
+                }
+                if !is_mountpoint(&target) {
+                    return Err(Error::invalid(
+                        "--external is for mounted images (for an image that is not mounted, use qemu-img create -b IMAGE -F qcow2 NEW)",
+                    )
+                    .in_file(&target));
+                }
+                let new = std::path::absolute(&new).map_err(|e| Error::io(&new, "resolving", e))?;
+                let frozen: Vec<Frozen> = freeze
+                    .iter()
+                    .map(|d| Frozen::freeze(d))
+                    .collect::<Result<_>>()?;
+                let v = control::request(
+                    &target,
+                    &json!({"op": "snapshot-create-external", "path": new}),
+                );
+                drop(frozen);
+                v?;
+                println!("writes go to {} from now on", new.display());
+                return Ok(());
+            }
+            let name = name
+                .ok_or_else(|| Error::invalid("a snapshot needs a name"))?
+                .as_bytes()
+                .to_vec();
             if is_mountpoint(&target) {
                 // Frozen before the request (freezing writes the guest's dirty data
                 // through the mount) and thawed when the guards go, error or not.

@@ -48,6 +48,37 @@ pub fn run(mountpoint: &Path, as_json: bool) -> Result<()> {
         );
     }
     println!("locks: {}", s("locks").unwrap_or_default());
+    for r in v
+        .get("remote")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let g = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let lookups = g("memory_hits") + g("disk_hits") + g("fetched_for_reads");
+        println!(
+            "remote {}: {} requests ({} retried), {} bytes fetched for {} read; blocks: {} from memory, {} from the disk cache{}, {} fetched, {} ahead; hit rate {:.1}%",
+            r.get("url").and_then(Value::as_str).unwrap_or(""),
+            g("requests"),
+            g("retries"),
+            g("bytes_fetched"),
+            g("bytes_read"),
+            g("memory_hits"),
+            g("disk_hits"),
+            if r.get("cached_on_disk") == Some(&Value::Bool(true)) {
+                ""
+            } else {
+                " (off)"
+            },
+            g("fetched_for_reads"),
+            g("readahead_blocks"),
+            if lookups == 0 {
+                0.0
+            } else {
+                100.0 * (g("memory_hits") + g("disk_hits")) as f64 / lookups as f64
+            }
+        );
+    }
     for l in v
         .get("layers")
         .and_then(Value::as_array)

@@ -131,7 +131,7 @@ impl Image {
 
     /// Makes every write so far durable (fsync semantics).
     pub fn flush(&self) -> Result<()> {
-        if !self.writable {
+        if !self.is_writable() {
             return Ok(());
         }
         let mut m = self.meta.write();

@@ -16,7 +16,7 @@ use crate::storage::Storage;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// Bytes of snapshot L1 tables kept cached (a table larger than this is still used, it
@@ -141,7 +141,8 @@ pub struct Image {
     pub(crate) bitmaps: Vec<BitmapEntry>,
     pub(crate) bitmap_problem: Option<String>,
     pub(crate) preallocated: OnceLock<bool>,
-    pub(crate) writable: bool,
+    /// Open for writing now (a reopen changes it, under the metadata lock).
+    pub(crate) writable: AtomicBool,
     /// Why the image was marked corrupt while open: further writes are refused.
     pub(crate) corrupt: OnceLock<String>,
     /// The external data file, flushed before metadata that points into it.
@@ -174,7 +175,7 @@ impl Image {
     }
 
     pub fn is_writable(&self) -> bool {
-        self.writable
+        self.writable.load(Ordering::Acquire)
     }
 
     /// The guest range locks writes and reads of a writable image take (rule L5).

@@ -12,7 +12,7 @@ impl Image {
     /// Refuses writes to an image opened read-only, marked corrupt, or whose metadata
     /// write-back failed.
     pub(crate) fn check_writable(&self) -> Result<()> {
-        if !self.writable {
+        if !self.is_writable() {
             return Err(Error::read_only("the image is open read-only").in_file(self.path()));
         }
         if let Some(why) = self.corrupt.get() {
@@ -194,10 +194,68 @@ impl Image {
         self.write_header(t)
     }
 
+    /// Makes a writable image read-only (a reopen, or the old top of an external
+    /// snapshot): everything is written back and the dirty bit qcow2fs set is cleared,
+    /// as at a clean close; then the write state goes. The file's locks are the caller's
+    /// to downgrade afterwards.
+    pub fn make_read_only(&self) -> Result<()> {
+        if !self.is_writable() {
+            return Ok(());
+        }
+        self.io.check()?;
+        let mut m = self.meta.write();
+        {
+            let (t, w) = m.writer(self.path())?;
+            self.write_back(t, w)?;
+            if w.we_set_dirty {
+                t.header.incompatible_features &= !incompat::DIRTY;
+                self.write_header(t)?;
+                w.we_set_dirty = false;
+            }
+        }
+        m.w = None;
+        self.writable
+            .store(false, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes a read-only image writable (a reopen), once its file has been reopened for
+    /// writing and locked: the rules for opening read-write are checked (corrupt bit,
+    /// bitmaps), the allocator loaded, refcounts rebuilt if the image was left dirty, and
+    /// the first-write duties done at once. On failure the image stays read-only.
+    pub fn make_writable(&self) -> Result<()> {
+        if self.is_writable() {
+            return Ok(());
+        }
+        let mut m = self.meta.write();
+        super::open::check_writable_open(self.path(), &m.t.header, &self.bitmaps)?;
+        // The tables are those read at open: QEMU's locks, which a read-only open holds
+        // too, kept everyone else from writing the image since.
+        let w =
+            super::open::load_write_state(&self.io, &m.t, &self.bitmaps, self.l2_cache.capacity())?;
+        m.w = Some(w);
+        self.writable
+            .store(true, std::sync::atomic::Ordering::Release);
+        let prepared = (|| {
+            let (t, w) = m.writer(self.path())?;
+            if t.header.is_dirty() && !w.we_set_dirty {
+                self.rebuild_locked(t, w)?;
+            }
+            self.prepare_for_write(t, w)
+        })();
+        if let Err(e) = prepared {
+            m.w = None;
+            self.writable
+                .store(false, std::sync::atomic::Ordering::Release);
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Writes everything back and, where qcow2fs set the dirty bit, clears it: a clean
     /// close.
     pub fn close(&self) -> Result<()> {
-        if !self.writable || self.io.has_failed() {
+        if !self.is_writable() || self.io.has_failed() {
             return Ok(());
         }
         let mut m = self.meta.write();

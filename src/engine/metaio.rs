@@ -63,6 +63,21 @@ impl MetaIo {
         })
     }
 
+    /// Writes `data` into clusters nothing references yet and syncs. A failure here is
+    /// not sticky: nothing that the image uses has changed, so the caller frees the
+    /// clusters and carries on (a full disk fails an operation, not the image).
+    pub(crate) fn write_unreferenced(
+        &self,
+        what: &str,
+        off: HostOffset,
+        data: &[u8],
+    ) -> Result<()> {
+        self.file
+            .write_at(data, off.0)
+            .and_then(|()| self.file.flush())
+            .map_err(|e| Error::io(&self.path, format!("writing {what} at {off}"), e))
+    }
+
     pub(crate) fn sync(&self) -> Result<()> {
         self.file.flush().map_err(|e| {
             self.failed.store(true, Ordering::Release);

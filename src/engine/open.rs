@@ -65,53 +65,29 @@ impl Image {
             }
         };
         let tables = (opts.cache_bytes >> cluster_bits).max(4) as usize;
+        let t = Tables {
+            header,
+            l1,
+            l1_dirty: false,
+            snapshots: snapshots.into(),
+        };
         let w = if opts.writable {
-            check_writable_open(path, &header, &bitmaps)?;
-            let reftable = io.read_words(
-                "the refcount table",
-                HostOffset(header.refcount_table_offset),
-                ((header.refcount_table_clusters as u64) << cluster_bits) as usize / 8,
-            )?;
-            let overlap = metadata_map(&io, &header, &l1, &reftable, &snapshots, &bitmaps)?;
-            Some(WriteState {
-                alloc: Allocator::new(
-                    reftable,
-                    HostOffset(header.refcount_table_offset),
-                    header.refcount_table_clusters,
-                    RefcountLayout {
-                        order: header.refcount_order,
-                        cluster_bits,
-                    },
-                    (tables / 4).max(16),
-                    HostCluster(file_len.div_ceil(1 << cluster_bits)),
-                    overlap,
-                ),
-                deferred: Vec::new(),
-                prepared: false,
-                we_set_dirty: false,
-            })
+            check_writable_open(path, &t.header, &bitmaps)?;
+            Some(load_write_state(&io, &t, &bitmaps, tables)?)
         } else {
             None
         };
-        let dirty = header.is_dirty();
+        let dirty = t.header.is_dirty();
         let image = Image {
             io,
             layout,
-            meta: RwLock::new(Meta {
-                t: Tables {
-                    header,
-                    l1,
-                    l1_dirty: false,
-                    snapshots: snapshots.into(),
-                },
-                w,
-            }),
+            meta: RwLock::new(Meta { t, w }),
             l2_cache: Cache::new(tables),
             snapshot_l1s: Mutex::new(HashMap::new()),
             bitmaps,
             bitmap_problem,
             preallocated: OnceLock::new(),
-            writable: opts.writable,
+            writable: std::sync::atomic::AtomicBool::new(opts.writable),
             corrupt: OnceLock::new(),
             data_store: OnceLock::new(),
             ranges: Default::default(),
@@ -127,9 +103,49 @@ impl Image {
     }
 }
 
+/// What writing an image needs besides its tables: the refcount table and the
+/// allocator over it, with the record of the image's metadata clusters. Allocation
+/// starts at the end of the file.
+pub(crate) fn load_write_state(
+    io: &MetaIo,
+    t: &Tables,
+    bitmaps: &[BitmapEntry],
+    cache_tables: usize,
+) -> Result<WriteState> {
+    let h = &t.header;
+    let cb = h.cluster_bits;
+    let reftable = io.read_words(
+        "the refcount table",
+        HostOffset(h.refcount_table_offset),
+        ((h.refcount_table_clusters as u64) << cb) as usize / 8,
+    )?;
+    let overlap = metadata_map(io, h, &t.l1, &reftable, &t.snapshots, bitmaps)?;
+    Ok(WriteState {
+        alloc: Allocator::new(
+            reftable,
+            HostOffset(h.refcount_table_offset),
+            h.refcount_table_clusters,
+            RefcountLayout {
+                order: h.refcount_order,
+                cluster_bits: cb,
+            },
+            (cache_tables / 4).max(16),
+            HostCluster(io.len()?.div_ceil(1 << cb)),
+            overlap,
+        ),
+        deferred: Vec::new(),
+        prepared: false,
+        we_set_dirty: false,
+    })
+}
+
 /// The rules for opening read-write: no corrupt bit, no persistent bitmaps that writes
 /// would leave stale.
-fn check_writable_open(path: &Path, header: &Header, bitmaps: &[BitmapEntry]) -> Result<()> {
+pub(crate) fn check_writable_open(
+    path: &Path,
+    header: &Header,
+    bitmaps: &[BitmapEntry],
+) -> Result<()> {
     if header.is_corrupt() {
         return Err(Error::unsupported(
             "the image is marked corrupt (incompatible bit 1); refusing to open it read-write (repair it with `qemu-img check -r all`, or mount it read-only)",

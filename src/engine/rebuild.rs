@@ -92,7 +92,7 @@ impl Image {
         Ok(())
     }
 
-    fn rebuild_locked(&self, t: &mut Tables, w: &mut WriteState) -> Result<()> {
+    pub(crate) fn rebuild_locked(&self, t: &mut Tables, w: &mut WriteState) -> Result<()> {
         let io = &self.io;
         let cs = self.cluster_size();
         let path = self.path().to_path_buf();

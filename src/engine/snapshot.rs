@@ -132,8 +132,29 @@ impl Image {
         }
         let n = (bytes.len() as u64).div_ceil(self.cluster_size());
         let first = self.allocate(t, w, n, Use::Meta(MetaKind::SnapshotTable))?;
-        self.write_new_structure("the snapshot table", first.offset(cb), &bytes)?;
+        self.write_fresh(w, "the snapshot table", first, n, &bytes)?;
         Ok(first.offset(cb))
+    }
+
+    /// Writes a new structure into the `n` clusters from `first` just allocated for it;
+    /// if that fails (a full disk), frees them again, so that the image is as before.
+    fn write_fresh(
+        &self,
+        w: &mut WriteState,
+        what: &str,
+        first: HostCluster,
+        n: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let written =
+            self.io
+                .write_unreferenced(what, first.offset(self.layout.cluster_bits), bytes);
+        if written.is_err() {
+            for k in 0..n {
+                w.alloc.release(first + k, &self.io)?;
+            }
+        }
+        written
     }
 
     /// Points the header at the snapshot table at `offset` holding `count` entries (its
@@ -244,8 +265,7 @@ impl Image {
                 .max(1);
             let l1_first = img.allocate(t, w, l1_clusters, Use::Meta(MetaKind::SnapshotL1))?;
             let bytes = super::metaio::encode_words(&shared, (l1_clusters << cb) as usize);
-            img.io
-                .write("a snapshot L1 table", l1_first.offset(cb), &bytes)?;
+            img.write_fresh(w, "a snapshot L1 table", l1_first, l1_clusters, &bytes)?;
             let id = t
                 .snapshots
                 .iter()
@@ -273,7 +293,15 @@ impl Image {
             let mut entries: Vec<SnapshotEntry> =
                 t.snapshots.iter().map(|s| s.entry.clone()).collect();
             entries.push(entry.clone());
-            let table = img.write_snapshot_table(t, w, &entries)?;
+            let table = match img.write_snapshot_table(t, w, &entries) {
+                Ok(table) => table,
+                Err(e) => {
+                    for k in 0..l1_clusters {
+                        w.alloc.release(l1_first + k, &img.io)?;
+                    }
+                    return Err(e);
+                }
+            };
             // The active tree gets a second owner: its refcounts go up and its COPIED
             // flags go, written in the order F2, F3.
             img.change_tree(t, w, &active, Change::Up)?;

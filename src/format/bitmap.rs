@@ -1,4 +1,4 @@
-//! The persistent-bitmap directory (checklist section 15). qcow2fs does not use bitmaps
+//! The persistent-bitmap directory (the bitmaps extension of the qcow2 format). qcow2fs does not use bitmaps
 //! for reading; it lists them and refuses to write where it would leave them stale.
 
 use super::error::{FormatError, be16, be32, be64};

@@ -1,4 +1,4 @@
-//! Decompression of compressed clusters (checklist section 9): a raw deflate stream or
+//! Decompression of compressed clusters: a raw deflate stream or
 //! zstd frames that must produce exactly one cluster.
 
 use super::header::CompressionType;

@@ -1,5 +1,4 @@
-//! Refcount table entries and refcount-block entries of every width (1 to 64 bits,
-//! checklist section 11).
+//! Refcount table entries and refcount-block entries of every width (1 to 64 bits).
 
 use super::entry::OFFSET_MASK;
 

@@ -1,4 +1,4 @@
-//! The internal-snapshot table (checklist section 12): variable-length entries, each with
+//! The internal-snapshot table: variable-length entries, each with
 //! its own L1 table, disk size, VM state size and extra data.
 
 use super::error::{FormatError, be16, be32, be64};

@@ -1,11 +1,13 @@
-//! A thin adapter to fuser 0.18: the namespace, the mount's state, the file logic and
-//! the extended attributes are plain data and functions in `namespace`, `state`, `io`
-//! and `xattr`; each `Filesystem` callback is a few lines that call them.
+//! A thin adapter to fuser 0.18: the namespace (and the files of snapshots' VM state in
+//! it), the mount's state, the file logic and the extended attributes are plain data and
+//! functions in `namespace` (`vmfiles`), `state`, `io` and `xattr`; each `Filesystem`
+//! callback is a few lines that call them.
 
 pub mod access;
 pub mod io;
 pub mod namespace;
 pub mod state;
+pub mod vmfiles;
 pub mod xattr;
 
 pub use io::{allocated_bytes, fallocate, seek};

@@ -17,7 +17,7 @@
 //! - `layers/N-FILENAME.raw`: backing layer N, seen through its own chain.
 
 use super::xattr::{self, Fixed};
-use crate::block::{BlockDev, Chain, Qcow2Layer, VmStateFiles};
+use crate::block::{BlockDev, Chain};
 use crate::engine::{Snapshot, SnapshotKey};
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
@@ -211,9 +211,6 @@ pub fn with_extension(stem: &[u8], ext: &str) -> OsString {
     OsString::from_vec(v)
 }
 
-/// The longest file name the kernel accepts.
-const NAME_MAX: usize = 255;
-
 /// The file-name stems of `snapshots` in the mount (without `.raw`), by key.
 pub fn snapshot_file_stems_of(snapshots: &[&Snapshot]) -> Vec<(SnapshotKey, Vec<u8>)> {
     let pairs: Vec<(String, Vec<u8>)> = snapshots
@@ -253,7 +250,7 @@ fn file_mtime(path: &Path) -> SystemTime {
         .unwrap_or(UNIX_EPOCH)
 }
 
-fn dir() -> NodeKind {
+pub(super) fn dir() -> NodeKind {
     NodeKind::Dir {
         children: Vec::new(),
     }
@@ -311,7 +308,7 @@ impl Namespace {
                     let dev = wrap(role, &name.to_string_lossy(), chain.snapshot(key))?;
                     ns.add_snapshot(dir, s, name, dev);
                     if s.entry.vm_state_size > 0 {
-                        ns.add_vm_state(dir, s, &stem, &chain.top);
+                        super::vmfiles::add_vm_state(&mut ns, dir, s, &stem, &chain.top);
                     }
                 }
             }
@@ -355,7 +352,7 @@ impl Namespace {
     }
 
     /// Adds file `name` to directory `parent`, with its fixed extended attributes.
-    fn add_file(
+    pub(super) fn add_file(
         &mut self,
         parent: u64,
         name: OsString,
@@ -428,7 +425,7 @@ impl Namespace {
     }
 
     /// Adds the disk file of snapshot `s`, named `name`, showing `dev`, to directory
-    /// `dir`. Its VM state, if it has one, is added by [`Namespace::add_vm_state`] (a
+    /// `dir`. Its VM state, if it has one, is added by `vmfiles::add_vm_state` (a
     /// snapshot taken while mounted has none).
     pub fn add_snapshot(
         &mut self,
@@ -440,69 +437,6 @@ impl Namespace {
         let role = FileRole::Snapshot(s.key);
         let attrs = xattr::snapshot_attrs(s);
         self.add_file(dir, name, (dev, role), snapshot_mtime(s), attrs)
-    }
-
-    /// Adds the VM-state files of snapshot `s` (of `top`'s image) to directory `dir`,
-    /// named after its file-name stem `stem`: those its state allows, the reasons for the
-    /// others in the log.
-    pub fn add_vm_state(&mut self, dir: u64, s: &Snapshot, stem: &[u8], top: &Qcow2Layer) {
-        let shown = String::from_utf8_lossy(stem).into_owned();
-        let files = match VmStateFiles::open(top, s) {
-            Ok(f) => f,
-            Err(e) => {
-                log::warn!("{e:#}; leaving its VM state out of the mount");
-                return;
-            }
-        };
-        let key = s.key;
-        let mtime = snapshot_mtime(s);
-        let mut attrs = xattr::snapshot_attrs(s);
-        let sum = match &files.summary {
-            Ok(sum) => {
-                attrs.extend(xattr::vm_attrs(sum));
-                Some(sum)
-            }
-            Err(why) => {
-                log::warn!("{why}; the mount shows the stream alone ({shown}.vmstate)");
-                None
-            }
-        };
-        let name = with_extension(stem, "vmstate");
-        let file = (
-            files.stream.clone() as Arc<dyn BlockDev>,
-            FileRole::VmState(key),
-        );
-        self.add_file(dir, name, file, mtime, attrs.clone());
-        let Some(sum) = sum else { return };
-        match (&files.memory, &sum.physical) {
-            (Some(mem), _) => {
-                let file = (mem.clone() as Arc<dyn BlockDev>, FileRole::Memory(key));
-                let name = with_extension(stem, "mem");
-                self.add_file(dir, name, file, mtime, attrs.clone());
-            }
-            (None, Err(why)) => log::info!(
-                "{}: snapshot {shown}: no {shown}.mem: {why}; its RAM blocks are in {shown}.ram/",
-                top.image().path().display()
-            ),
-            (None, Ok(_)) => {}
-        }
-        if files.blocks.is_empty() {
-            return;
-        }
-        let ram = self.add(dir, with_extension(stem, "ram"), self::dir(), mtime);
-        for (i, (block, dev)) in files.blocks.iter().enumerate() {
-            let name = raw_name(&escape_name(block.as_bytes()));
-            if name.len() > NAME_MAX {
-                log::warn!(
-                    "snapshot {shown}: the file name of RAM block {block:?} would be too long; left out"
-                );
-                continue;
-            }
-            let mut attrs = attrs.clone();
-            attrs.push(("vmstate.block", block.clone().into_bytes()));
-            let file = (dev.clone() as Arc<dyn BlockDev>, FileRole::RamBlock(key, i));
-            self.add_file(ram, name, file, mtime, attrs);
-        }
     }
 
     /// The files that belong to snapshot `key` (its disk and VM-state files), then the
@@ -535,6 +469,64 @@ impl Namespace {
             }
         }
         files
+    }
+
+    /// Puts `dev` in front of the backing layers (an external snapshot made the image it
+    /// shows layer 1): the other layers' files are renamed (their depth grows by one).
+    /// Returns every (directory, name) that appeared or went, for the kernel's cache.
+    pub fn push_layer(
+        &mut self,
+        dev: Arc<dyn BlockDev>,
+        mtime: SystemTime,
+    ) -> Vec<(u64, OsString)> {
+        let mut changed = Vec::new();
+        let dir = match self.lookup(ROOT_INO, OsStr::new("layers")) {
+            Some(n) => n.ino,
+            None => {
+                changed.push((ROOT_INO, OsString::from("layers")));
+                self.add(ROOT_INO, "layers".into(), dir(), mtime)
+            }
+        };
+        let layers: Vec<(u64, usize, std::path::PathBuf)> = self
+            .nodes()
+            .filter_map(|n| match &n.kind {
+                NodeKind::File {
+                    role: FileRole::Layer(d),
+                    dev,
+                } => Some((n.ino, *d, dev.info().path.clone())),
+                _ => None,
+            })
+            .collect();
+        // Deepest first, so that no new name is taken while renaming.
+        let mut layers = layers;
+        layers.sort_by_key(|l| std::cmp::Reverse(l.1));
+        for (ino, depth, path) in layers {
+            let new = layer_name(depth + 1, &path);
+            if let Some(n) = self.node(ino) {
+                changed.push((dir, n.name.clone()));
+            }
+            self.rename(ino, new.clone());
+            if let Some(Some(Node {
+                kind: NodeKind::File { role, .. },
+                ..
+            })) = self.nodes.get_mut((ino - 1) as usize)
+            {
+                *role = FileRole::Layer(depth + 1);
+            }
+            changed.push((dir, new));
+        }
+        let name = layer_name(1, &dev.info().path);
+        changed.push((dir, name.clone()));
+        self.add(
+            dir,
+            name,
+            NodeKind::File {
+                dev,
+                role: FileRole::Layer(1),
+            },
+            mtime,
+        );
+        changed
     }
 
     /// The file showing `role`, if there is one.

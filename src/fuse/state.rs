@@ -40,7 +40,7 @@ pub struct FsConfig {
     pub umask: u32,
     /// Kernel readahead window in bytes, if set.
     pub readahead: Option<u32>,
-    /// The active disk is writable (`-o rw`).
+    /// The active disk is writable (`-o rw`) when the mount starts.
     pub writable: bool,
     /// Extended attributes are shown (`-o xattrs=on`).
     pub xattrs: bool,
@@ -66,6 +66,8 @@ pub struct FileRef {
 pub struct MountState {
     ns: RwLock<Namespace>,
     pub cfg: FsConfig,
+    /// Files may be written (a remount changes it, under the gate).
+    writable: std::sync::atomic::AtomicBool,
     pub open_files: OpenFiles,
     gate: RwLock<()>,
     notifier: OnceLock<Notifier>,
@@ -75,6 +77,7 @@ impl MountState {
     pub fn new(ns: Namespace, cfg: FsConfig) -> Self {
         MountState {
             ns: RwLock::new(ns),
+            writable: std::sync::atomic::AtomicBool::new(cfg.writable),
             cfg,
             open_files: OpenFiles::default(),
             gate: RwLock::new(()),
@@ -131,7 +134,12 @@ impl MountState {
 
     /// Whether a file accepts writes.
     pub fn is_writable(&self, dev: &dyn BlockDev) -> bool {
-        self.cfg.writable && dev.writable()
+        self.writable.load(Ordering::Acquire) && dev.writable()
+    }
+
+    /// Lets files be written, or not (a remount, holding the gate).
+    pub fn set_writable(&self, writable: bool) {
+        self.writable.store(writable, Ordering::Release);
     }
 
     /// The file `ino`, or ENOENT/EISDIR.

@@ -2,6 +2,7 @@
 //! or a user names: without blocking, and only if they are regular files.
 
 use super::{Access, Extent, Storage};
+use parking_lot::{RwLock, RwLockReadGuard};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -68,23 +69,44 @@ pub fn open_regular(path: &Path, write: bool) -> io::Result<File> {
     Ok(file)
 }
 
+/// A host file. The descriptor can be replaced while in use (a reopen for writing opens
+/// the same file again with other flags and swaps it in).
 #[derive(Debug)]
 pub struct FileStorage {
-    file: File,
+    file: RwLock<File>,
 }
 
 impl FileStorage {
     pub fn new(file: File) -> Self {
-        FileStorage { file }
+        FileStorage {
+            file: RwLock::new(file),
+        }
     }
 
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The open file, for locking it.
+    pub fn file(&self) -> RwLockReadGuard<'_, File> {
+        self.file.read()
+    }
+
+    /// A new descriptor for the same file (the same inode, whatever its path is now),
+    /// opened for reading and, with `write`, writing.
+    pub fn reopen(&self, write: bool) -> io::Result<File> {
+        let fd = self.file.read().as_raw_fd();
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .custom_flags(libc::O_NOCTTY)
+            .open(format!("/proc/self/fd/{fd}"))
+    }
+
+    /// Uses `new` from now on and returns the descriptor it replaces.
+    pub fn replace(&self, new: File) -> File {
+        std::mem::replace(&mut *self.file.write(), new)
     }
 
     fn lseek(&self, off: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
         // SAFETY: lseek on a file descriptor we own; only the returned position is used.
-        let r = unsafe { libc::lseek(self.file.as_raw_fd(), off as libc::off_t, whence) };
+        let r = unsafe { libc::lseek(self.file.read().as_raw_fd(), off as libc::off_t, whence) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::ENXIO) {
@@ -99,7 +121,7 @@ impl FileStorage {
 impl Storage for FileStorage {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         loop {
-            match self.file.read_at(buf, off) {
+            match self.file.read().read_at(buf, off) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 r => return r,
             }
@@ -107,27 +129,31 @@ impl Storage for FileStorage {
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
-        self.file.write_all_at(buf, off)
+        self.file.read().write_all_at(buf, off)
     }
 
     fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.file.read().sync_data()
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        Ok(self.file.read().metadata()?.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
-        self.file.set_len(len)
+        self.file.read().set_len(len)
     }
 
     fn allocated_bytes(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.blocks() * 512)
+        Ok(self.file.read().metadata()?.blocks() * 512)
+    }
+
+    fn as_file(&self) -> Option<&FileStorage> {
+        Some(self)
     }
 
     fn access(&self) -> Option<Access> {
-        let md = self.file.metadata().ok()?;
+        let md = self.file.read().metadata().ok()?;
         Some(Access {
             uid: md.uid(),
             gid: md.gid(),
@@ -154,7 +180,7 @@ impl Storage for FileStorage {
         // SAFETY: fallocate on a file descriptor we own.
         let r = unsafe {
             libc::fallocate(
-                self.file.as_raw_fd(),
+                self.file.read().as_raw_fd(),
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
                 off as libc::off_t,
                 len as libc::off_t,

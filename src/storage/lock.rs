@@ -37,7 +37,15 @@ fn flock(kind: libc::c_short, start: i64) -> libc::flock {
 }
 
 fn set_lock(file: &File, byte: i64) -> std::io::Result<()> {
-    let fl = flock(libc::F_RDLCK as libc::c_short, byte);
+    set_lock_type(file, byte, libc::F_RDLCK as libc::c_short)
+}
+
+fn unlock(file: &File, byte: i64) -> std::io::Result<()> {
+    set_lock_type(file, byte, libc::F_UNLCK as libc::c_short)
+}
+
+fn set_lock_type(file: &File, byte: i64, kind: libc::c_short) -> std::io::Result<()> {
+    let fl = flock(kind, byte);
     // SAFETY: F_OFD_SETLK with a valid flock on a descriptor we own.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } == -1 {
         return Err(std::io::Error::last_os_error());
@@ -109,6 +117,36 @@ pub fn lock_writer(file: &File, path: &Path) -> Result<()> {
     )
 }
 
+/// Turns a writer's locks into a reader's (a reopen read-only): this descriptor stops
+/// using the write and resize permissions, and keeps not sharing them.
+pub fn downgrade_to_reader(file: &File, path: &Path) -> Result<()> {
+    for perm in [PERM_WRITE, PERM_RESIZE] {
+        unlock(file, PERM_BASE + perm.trailing_zeros() as i64)
+            .map_err(|e| Error::io(path, "releasing the write lock", e))?;
+    }
+    Ok(())
+}
+
+/// Moves a reader's locks on `old` to a writer's on `new`, another descriptor of the same
+/// file (a reopen read-write). `old` stops not sharing write and resize, so that only
+/// other processes' locks are checked; if `new` cannot get the writer's locks, `old`'s
+/// are put back and nothing has changed.
+pub fn upgrade_to_writer(old: &File, new: &File, path: &Path) -> Result<()> {
+    let unshared = [PERM_WRITE, PERM_RESIZE].map(|p| SHARED_BASE + p.trailing_zeros() as i64);
+    let restore = || {
+        for b in unshared {
+            let _ = set_lock(old, b);
+        }
+    };
+    for b in unshared {
+        unlock(old, b).map_err(|e| {
+            restore();
+            Error::io(path, "releasing the read lock", e)
+        })?;
+    }
+    lock_writer(new, path).inspect_err(|_| restore())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +175,24 @@ mod tests {
         let r = open();
         let e = lock_reader(&r, &p).unwrap_err();
         assert!(e.to_string().contains("shared \"write\""), "{e}");
+        drop((w, r));
+        // A reader turns writer while another reader shares the file: refused, and the
+        // reader's locks are as before; alone, it becomes the writer, and back.
+        let r1 = open();
+        lock_reader(&r1, &p).unwrap();
+        let other = open();
+        lock_reader(&other, &p).unwrap();
+        let new = open();
+        assert!(upgrade_to_writer(&r1, &new, &p).is_err());
+        let w = open();
+        assert_eq!(lock_writer(&w, &p).unwrap_err().kind(), ErrorKind::Busy);
+        drop((other, new, w));
+        let new = open();
+        upgrade_to_writer(&r1, &new, &p).unwrap();
+        drop(r1);
+        assert!(lock_reader(&open(), &p).is_err());
+        downgrade_to_reader(&new, &p).unwrap();
+        lock_reader(&open(), &p).unwrap();
+        assert!(lock_writer(&open(), &p).is_err());
     }
 }

@@ -6,6 +6,7 @@ mod fault;
 mod file;
 pub mod lock;
 mod memory;
+pub mod remote;
 
 pub use fault::{FaultOp, FaultStorage};
 pub use file::{FileStorage, open_regular};
@@ -48,6 +49,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Bytes the store really occupies (a sparse file's allocated blocks).
     fn allocated_bytes(&self) -> io::Result<u64> {
         self.len()
+    }
+
+    /// The host file behind the store, if it is one (for locking and reopening it).
+    fn as_file(&self) -> Option<&FileStorage> {
+        None
     }
 
     /// Owner and mode of the file behind the store; `None` for stores that are not files

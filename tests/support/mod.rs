@@ -15,7 +15,9 @@
 //! - [`layout`]: what a mount must show (names, sizes, st_blocks, mtimes) per QEMU;
 //! - [`model`]: what a written disk must hold, and what must not change;
 //! - [`images`], [`corpus`] and [`patch`]: building scenario images with QEMU's tools,
-//!   the named scenario corpus, and byte patches QEMU will not make.
+//!   the named scenario corpus, and byte patches QEMU will not make;
+//! - [`remote`]: an HTTP server with range requests and faults on command, and moto's S3
+//!   server, for remote images.
 //!
 //! Nothing here decides what is correct from qcow2fs's own code: expected values come
 //! from QEMU or from what a test itself wrote.
@@ -39,6 +41,7 @@ pub mod mounttable;
 pub mod patch;
 pub mod process;
 pub mod qemu;
+pub mod remote;
 pub mod vmstream;
 
 pub use blockdev::*;

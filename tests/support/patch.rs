@@ -80,7 +80,7 @@ pub fn set_incompat_bit(p: &Path, bit: u32) {
     put64(p, hdr::INCOMPAT, v | (1u64 << bit));
 }
 
-/// Header fields at their fixed offsets (checklist section 1).
+/// Header fields at their fixed offsets.
 pub mod hdr {
     pub const VERSION: u64 = 4;
     pub const BACKING_OFFSET: u64 = 8;

@@ -11,7 +11,9 @@ pub use table::{
     GENERIC_OPTIONS, Generic, GenericOption, MOUNT_OPTIONS, OptDefault, OptSpec, Value,
 };
 
+use crate::block::{BackingPolicy, OpenOptions};
 use crate::error::{Error, Result};
+use crate::storage::remote::RemoteOptions;
 use fuser::MountOption;
 use std::path::PathBuf;
 
@@ -42,6 +44,12 @@ pub struct MountOptions {
     pub keep_overlay: bool,
     pub deny_backing: bool,
     pub backing_dir: Option<PathBuf>,
+    /// A local image may name a remote backing or data file.
+    pub follow_remote: bool,
+    /// A remote image may name a local backing or data file.
+    pub follow_local: bool,
+    /// How remote images are read.
+    pub remote: RemoteOptions,
     /// Kernel mount flags to forward (nodev, nosuid, noexec, noatime, ...), by their
     /// names in [`GENERIC_OPTIONS`].
     pub kernel_flags: Vec<&'static str>,
@@ -71,6 +79,9 @@ impl Default for MountOptions {
             keep_overlay: false,
             deny_backing: false,
             backing_dir: None,
+            follow_remote: false,
+            follow_local: false,
+            remote: RemoteOptions::default(),
             kernel_flags: Vec::new(),
         }
     }
@@ -228,6 +239,28 @@ impl MountOptions {
     }
 
     /// The kernel flags to pass at mount time.
+    /// How to open the image these options describe (writable with `rw`).
+    pub fn open_options(&self) -> OpenOptions {
+        let mut o = OpenOptions {
+            force_share: self.force_share,
+            backing: if self.deny_backing {
+                BackingPolicy::Deny
+            } else {
+                BackingPolicy::Follow
+            },
+            backing_dir: self.backing_dir.clone(),
+            remote: self.remote.clone(),
+            follow_local: self.follow_local,
+            follow_remote: self.follow_remote,
+            ..Default::default()
+        };
+        o.image.writable = self.rw;
+        if let Some(c) = self.cache_size {
+            o.image.cache_bytes = c;
+        }
+        o
+    }
+
     pub fn kernel_mount_options(&self) -> impl Iterator<Item = MountOption> + '_ {
         self.kernel_flags.iter().filter_map(|f| kernel_option(f))
     }
@@ -253,6 +286,7 @@ mod tests {
         match o.value {
             Value::Flag | Value::Optional(_) => name.to_string(),
             Value::Choice(words) => format!("{name}={}", words[0]),
+            Value::Required("URL") => format!("{name}=http://127.0.0.1:9000"),
             Value::Required(_) => match o.default {
                 OptDefault::Value(v) => format!("{name}={v}"),
                 _ => format!("{name}=8"),
@@ -300,7 +334,7 @@ mod tests {
             ("cache_size=1P", "option cache_size=1P: not a size"),
             (
                 "backing=maybe",
-                "option backing=maybe: expected follow or deny",
+                "option backing=maybe: expected follow, deny, follow-remote, follow-local or follow-any",
             ),
             ("uid", "option uid needs a value (uid=N)"),
             ("layers", "option layers needs a value (layers=on|off)"),

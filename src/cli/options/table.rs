@@ -406,20 +406,45 @@ pub static MOUNT_OPTIONS: &[OptSpec] = &[
     OptSpec {
         name: "backing",
         aliases: &[],
-        value: Value::Choice(&["follow", "deny"]),
+        value: Value::Choice(&[
+            "follow",
+            "deny",
+            "follow-remote",
+            "follow-local",
+            "follow-any",
+        ]),
         default: OptDefault::Value("follow"),
-        help: "deny: show the top image alone, unallocated ranges as zeros.",
+        help: "deny: show the top image alone, unallocated ranges as zeros; follow-remote: a local image may name an http(s)/s3 URL; follow-local: a remote image may name a local file by absolute path; follow-any: both.",
         man: r"
             With
             .BR deny ,
             the backing chain is not opened: the mount shows the top image alone, and ranges it does
             not allocate read as zeros (to look at one layer's own data).
+            Names in a remote image resolve against the image's URL, on the same host or in the same
+            bucket, never to local files. With
+            .BR follow\-remote ,
+            a local image may name an http(s) or s3 URL as its backing (or data) file, as
+            .B qemu\-img create \-u \-b
+            .I URL
+            records it (for copy-on-read into a local image); with
+            .BR follow\-local ,
+            a remote image may name a local file by absolute path (relative names still resolve
+            against its URL);
+            .B follow\-any
+            allows both.
         ",
         apply: |o, v| {
-            o.deny_backing = match v {
-                "deny" => true,
-                "follow" => false,
-                _ => return Err("expected follow or deny".into()),
+            (o.deny_backing, o.follow_remote, o.follow_local) = match v {
+                "deny" => (true, false, false),
+                "follow" => (false, false, false),
+                "follow-remote" => (false, true, false),
+                "follow-local" => (false, false, true),
+                "follow-any" => (false, true, true),
+                _ => {
+                    return Err(
+                        "expected follow, deny, follow-remote, follow-local or follow-any".into(),
+                    );
+                }
             };
             Ok(())
         },
@@ -439,6 +464,135 @@ pub static MOUNT_OPTIONS: &[OptSpec] = &[
         ",
         apply: |o, v| {
             o.backing_dir = Some(PathBuf::from(v));
+            Ok(())
+        },
+    },
+    OptSpec {
+        name: "cache_dir",
+        aliases: &[],
+        value: Value::Required("DIR"),
+        default: OptDefault::Text(
+            "$XDG_CACHE_HOME/qcow2fs or ~/.cache/qcow2fs; /var/cache/qcow2fs for root",
+        ),
+        help: "Remote images: the disk cache of fetched blocks.",
+        man: r"
+            Remote images: where blocks fetched from servers are kept for later mounts. The
+            directory is made private (0700) and the files in it 0600; one that others may write to
+            is refused. Entries are keyed by URL and version (ETag, or Last-Modified and size): an
+            entry of an older version is never used, and is deleted. An object mounted twice at the
+            same time is cached by the first mount only.
+        ",
+        apply: |o, v| {
+            o.remote.cache_dir = Some(PathBuf::from(v));
+            Ok(())
+        },
+    },
+    OptSpec {
+        name: "cache_max",
+        aliases: &[],
+        value: Value::Required("SIZE"),
+        default: OptDefault::Value("1G"),
+        help: "Remote images: bound of the disk cache; 0 disables it.",
+        man: r"
+            Remote images: bound of the disk cache (a size as for
+            .BR cache_size= );
+            least recently used entries go first. 0 disables the disk cache.
+        ",
+        apply: |o, v| {
+            o.remote.cache_max = parse_size(v).ok_or("not a size like 1G")?;
+            Ok(())
+        },
+    },
+    OptSpec {
+        name: "s3_endpoint",
+        aliases: &[],
+        value: Value::Required("URL"),
+        default: OptDefault::Text(
+            "AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the profile's endpoint_url, else AWS",
+        ),
+        help: "Endpoint of an S3-compatible store for s3:// images.",
+        man: r"
+            Endpoint of an S3-compatible store (MinIO, Ceph RGW, ...) for
+            .B s3://
+            images, addressed path-style.
+        ",
+        apply: |o, v| {
+            if !v.starts_with("http://") && !v.starts_with("https://") {
+                return Err("expected an http:// or https:// URL".into());
+            }
+            o.remote.s3_endpoint = Some(v.to_string());
+            Ok(())
+        },
+    },
+    OptSpec {
+        name: "ca_file",
+        aliases: &[],
+        value: Value::Required("FILE"),
+        default: OptDefault::Text("the built-in (Mozilla) roots"),
+        help: "Remote images: trust the CA certificates in this PEM file.",
+        man: r"
+            Remote images: trust the CA certificates in this PEM file instead of the built-in
+            roots. Certificates are always verified.
+        ",
+        apply: |o, v| {
+            o.remote.http.ca_file = Some(PathBuf::from(v));
+            Ok(())
+        },
+    },
+    OptSpec {
+        name: "remote_block",
+        aliases: &[],
+        value: Value::Required("SIZE"),
+        default: OptDefault::Value("256K"),
+        help: "Remote images: size of the blocks fetched and cached, a power of two from 4K to 16M.",
+        man: r"
+            Remote images: the size of the aligned blocks fetched and cached, a power of two from 4K
+            to 16M. Adjacent missing blocks are fetched with one request, and sequential readers get
+            a readahead that grows to 8 MiB.
+        ",
+        apply: |o, v| {
+            let size = parse_size(v).ok_or("not a size like 256K")?;
+            o.remote.block =
+                crate::storage::remote::check_block(size).map_err(|e| e.to_string())?;
+            Ok(())
+        },
+    },
+    OptSpec {
+        name: "remote_timeout",
+        aliases: &[],
+        value: Value::Required("SECS"),
+        default: OptDefault::Value("30"),
+        help: "Remote images: longest wait to connect and for each read, 1 to 3600 seconds.",
+        man: r"
+            Remote images: the longest wait to connect, and for each read or write on a connection,
+            1 to 3600 seconds.
+        ",
+        apply: |o, v| {
+            let secs: u64 = number(v)?;
+            if !(1..=3600).contains(&secs) {
+                return Err("expected 1 to 3600 (seconds)".into());
+            }
+            o.remote.http.timeout = std::time::Duration::from_secs(secs);
+            Ok(())
+        },
+    },
+    OptSpec {
+        name: "remote_retries",
+        aliases: &[],
+        value: Value::Required("N"),
+        default: OptDefault::Value("4"),
+        help: "Remote images: attempts after the first for timeouts, 5xx and dropped connections, 0 to 20.",
+        man: r"
+            Remote images: attempts after the first for timeouts, 5xx answers, dropped connections
+            and short answers, with a pause that doubles from 0.1 s up to 2 s (0 to 20). Then the
+            read fails with EIO and the daemon logs the URL and the byte range.
+        ",
+        apply: |o, v| {
+            let n: u32 = number(v)?;
+            if n > 20 {
+                return Err("expected 0 to 20".into());
+            }
+            o.remote.http.retries = n;
             Ok(())
         },
     },

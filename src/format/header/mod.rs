@@ -1,6 +1,6 @@
 //! The qcow2 header in cluster 0: fixed fields, feature bits, header extensions and the
-//! backing file name. `Header::parse` validates everything the format checklist (sections
-//! 1, 3, 4 and 16) asks a strict reader to check at open; `Header::encode` writes cluster 0
+//! backing file name. `Header::parse` validates everything a strict reader checks at
+//! open (design.md, "Hostile input"); `Header::encode` writes cluster 0
 //! back in QEMU's order, keeping unknown fields and extensions.
 
 mod extensions;

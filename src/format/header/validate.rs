@@ -1,4 +1,4 @@
-//! The checks a strict reader makes at open (format checklist sections 3, 4 and 16):
+//! The checks a strict reader makes at open (design.md, "Hostile input"):
 //! feature bits, field ranges, table locations and sizes.
 
 use super::*;

@@ -2,8 +2,8 @@
 //! data files) inside a temporary directory using only qemu-img and qemu-io (plus the byte
 //! patches in [`super::patch`]), and return the image to test.
 //!
-//! Together the scenarios cover checklist section 19 (except encryption and malformed
-//! images, which have their own tests). Keep every image a few MiB at most.
+//! Together the scenarios cover every kind of image QEMU makes (except encrypted and
+//! malformed images, which have their own suites). Keep every image a few MiB at most.
 
 mod backing;
 mod compressed;
