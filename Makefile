@@ -47,8 +47,9 @@ man:
 demo: release
 	bash scripts/demo.sh $(BIN) $(TARGET_DIR)/demo
 
-# qcow2fs against qemu-storage-daemon's FUSE export, side by side (needs root; writes
-# benches/RESULTS.md; BENCH_QUICK=1 for a smoke run), then the engine micro-benchmarks.
+# qcow2fs against qemu-storage-daemon's FUSE export, side by side, and the memory rebuilt
+# from a snapshot's VM state (benches/vmstate.sh) (needs root; writes benches/RESULTS.md;
+# BENCH_QUICK=1 for a smoke run), then the engine micro-benchmarks.
 bench:
 	bash benches/run.sh
 	QCOW2FS=$(TARGET_DIR)/release/qcow2fs bash benches/live_snapshot.sh

@@ -268,6 +268,7 @@ def report(args):
             name = "qcow2fs" if s == "ours" else s
             out(f"| {name} | {kib / 1024:.1f} MiB | {read} | {tgt} | {verdict} |")
         out("")
+    vm_state(extra, out)
     text = "\n".join(lines) + "\n"
     old = Path(args.out).read_text() if Path(args.out).exists() else ""
     if NOTES_MARK in old:
@@ -275,6 +276,45 @@ def report(args):
     else:
         text += "\n" + NOTES_MARK + "\n"
     Path(args.out).write_text(text)
+
+
+def vm_state(extra, out):
+    """The section of benches/vmstate.sh: the memory file of a snapshot with VM state."""
+    med = {
+        k: statistics.median(v["ours"].values())
+        for k, v in extra.items()
+        if k.startswith("vm.") and v.get("ours")
+    }
+    if "vm.mem.read_cold" not in med:
+        return
+    ram = med.get("vm.ram_bytes", med["vm.mem_bytes"] - 2**30) / 2**30
+    out(f"The VM state of a snapshot of a guest with {ram:.0f} GiB of RAM (`benches/vmstate.sh`:")
+    out(f"every 16th page data, the others zero pages, a {med['vm.stream_bytes'] / 2**20:.0f} MiB "
+        "stream), a new daemon")
+    out("every time: the first 4 KiB of the memory file read with O_DIRECT right after")
+    out("mounting (that read builds the page index), then the whole file with O_DIRECT in")
+    out("1 MiB blocks, then the same for the stream file in the same mount.")
+    out("Cold: page cache dropped before each step (programs are loaded from disk too); warm:")
+    out("the image file in it. No peer rebuilds guest memory from a savevm stream: the stream")
+    out("file itself, a plain qcow2 read, is the comparison.")
+    out("")
+    out("| file | size | first 4 KiB, cold | warm | whole file, cold | warm |")
+    out("|---|---|---|---|---|---|")
+    for what, size in (("mem", med["vm.mem_bytes"]), ("vmstate", med["vm.stream_bytes"])):
+        out(
+            f"| `NAME.{what}` | {size / 2**20:.0f} MiB "
+            f"| {med[f'vm.{what}.ttfb_cold'] / 1000:.1f} ms "
+            f"| {med[f'vm.{what}.ttfb_warm'] / 1000:.1f} ms "
+            f"| {med[f'vm.{what}.read_cold']:.0f} MB/s | {med[f'vm.{what}.read_warm']:.0f} MB/s |"
+        )
+    out("")
+    rss = med.get("vm.rss_kib")
+    out(
+        f"The page index: built in {med['vm.index_ms']:.0f} ms from a cold page cache, "
+        f"{med['vm.index_kib']:.0f} KiB"
+        + (f"; the daemon's peak RSS {rss / 1024:.1f} MiB." if rss else ".")
+    )
+    out("")
 
 
 def main():

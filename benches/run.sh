@@ -3,7 +3,8 @@
 # qcow2fs, with qemu-storage-daemon's FUSE export ("qsd") and, when it is installed, with
 # libqcow's qcowmount (plain and zlib images only: it follows no backing files), runs fio and dd on each in turn (ours, qsd, qcowmount, ours, ...)
 # for several repetitions and writes the medians, the ratios ours/qsd and the targets to
-# benches/RESULTS.md (through benches/report.py).
+# benches/RESULTS.md (through benches/report.py). Then benches/vmstate.sh: reading the memory
+# rebuilt from a snapshot's VM state (no peer does that).
 #
 # Needs root (FUSE mounts, dropping the page cache) and qemu-utils plus
 # qemu-system-common (qemu-storage-daemon); installs fio with apt-get when missing.
@@ -103,7 +104,10 @@ trap 'exit 130' INT TERM
 log "building qcow2fs (cargo build --release)"
 (cd "$ROOT" && cargo build --release --quiet)
 BIN=$DIR/qcow2fs
-cp "$ROOT/target/release/qcow2fs" "$BIN"
+# Where cargo puts it: CARGO_TARGET_DIR or build.target-dir when set, else target/.
+TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+cp "$TARGET_DIR/release/qcow2fs" "$BIN"
 COMMIT=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(cd "$ROOT" && git status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
     COMMIT="$COMMIT (+ uncommitted changes in src/)"
@@ -424,6 +428,11 @@ for ((rep = 1; rep <= REPS; rep++)); do
         done
     done
 done
+
+# ---- VM state: a snapshot of a guest with 8 GiB of RAM (benches/vmstate.sh) --------------------
+VM_RAM=8G
+[[ ${BENCH_QUICK:-0} == 1 ]] && VM_RAM=1G
+VM_RAM=$VM_RAM BIN=$BIN RES=$RES REPS=$REPS VM_DIR=$DIR/vmstate bash "$ROOT/benches/vmstate.sh"
 
 # ---- report -----------------------------------------------------------------------------------
 log "writing $OUT"

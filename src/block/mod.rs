@@ -1,6 +1,7 @@
 //! The block-layer stack: each layer is a [`BlockDev`] that may wrap another (a qcow2
 //! image wraps its backing file). This is the one place guest data is read, following the
-//! engine's mappings.
+//! engine's mappings. A snapshot's VM state and the guest memory rebuilt from it are
+//! disks too (`vmstate`).
 
 mod cor;
 mod open;
@@ -8,6 +9,7 @@ mod overlay;
 mod qcow2;
 mod raw;
 pub mod reopen;
+mod vmstate;
 mod write;
 
 pub use cor::CopyOnRead;
@@ -15,6 +17,7 @@ pub use open::{BackingPolicy, Chain, OpenOptions, open_chain};
 pub use overlay::{Overlay, OverlayOptions, private_dir};
 pub use qcow2::Qcow2Layer;
 pub use raw::RawLayer;
+pub use vmstate::{VmMemory, VmStateFiles};
 
 use crate::error::Result;
 use std::path::Path;
@@ -57,6 +60,14 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     fn status(&self, off: u64, len: u64, probe_host: bool) -> Result<Status>;
 
     fn info(&self) -> &LayerInfo;
+
+    /// Whether asking for the status of every extent is cheap now. A disk whose map is
+    /// built on first use (the memory rebuilt from a snapshot's VM state) says no until
+    /// then, so that listing a directory does not build it: its allocated bytes are
+    /// counted once it has been read.
+    fn map_ready(&self) -> bool {
+        true
+    }
 
     /// The file that holds this layer's data (an external data file, or the image).
     fn data_path(&self) -> &Path {

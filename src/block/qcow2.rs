@@ -215,6 +215,8 @@ impl BlockDev for Qcow2Layer {
     }
     fn status(&self, off: u64, len: u64, probe_host: bool) -> Result<Status> {
         let m = self.shared.image.map(self.view, off, len)?;
+        // The backing file is read at the same guest offset (past the disk for VM state).
+        let off = self.shared.image.view_base(self.view) + off;
         let allocated = |zero, data, offset| Status {
             len: m.len,
             depth: 0,
@@ -303,6 +305,8 @@ impl Qcow2Layer {
         let (mut head, tail) = buf.split_at_mut(avail);
         tail.fill(0);
         let mut at = off;
+        // The backing file is read at the same guest offset (past the disk for VM state).
+        let base = self.shared.image.view_base(self.view);
         // Compressed clusters are decoded after the rest, several at once when a read
         // spans enough of them to keep more than one core busy.
         let mut packed: Vec<(&mut [u8], CompressedDesc, usize)> = Vec::new();
@@ -313,7 +317,7 @@ impl Qcow2Layer {
                 MapKind::Data { host } => self.shared.read_data(dst, host)?,
                 MapKind::Zero { .. } => dst.fill(0),
                 MapKind::Unallocated { .. } => match &self.shared.backing {
-                    Some(b) => b.read_at(dst, at)?,
+                    Some(b) => b.read_at(dst, base + at)?,
                     None => dst.fill(0),
                 },
                 MapKind::Compressed { desc, in_cluster } => {

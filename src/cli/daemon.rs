@@ -258,14 +258,14 @@ impl Daemon {
         let removed = {
             let mut ns = self.mount.ns_mut();
             let files = ns.snapshot_files(snap.key);
-            for (ino, _, name) in &files {
+            for (ino, _, _) in &files {
                 let open = ns.node(*ino).map_or(0, |n| n.state.open.load(Relaxed));
                 if open > 0 {
                     return Err(Error::new(
                         ErrorKind::Busy,
                         format!(
-                            "snapshots/{} is open ({open} handle(s)): close it, detach its loop device and unmount what is mounted from it first",
-                            name.to_string_lossy()
+                            "{} is open ({open} handle(s)): close it, detach its loop device and unmount what is mounted from it first",
+                            ns.path_of(*ino).to_string_lossy()
                         ),
                     )
                     .in_file(&self.mountpoint));

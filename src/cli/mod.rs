@@ -48,11 +48,18 @@ pub enum Command {
         options: Vec<String>,
         image: PathBuf,
     },
-    /// Write the raw disk, or one snapshot at its own disk size, to standard output.
+    /// Write the raw disk, or one snapshot at its own disk size, to standard output; or a
+    /// snapshot's VM state, or the guest memory rebuilt from it.
     Cat {
         /// Snapshot ID or name (IDs are tried first, as in qemu-img).
-        #[arg(short, long, value_name = "ID|NAME")]
+        #[arg(short, long, value_name = "ID|NAME", group = "what")]
         snapshot: Option<String>,
+        /// The VM state (the QEMU migration stream) saved with this snapshot instead.
+        #[arg(long, value_name = "ID|NAME", group = "what")]
+        vmstate: Option<String>,
+        /// The guest-physical memory rebuilt from this snapshot's VM state instead.
+        #[arg(long, value_name = "ID|NAME", group = "what")]
+        memory: Option<String>,
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
@@ -159,18 +166,23 @@ pub(crate) fn shown_image(image: &Path) -> PathBuf {
     }
 }
 
+/// The snapshot `spec` names (its ID first, then its name, as in qemu-img).
+pub(crate) fn find_snapshot(chain: &Chain, spec: &str) -> Result<crate::engine::Snapshot> {
+    chain.image().find_snapshot(spec).ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("no snapshot with ID or name '{spec}'"),
+        )
+        .in_file(chain.image().path())
+    })
+}
+
 /// The active disk, or the snapshot `key` names.
 pub(crate) fn pick_view(chain: &Chain, key: Option<&str>) -> Result<Arc<dyn block::BlockDev>> {
     match key {
         None => Ok(chain.top.clone()),
         Some(k) => {
-            let i = chain.image().find_snapshot(k).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("no snapshot with ID or name '{k}'"),
-                )
-                .in_file(chain.image().path())
-            })?;
+            let i = find_snapshot(chain, k)?;
             chain.image().check_snapshot(&i)?;
             Ok(chain.snapshot(i.key))
         }
@@ -187,14 +199,19 @@ pub fn run(cli: Cli) -> Result<()> {
         } => info::run(&image, json, &read_options(&options, force_share)?),
         Command::Cat {
             snapshot,
+            vmstate,
+            memory,
             force_share,
             options,
             image,
-        } => cat::run(
-            &image,
-            snapshot.as_deref(),
-            &read_options(&options, force_share)?,
-        ),
+        } => {
+            let what = match (snapshot, vmstate, memory) {
+                (_, Some(s), _) => cat::What::VmState(s),
+                (_, _, Some(s)) => cat::What::Memory(s),
+                (s, None, None) => cat::What::Disk(s),
+            };
+            cat::run(&image, &what, &read_options(&options, force_share)?)
+        }
         Command::Map {
             json,
             snapshot,

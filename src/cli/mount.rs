@@ -272,7 +272,7 @@ fn serve(
                         .unwrap_or_else(|_| dev.info().path.clone()),
                     dev.info().format,
                 )),
-                FileRole::Snapshot(_) => None,
+                _ => None,
             };
             let ov = Overlay::create(dev, name, backing, &opts)?;
             log::info!("{name}: writes go to the overlay {}", ov.path().display());
@@ -306,6 +306,7 @@ fn serve(
             umask: o.umask,
             readahead: o.readahead_kb.map(|kb| kb.saturating_mul(1024)),
             writable,
+            xattrs: o.xattrs,
         },
     ));
     let fs = Qcow2Fs::new(state.clone());

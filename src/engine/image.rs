@@ -62,6 +62,9 @@ impl SnapshotKey {
 pub enum View {
     Active,
     Snapshot(SnapshotKey),
+    /// The VM state saved with a snapshot, read through its L1 table (see `vmstate`):
+    /// byte 0 is the snapshot's VM-state offset, the size its `vm_state_size`.
+    VmState(SnapshotKey),
 }
 
 /// An internal snapshot.
@@ -229,6 +232,14 @@ impl Image {
         match view {
             View::Active => self.meta.read().t.header.virtual_size(),
             View::Snapshot(k) => self.snapshot(k).map_or(0, |s| s.disk_size),
+            View::VmState(k) => self
+                .meta
+                .read()
+                .t
+                .snapshots
+                .iter()
+                .find(|s| s.key == k)
+                .map_or(0, |s| s.entry.vm_state_size),
         }
     }
 

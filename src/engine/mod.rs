@@ -10,7 +10,7 @@
 //! lookups, `write` write planning, `flush` write-back ordering, `lifecycle` the changes
 //! to the image as a whole, `rebuild` refcount repair, `ranges` guest range locks,
 //! `prealloc` QEMU's preallocation test, `snapshot` internal snapshots of a writable
-//! image, `create` new images.
+//! image, `vmstate` where a snapshot's VM state lies, `create` new images.
 
 mod alloc;
 pub mod cache;
@@ -26,6 +26,7 @@ mod prealloc;
 mod ranges;
 mod rebuild;
 mod snapshot;
+mod vmstate;
 mod write;
 
 pub use image::{
@@ -33,4 +34,5 @@ pub use image::{
 };
 pub use map::{MapKind, Mapping};
 pub use ranges::{RangeGuard, RangeLocks};
+pub use vmstate::VmStateArea;
 pub use write::ClusterWrite;

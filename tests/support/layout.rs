@@ -70,6 +70,18 @@ pub struct SnapFile {
     pub name: String,
     pub file: String,
     pub date: (i64, i64),
+    /// The VM-state size `qemu-img info` gives.
+    pub vm_state_size: u64,
+}
+
+impl SnapFile {
+    /// `SNAPNAME.vmstate` (its file name without `.raw`, and `.vmstate`) for a snapshot
+    /// with VM state: the mount shows it whenever the state lies within the snapshot's
+    /// L1 table, whatever the bytes are.
+    pub fn vmstate_file(&self) -> Option<String> {
+        let stem = self.file.strip_suffix(".raw").unwrap();
+        (self.vm_state_size > 0).then(|| format!("{stem}.vmstate"))
+    }
 }
 
 /// Escapes a snapshot name for a file name: `%` → `%25`, `/` → `%2F`.
@@ -114,6 +126,7 @@ pub fn expected_snapshot_files(info: &Value) -> Vec<SnapFile> {
                     s["date-sec"].as_i64().unwrap(),
                     s["date-nsec"].as_i64().unwrap(),
                 ),
+                vm_state_size: s["vm-state-size"].as_u64().unwrap(),
             }
         })
         .collect();

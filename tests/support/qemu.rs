@@ -123,6 +123,51 @@ pub fn qemu_snapshot_raw(image: &Path, snapshot: &str) -> Vec<u8> {
     qemu_raw_as(&copy.path, Some("qcow2"))
 }
 
+/// The VM state saved with snapshot `snapshot` (ID or name) of `image`, `len` bytes, as
+/// QEMU reads it back: on a copy reverted to the snapshot (so its L1 table is the
+/// snapshot's and the disk has the snapshot's size), `qemu-io -r -c 'read -b -v 0 N'`
+/// (N is `len` in whole sectors), whose hex dump is turned back into bytes.
+pub fn qemu_vmstate(image: &Path, snapshot: &str, len: u64) -> Vec<u8> {
+    let copy = qemu_snapshot_applied(image, snapshot);
+    let n = len.next_multiple_of(512);
+    let read = format!("read -b -v 0 {n}");
+    let path = copy.path.to_string_lossy().into_owned();
+    let out = run(
+        &image_dir(image),
+        "qemu-io",
+        &["-r", "-f", "qcow2", "-c", read.as_str(), path.as_str()],
+    );
+    let mut bytes = Vec::with_capacity(n as usize);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((off, rest)) = line.split_once(':') else {
+            continue;
+        };
+        if off.len() != 8 || !off.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        assert_eq!(
+            u64::from_str_radix(off, 16).unwrap(),
+            bytes.len() as u64,
+            "qemu-io dump line {line:?}"
+        );
+        // Sixteen "hh " groups after two blanks, then the characters.
+        let hex = rest
+            .get(2..50)
+            .unwrap_or_else(|| panic!("dump line {line:?}"));
+        for h in hex.split_whitespace() {
+            bytes.push(u8::from_str_radix(h, 16).unwrap_or_else(|_| panic!("{line:?}")));
+        }
+    }
+    assert_eq!(
+        bytes.len() as u64,
+        n,
+        "qemu-io dumped {} bytes",
+        bytes.len()
+    );
+    bytes.truncate(len as usize);
+    bytes
+}
+
 fn json(what: &str, out: &str) -> Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("{what} JSON: {e}\n{out}"))
 }

@@ -33,6 +33,8 @@ pub struct MountOptions {
     pub readahead_kb: Option<u32>,
     pub snapshots: bool,
     pub layers: bool,
+    /// Show the files' extended attributes.
+    pub xattrs: bool,
     pub log: Option<PathBuf>,
     pub force_share: bool,
     pub copy_on_read: bool,
@@ -68,6 +70,7 @@ impl Default for MountOptions {
             readahead_kb: None,
             snapshots: true,
             layers: true,
+            xattrs: true,
             log: None,
             force_share: false,
             copy_on_read: false,

@@ -279,6 +279,26 @@ pub static MOUNT_OPTIONS: &[OptSpec] = &[
         },
     },
     OptSpec {
+        name: "xattrs",
+        aliases: &[],
+        value: Value::Choice(&["on", "off"]),
+        default: OptDefault::Value("on"),
+        help: "Show the files' metadata as read-only user.qcow2.* extended attributes.",
+        man: r"
+            Show what is known about each file as read-only extended attributes in the
+            .B user.qcow2.
+            namespace (see EXTENDED ATTRIBUTES below), which
+            .B getfattr \-d
+            lists. They are readable by whoever may read the file. With
+            .BR off ,
+            files have no attributes.
+        ",
+        apply: |o, v| {
+            o.xattrs = on_off(v)?;
+            Ok(())
+        },
+    },
+    OptSpec {
         name: "force_share",
         aliases: &[],
         value: Value::Flag,
