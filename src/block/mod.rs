@@ -2,6 +2,7 @@
 //! image wraps its backing file). This is the one place guest data is read, following the
 //! engine's mappings.
 
+mod bitmap_view;
 mod cor;
 mod open;
 mod overlay;
@@ -9,6 +10,7 @@ mod qcow2;
 mod raw;
 mod write;
 
+pub use bitmap_view::BitmapView;
 pub use cor::CopyOnRead;
 pub use open::{BackingPolicy, Chain, OpenOptions, open_chain};
 pub use overlay::{Overlay, OverlayOptions, private_dir};
@@ -104,6 +106,12 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     /// Flushes and closes cleanly (end of a mount).
     fn close(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Whether the content can change without a write through this disk (a bitmap's
+    /// view of a disk being written): the mount then caches nothing of it.
+    fn volatile(&self) -> bool {
+        false
     }
 }
 

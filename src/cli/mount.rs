@@ -248,6 +248,7 @@ fn serve(
     let layout = LayoutOptions {
         snapshots: o.snapshots,
         layers: o.layers,
+        bitmaps: o.bitmaps,
     };
     let mut private_overlay_dir = None;
     let ns = if let Some(dir) = &o.overlay {
@@ -274,7 +275,7 @@ fn serve(
                         .unwrap_or_else(|_| dev.info().path.clone()),
                     dev.info().format,
                 )),
-                FileRole::Snapshot(_) => None,
+                FileRole::Snapshot(_) | FileRole::Bitmap => None,
             };
             let ov = Overlay::create(dev, name, backing, &opts)?;
             log::info!("{name}: writes go to the overlay {}", ov.path().display());
@@ -364,6 +365,7 @@ fn serve(
         },
         force_share: o.force_share,
         show_snapshots: o.snapshots,
+        show_bitmaps: o.bitmaps,
         mount: state.clone(),
     });
     let mut session = fuser::Session::new(fs, mountpoint, &config)

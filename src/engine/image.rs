@@ -3,11 +3,11 @@
 //! `flush`.
 
 use super::alloc::Allocator;
+use super::bitmaps::BitmapSet;
 use super::cache::{Cache, L2Table};
 use super::metaio::MetaIo;
 use super::ranges::RangeLocks;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::bitmap::BitmapEntry;
 use crate::format::entry::EntryLayout;
 use crate::format::header::{Header, MAX_L1_ENTRIES};
 use crate::format::snapshot::SnapshotEntry;
@@ -16,7 +16,7 @@ use crate::storage::Storage;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// Bytes of snapshot L1 tables kept cached (a table larger than this is still used, it
@@ -135,8 +135,10 @@ pub struct Image {
     pub(crate) meta: RwLock<Meta>,
     pub(crate) l2_cache: Cache<L2Table>,
     pub(crate) snapshot_l1s: Mutex<HashMap<SnapshotKey, Arc<Vec<u64>>>>,
-    pub(crate) bitmaps: Vec<BitmapEntry>,
-    pub(crate) bitmap_problem: Option<String>,
+    /// The persistent bitmaps (`bitmaps`; locked after `meta`, rule B4).
+    pub(crate) bitmaps: Mutex<BitmapSet>,
+    /// Some bitmap records writes (so writes to an image without one take no lock).
+    pub(crate) recording: AtomicBool,
     pub(crate) preallocated: OnceLock<bool>,
     pub(crate) writable: bool,
     /// Why the image was marked corrupt while open: further writes are refused.
@@ -212,15 +214,6 @@ impl Image {
                     .find(|s| s.entry.name_bytes == id_or_name.as_bytes())
             })
             .cloned()
-    }
-
-    pub fn bitmaps(&self) -> &[BitmapEntry] {
-        &self.bitmaps
-    }
-
-    /// Why the bitmap directory could not be read, if it could not.
-    pub fn bitmap_problem(&self) -> Option<&str> {
-        self.bitmap_problem.as_deref()
     }
 
     /// The guest size seen through `view` (0 for a snapshot that no longer exists).

@@ -68,6 +68,8 @@ impl Image {
         if changed {
             self.write_header(t)?;
         }
+        // B1: the bitmaps are marked in use before the first change lands.
+        self.mark_bitmaps_in_use(t, w)?;
         w.prepared = true;
         Ok(())
     }
@@ -85,6 +87,9 @@ impl Image {
         let mut m = self.meta.write();
         let (t, w) = m.writer(self.path())?;
         let resized = self.resize_locked(t, w, new_size);
+        if resized.is_ok() {
+            self.resize_bitmaps(t.header.virtual_size(), true)?;
+        }
         self.corrupt_if(t, resized)
     }
 
@@ -100,6 +105,7 @@ impl Image {
         if new_size == cur {
             return Ok(());
         }
+        self.resize_bitmaps(new_size, false)?;
         self.prepare_for_write(t, w)?;
         if t.header.data_file_raw()
             && let Some((path, store)) = self.data_store.get()
@@ -194,8 +200,8 @@ impl Image {
         self.write_header(t)
     }
 
-    /// Writes everything back and, where qcow2fs set the dirty bit, clears it: a clean
-    /// close.
+    /// Writes everything back, stores the bitmaps (clearing in_use) and, where qcow2fs set
+    /// the dirty bit, clears it: a clean close.
     pub fn close(&self) -> Result<()> {
         if !self.writable || self.io.has_failed() {
             return Ok(());
@@ -203,6 +209,7 @@ impl Image {
         let mut m = self.meta.write();
         let (t, w) = m.writer(self.path())?;
         self.write_back(t, w)?;
+        self.store_bitmaps(t, w)?;
         if w.we_set_dirty {
             t.header.incompatible_features &= !incompat::DIRTY;
             self.write_header(t)?;

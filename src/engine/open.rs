@@ -1,9 +1,10 @@
 //! Opening one qcow2 image: header, active L1 table, snapshot table and bitmap
 //! directory, with the open-time checks (design.md, "Hostile input"); for a writable
-//! image also the refcount table and the record of its metadata clusters, and the
-//! refcount rebuild of an image left dirty.
+//! image also the refcount table and the record of its metadata clusters, the refcount
+//! rebuild of an image left dirty, and the bitmaps checked and loaded (`bitmaps`).
 
 use super::alloc::Allocator;
+use super::bitmaps::BitmapSet;
 use super::cache::Cache;
 use super::image::{Image, ImageOptions, Meta, Snapshot, SnapshotKey, Tables, WriteState};
 use super::metaio::MetaIo;
@@ -57,22 +58,19 @@ impl Image {
             header.l1_size as usize,
         )?;
         let snapshots = read_snapshots(&io, &header, file_len)?;
-        let (bitmaps, bitmap_problem) = match read_bitmaps(&io, &header, file_len) {
-            Ok(b) => (b, None),
-            Err(e) => {
-                log::warn!("{e:#}; ignoring the persistent bitmaps");
-                (Vec::new(), Some(e.report()))
-            }
-        };
+        let bitmaps = BitmapSet::new(read_bitmaps(&io, &header, file_len).map_err(|e| {
+            log::warn!("{e:#}; ignoring the persistent bitmaps");
+            e.report()
+        }));
         let tables = (opts.cache_bytes >> cluster_bits).max(4) as usize;
         let w = if opts.writable {
-            check_writable_open(path, &header, &bitmaps)?;
+            check_writable_open(path, &header)?;
             let reftable = io.read_words(
                 "the refcount table",
                 HostOffset(header.refcount_table_offset),
                 ((header.refcount_table_clusters as u64) << cluster_bits) as usize / 8,
             )?;
-            let overlap = metadata_map(&io, &header, &l1, &reftable, &snapshots, &bitmaps)?;
+            let overlap = metadata_map(&io, &header, &l1, &reftable, &snapshots, &bitmaps.file)?;
             Some(WriteState {
                 alloc: Allocator::new(
                     reftable,
@@ -108,8 +106,8 @@ impl Image {
             }),
             l2_cache: Cache::new(tables),
             snapshot_l1s: Mutex::new(HashMap::new()),
-            bitmaps,
-            bitmap_problem,
+            bitmaps: Mutex::new(bitmaps),
+            recording: Default::default(),
             preallocated: OnceLock::new(),
             writable: opts.writable,
             corrupt: OnceLock::new(),
@@ -123,25 +121,20 @@ impl Image {
             );
             image.rebuild_refcounts()?;
         }
+        if opts.writable {
+            image.load_bitmaps_for_write()?;
+        }
         Ok(image)
     }
 }
 
-/// The rules for opening read-write: no corrupt bit, no persistent bitmaps that writes
-/// would leave stale.
-fn check_writable_open(path: &Path, header: &Header, bitmaps: &[BitmapEntry]) -> Result<()> {
+/// The rules for opening read-write: no corrupt bit. (The bitmaps are checked once the
+/// image is open, `load_bitmaps_for_write`.)
+fn check_writable_open(path: &Path, header: &Header) -> Result<()> {
     if header.is_corrupt() {
         return Err(Error::unsupported(
             "the image is marked corrupt (incompatible bit 1); refusing to open it read-write (repair it with `qemu-img check -r all`, or mount it read-only)",
         )
-        .in_file(path));
-    }
-    if !bitmaps.is_empty() {
-        let names: Vec<&str> = bitmaps.iter().map(|b| b.name.as_str()).collect();
-        return Err(Error::unsupported(format!(
-            "the image has persistent dirty bitmaps ({}), which writes would leave stale; refusing to open it read-write (remove them with `qemu-img bitmap --remove`, or mount read-only)",
-            names.join(", ")
-        ))
         .in_file(path));
     }
     Ok(())

@@ -176,7 +176,7 @@ impl Image {
         t.header.refcount_table_offset = table_offset;
         t.header.refcount_table_clusters = table_clusters;
         self.write_header(t)?;
-        let overlap = metadata_map(io, &t.header, &t.l1, &table, &snapshots, self.bitmaps())?;
+        let overlap = metadata_map(io, &t.header, &t.l1, &table, &snapshots, &self.bitmaps())?;
         let end = io.len()?.div_ceil(cs);
         w.alloc = Allocator::new(
             table,

@@ -8,7 +8,10 @@
 //! - `NAME.raw`: the active disk;
 //! - `snapshots/SNAPNAME.raw`: one file per internal snapshot (`SNAPNAME@ID.raw` where the
 //!   name is empty, `.`, `..` or shared);
-//! - `layers/N-FILENAME.raw`: backing layer N, seen through its own chain.
+//! - `layers/N-FILENAME.raw`: backing layer N, seen through its own chain;
+//! - `bitmaps/BITMAPNAME.raw`: the active disk where persistent bitmap BITMAPNAME has it
+//!   dirty, holes elsewhere (the name escaped like a snapshot's; inconsistent bitmaps are
+//!   left out).
 
 use crate::block::{BlockDev, Chain};
 use crate::engine::{Snapshot, SnapshotKey};
@@ -29,6 +32,8 @@ pub enum FileRole {
     Active,
     Snapshot(SnapshotKey),
     Layer(usize),
+    /// A persistent bitmap's view of the active disk (read-only).
+    Bitmap,
 }
 
 #[derive(Debug)]
@@ -94,6 +99,7 @@ pub type Wrap<'a> =
 pub struct LayoutOptions {
     pub snapshots: bool,
     pub layers: bool,
+    pub bitmaps: bool,
 }
 
 impl Default for LayoutOptions {
@@ -101,6 +107,7 @@ impl Default for LayoutOptions {
         LayoutOptions {
             snapshots: true,
             layers: true,
+            bitmaps: true,
         }
     }
 }
@@ -277,6 +284,12 @@ impl Namespace {
                 ns.add(dir, name, NodeKind::File { dev, role }, file_mtime(path));
             }
         }
+        if opts.bitmaps {
+            for name in image.bitmap_files() {
+                let (dir, _) = ns.bitmaps_dir(image_mtime);
+                ns.add_bitmap(dir, chain, &name, image_mtime);
+            }
+        }
         Ok(ns)
     }
 
@@ -370,6 +383,45 @@ impl Namespace {
     ) -> u64 {
         let role = FileRole::Snapshot(s.key);
         self.add(dir, name, NodeKind::File { dev, role }, snapshot_mtime(s))
+    }
+
+    /// The `bitmaps` directory, made (under the root) if the mount has none yet; whether
+    /// it was made.
+    pub fn bitmaps_dir(&mut self, mtime: SystemTime) -> (u64, bool) {
+        match self.lookup(ROOT_INO, OsStr::new("bitmaps")) {
+            Some(n) => (n.ino, false),
+            None => (self.add(ROOT_INO, "bitmaps".into(), dir(), mtime), true),
+        }
+    }
+
+    /// Adds the file of bitmap `name` of `chain`'s image to directory `dir`; returns its
+    /// inode number and file name.
+    pub fn add_bitmap(
+        &mut self,
+        dir: u64,
+        chain: &Chain,
+        name: &str,
+        mtime: SystemTime,
+    ) -> (u64, OsString) {
+        let file = raw_name(&escape_name(name.as_bytes()));
+        let dev = Arc::new(crate::block::BitmapView::new(
+            chain.top.clone(),
+            chain.image().clone(),
+            name,
+        ));
+        let kind = NodeKind::File {
+            dev,
+            role: FileRole::Bitmap,
+        };
+        (self.add(dir, file.clone(), kind, mtime), file)
+    }
+
+    /// The file of bitmap `name`, as (inode, directory, name), if the mount shows one.
+    pub fn bitmap_file(&self, name: &str) -> Option<(u64, u64, OsString)> {
+        let dir = self.lookup(ROOT_INO, OsStr::new("bitmaps"))?.ino;
+        let file = raw_name(&escape_name(name.as_bytes()));
+        let n = self.lookup(dir, &file)?;
+        Some((n.ino, dir, file))
     }
 
     /// The files that belong to snapshot `key`, as (inode, directory, name).
