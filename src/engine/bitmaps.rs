@@ -204,11 +204,15 @@ pub(crate) fn read_bits(
 }
 
 /// The error that refuses to open an image read-write because of its bitmaps.
-fn refuse(path: &std::path::Path, problem: &str) -> Error {
-    Error::unsupported(format!(
+pub(crate) fn refuse_write(path: &std::path::Path, problem: &str) -> Error {
+    let e = Error::unsupported(format!(
         "{problem}; refusing to open the image read-write (it can still be mounted read-only)"
-    ))
-    .in_file(path)
+    ));
+    if problem.starts_with(&path.display().to_string()) {
+        e
+    } else {
+        e.in_file(path)
+    }
 }
 
 impl Image {
@@ -238,11 +242,11 @@ impl Image {
             return Ok(());
         }
         if let Some(p) = &set.problem {
-            return Err(refuse(self.path(), p));
+            return Err(refuse_write(self.path(), p));
         }
         let cb = self.layout.cluster_bits;
         let disk = m.t.header.virtual_size();
-        check_directory(&set.file).map_err(|p| refuse(self.path(), &p))?;
+        check_directory(&set.file).map_err(|p| refuse_write(self.path(), &p))?;
         if let Some(ext) = m.t.header.bitmaps.filter(|_| !set.file.is_empty()) {
             let (first, n) =
                 HostOffset(ext.directory_offset).clusters_spanned(ext.directory_size, cb);
@@ -252,7 +256,7 @@ impl Image {
                     .overlap()
                     .meta_conflict(first + k, MetaKind::BitmapDirectory)
                 {
-                    return Err(refuse(
+                    return Err(refuse_write(
                         self.path(),
                         &format!(
                             "the bitmap directory at {:#x} overlaps {other}",
@@ -267,13 +271,13 @@ impl Image {
         let mut loaded = Vec::new();
         for e in &set.file {
             if e.in_use() {
-                check_entry(e, cb, disk).map_err(|p| refuse(self.path(), &p))?;
+                check_entry(e, cb, disk).map_err(|p| refuse_write(self.path(), &p))?;
                 loaded.push(None);
                 continue;
             }
             memory += bitmap::data_bytes(disk, e.granularity_bits).next_multiple_of(8);
             if memory > MAX_BITMAP_MEMORY {
-                return Err(refuse(
+                return Err(refuse_write(
                     self.path(),
                     &format!(
                         "bitmap '{}': the bitmaps would take more than {MAX_BITMAP_MEMORY} bytes of memory",
@@ -282,7 +286,7 @@ impl Image {
                 ));
             }
             let bits = read_bits(&self.io, e, cb, disk, Some((w.alloc.overlap(), &mut seen)))
-                .map_err(|p| refuse(self.path(), &p))?;
+                .map_err(|p| refuse_write(self.path(), &p))?;
             loaded.push(Some(bits));
         }
         for (t, bits) in set.list.iter_mut().zip(loaded) {

@@ -59,12 +59,18 @@ impl Image {
         )?;
         let snapshots = read_snapshots(&io, &header, file_len)?;
         let bitmaps = BitmapSet::new(read_bitmaps(&io, &header, file_len).map_err(|e| {
-            log::warn!("{e:#}; ignoring the persistent bitmaps");
+            if !opts.writable {
+                log::warn!("{e:#}; ignoring the persistent bitmaps");
+            }
             e.report()
         }));
         let tables = (opts.cache_bytes >> cluster_bits).max(4) as usize;
         let w = if opts.writable {
             check_writable_open(path, &header)?;
+            if let Some(p) = &bitmaps.problem {
+                // Before anything reads the bitmap structures the problem is about.
+                return Err(super::bitmaps::refuse_write(path, p));
+            }
             let reftable = io.read_words(
                 "the refcount table",
                 HostOffset(header.refcount_table_offset),
@@ -186,6 +192,37 @@ fn read_bitmaps(io: &MetaIo, h: &Header, file_len: u64) -> Result<Vec<BitmapEntr
         // The bitmaps are all inconsistent; QEMU drops them on a read-write open.
         return Ok(Vec::new());
     }
+    // QEMU refuses to open such an image at all; qcow2fs still reads it (the bitmaps are
+    // not needed for that) and refuses to write it.
+    let bad = |m: String| {
+        Err(Error::corrupt(format!(
+            "the bitmaps extension at offset {:#x}: {m}",
+            ext.ext_offset
+        ))
+        .in_file(io.path()))
+    };
+    if ext.nb_bitmaps == 0 {
+        return bad("it lists 0 bitmaps".into());
+    }
+    if ext.nb_bitmaps > bitmap::MAX_BITMAPS {
+        return bad(format!(
+            "{} bitmaps exceed QEMU's limit of {}",
+            ext.nb_bitmaps,
+            bitmap::MAX_BITMAPS
+        ));
+    }
+    if ext.directory_size > bitmap::MAX_DIRECTORY_BYTES {
+        return bad(format!(
+            "the directory size {} exceeds the 64 MiB limit",
+            ext.directory_size
+        ));
+    }
+    if ext.directory_offset == 0 || !ext.directory_offset.is_multiple_of(h.cluster_size()) {
+        return bad(format!(
+            "the directory offset {:#x} is not a cluster-aligned offset",
+            ext.directory_offset
+        ));
+    }
     if ext.directory_offset.saturating_add(ext.directory_size) > file_len {
         return Err(Error::corrupt(format!(
             "bitmap directory at {:#x} ({} bytes) runs past the end of the file",
@@ -271,7 +308,10 @@ pub(crate) fn metadata_map(
         let snap_l1 = io.read_words("a snapshot L1 table", off, e.l1_size as usize)?;
         claim_l2s(&mut map, &snap_l1, MetaKind::SnapshotL2);
     }
-    if let Some(ext) = header.bitmaps {
+    if let Some(ext) = header
+        .bitmaps
+        .filter(|_| header.autoclear_features & header::autoclear::BITMAPS != 0)
+    {
         map.claim_bytes(
             HostOffset(ext.directory_offset),
             ext.directory_size,

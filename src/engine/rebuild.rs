@@ -132,7 +132,12 @@ impl Image {
                 self.count_l1(&l1, &mut counts)?;
             }
         }
-        if let Some(ext) = h.bitmaps {
+        // Bitmaps a program without bitmap support invalidated (autoclear bit clear) are
+        // dropped at the first write, as in QEMU: their clusters leak.
+        if let Some(ext) = h
+            .bitmaps
+            .filter(|_| h.autoclear_features & crate::format::header::autoclear::BITMAPS != 0)
+        {
             counts.add_range(
                 ext.directory_offset,
                 ext.directory_size,
