@@ -768,3 +768,125 @@ fn info_shows_the_bitmaps_with_their_dirty_bytes() {
         "{text}"
     );
 }
+
+#[test]
+fn a_failure_at_any_write_of_the_store_leaves_the_bitmaps_in_use_or_complete() {
+    use qcow2fs::block::{BlockDev, Qcow2Layer};
+    use qcow2fs::engine::{Image, ImageOptions};
+    use qcow2fs::storage::{FaultOp, FaultStorage, FileStorage};
+    use std::sync::Arc;
+    let tmp = tempdir();
+    let d = tmp.path();
+    let base = create_image(d, "base.qcow2", Some(64 * M), "", None);
+    qemu_bitmap(&base, &["--add", "-g", "4k", "a"]);
+    qemu_bitmap(&base, &["--add", "-g", "64k", "--disable", "b"]);
+    qemu_bitmap(&base, &["--add", "-g", "512", "c"]);
+    qemu_io(&base, &["write -P 1 0 1M"]);
+    let writes = [(8 * M, 12 * K), (30 * M, M), (63 * M, 4 * K)];
+    let oracle = d.join("oracle.qcow2");
+    fs::copy(&base, &oracle).unwrap();
+    let cmds: Vec<String> = writes
+        .iter()
+        .map(|(o, l)| format!("write -P 2 {o} {l}"))
+        .collect();
+    qemu_io(&oracle, &cmds);
+    let names = ["a", "b", "c"];
+    let want: Vec<_> = names
+        .iter()
+        .map(|n| qemu_dirty_extents(&oracle, n))
+        .collect();
+    let mut failed_at = 0;
+    for n in 0..500 {
+        let img = d.join("try.qcow2");
+        fs::copy(&base, &img).unwrap();
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let fault = Arc::new(FaultStorage::new(Arc::new(FileStorage::new(file))));
+        let opts = ImageOptions {
+            writable: true,
+            ..Default::default()
+        };
+        let image = Arc::new(Image::open(&img, fault.clone(), &opts).unwrap());
+        let layer = Qcow2Layer::standalone(image.clone()).unwrap();
+        for &(o, l) in &writes {
+            layer.write_at(&vec![2u8; l as usize], o).unwrap();
+        }
+        layer.flush().unwrap();
+        // The store fails at its n-th write; nothing is written after (rule F6).
+        fault.fail_after(FaultOp::Write, n, libc::EIO);
+        let closed = image.close();
+        drop(layer);
+        drop(image);
+        assert_no_corruption(&img);
+        let flags = qemu_bitmaps(&img);
+        let in_use = flags
+            .iter()
+            .filter(|b| b.2.contains(&"in-use".to_string()))
+            .count();
+        assert!(
+            in_use == 0 || in_use == names.len(),
+            "failure at write {n}: some bitmaps in use, some not: {flags:?}"
+        );
+        if in_use == 0 {
+            for (name, want) in names.iter().zip(&want) {
+                assert_eq!(&qemu_dirty_extents(&img, name), want, "write {n}: {name}");
+            }
+        }
+        if closed.is_ok() {
+            assert_eq!(in_use, 0, "a clean close left the bitmaps in use");
+            assert_check_clean(&img);
+            failed_at = n;
+            break;
+        }
+    }
+    assert!(failed_at > 5, "the store wrote only {failed_at} times");
+}
+
+#[test]
+fn small_clusters_many_bitmaps_and_multi_cluster_tables() {
+    // 512-byte clusters: the 512-byte granularity bitmap of a 256 MiB disk has 64 KiB of
+    // data in 128 clusters and a table of 2 clusters; 40 bitmaps make a directory of 3.
+    let tmp = tempdir();
+    let d = tmp.path();
+    let img = create_image(d, "small.qcow2", Some(SIZE), "cluster_size=512", None);
+    qemu_bitmap(&img, &["--add", "-g", "512", "fine"]);
+    let names: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        let g = (4096u64 << (i % 6)).to_string();
+        let mut args = vec!["--add", "-g", &g];
+        if i % 3 == 0 {
+            args.push("--disable");
+        }
+        args.push(n);
+        qemu_bitmap(&img, &args);
+    }
+    let (_, dir_size, nb) = support::patch::bitmap_directory(&img);
+    assert!(nb == 41 && dir_size > 1024, "directory of {dir_size} bytes");
+    let copy = d.join("copy.qcow2");
+    fs::copy(&img, &copy).unwrap();
+    let ops = random_ops("bitmaps-small-clusters", 24, SIZE);
+    let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
+    qemu_io(&copy, &cmds);
+    let mnt = mountpoint(d, "mnt");
+    let m = Mount::new(&img, &mnt, &["rw"]);
+    let disk = fs::OpenOptions::new().write(true).open(m.disk()).unwrap();
+    for op in &ops {
+        op.apply(&disk);
+    }
+    disk.sync_all().unwrap();
+    drop(disk);
+    m.umount();
+    assert_eq!(qemu_bitmaps(&img), qemu_bitmaps(&copy));
+    for n in ["fine", "n0", "n1", "n5", "n39"] {
+        assert_eq!(
+            qemu_dirty_extents(&img, n),
+            qemu_dirty_extents(&copy, n),
+            "bitmap {n}"
+        );
+    }
+    assert_check_clean(&img);
+    assert_qemu_merges_every_bitmap(&img);
+}

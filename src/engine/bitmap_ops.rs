@@ -2,7 +2,8 @@
 //! bitmap` and QEMU's dirty-bitmap commands: add, remove, clear, enable, disable and merge
 //! on a writable image; and what the bitmaps say: a list with dirty bytes, a bitmap's
 //! dirty extents, and one extent at a time (the bitmap files of a mount). Bits of a
-//! read-only image are read from the file on first use.
+//! read-only image are read from the file on first use. Also what other changes to the
+//! image mean for its bitmaps: a disk that grows, a revert to a snapshot.
 //!
 //! Changes take effect in memory and reach the file when the bitmaps are stored (rule B3
 //! in `bitmaps`), except removal, which rewrites the directory at once, as in QEMU. Every
@@ -318,5 +319,65 @@ impl Image {
             });
         }
         out
+    }
+
+    /// Follows a disk that grows: refused, as in QEMU, while a bitmap is inconsistent or
+    /// would exceed the limits at the new size; otherwise the bits grow (clean) once the
+    /// disk did (`grow`).
+    pub(crate) fn resize_bitmaps(&self, new_size: u64, grow: bool) -> Result<()> {
+        let mut set = self.bitmaps.lock();
+        let cb = self.layout.cluster_bits;
+        for t in &set.list {
+            if t.inconsistent {
+                return Err(Error::new(
+                    crate::error::ErrorKind::Busy,
+                    format!(
+                        "bitmap '{}' is inconsistent (in use since an unclean close); remove it before resizing (qcow2fs bitmap --remove)",
+                        t.entry.name
+                    ),
+                )
+                .in_file(self.path()));
+            }
+            let data = bitmap::data_bytes(new_size, t.entry.granularity_bits);
+            if data > bitmap::MAX_DATA_BYTES
+                || data.div_ceil(1 << cb) > bitmap::MAX_TABLE_ENTRIES as u64
+            {
+                return Err(Error::invalid(format!(
+                    "bitmap '{}' would need {data} bytes at {new_size} bytes, more than the 512 MiB limit",
+                    t.entry.name
+                ))
+                .in_file(self.path()));
+            }
+        }
+        if grow {
+            let mut grew = false;
+            for t in set.list.iter_mut() {
+                if let Some(b) = t.bits.as_mut().filter(|b| b.size() != new_size) {
+                    b.resize(new_size);
+                    grew = true;
+                }
+            }
+            set.changed |= grew;
+        }
+        Ok(())
+    }
+
+    /// Refuses to make the active disk equal to a snapshot while the image has bitmaps:
+    /// QEMU refuses too ("Device has active dirty bitmaps"), since the bitmaps could not
+    /// say what the revert changed.
+    pub(crate) fn check_revert_bitmaps(&self) -> Result<()> {
+        let set = self.bitmaps.lock();
+        if set.list.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<&str> = set.list.iter().map(|t| t.entry.name.as_str()).collect();
+        Err(Error::new(
+            crate::error::ErrorKind::Busy,
+            format!(
+                "the image has persistent dirty bitmaps ({}); reverting to a snapshot is refused while it does, as in QEMU (remove them first)",
+                names.join(", ")
+            ),
+        )
+        .in_file(self.path()))
     }
 }
