@@ -87,6 +87,10 @@ impl BlockDev for BitmapView {
         self.disk.sources()
     }
 
+    fn data_bytes(&self) -> Option<Result<u64>> {
+        Some(self.image.bitmap_dirty_bytes_in_disk(&self.name))
+    }
+
     fn volatile(&self) -> bool {
         self.image.is_writable()
     }

@@ -108,6 +108,12 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
         Ok(())
     }
 
+    /// Bytes of the disk that hold data (not holes), when the disk knows that without
+    /// walking its extents.
+    fn data_bytes(&self) -> Option<Result<u64>> {
+        None
+    }
+
     /// Whether the content can change without a write through this disk (a bitmap's
     /// view of a disk being written): the mount then caches nothing of it.
     fn volatile(&self) -> bool {

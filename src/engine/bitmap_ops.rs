@@ -243,6 +243,12 @@ impl Image {
         self.with_bits(name, DirtyBits::dirty_extents)
     }
 
+    /// The bytes of the disk bitmap `name` has dirty (the dirty bytes without the part
+    /// of the last chunk past the end of the disk).
+    pub fn bitmap_dirty_bytes_in_disk(&self, name: &str) -> Result<u64> {
+        self.with_bits(name, DirtyBits::dirty_bytes_in_disk)
+    }
+
     /// Whether bitmap `name` has the disk at `off` dirty, and for how many bytes from
     /// `off` (at most `len`) that stays so.
     pub fn bitmap_extent(&self, name: &str, off: u64, len: u64) -> Result<(bool, u64)> {

@@ -146,6 +146,17 @@ impl DirtyBits {
         n << self.granularity_bits
     }
 
+    /// Dirty bytes within the disk: the last chunk may reach past its end.
+    pub(crate) fn dirty_bytes_in_disk(&self) -> u64 {
+        let n = self.dirty_bytes();
+        let bits = self.bits();
+        if bits > 0 && self.get(bits - 1) {
+            n - ((bits << self.granularity_bits) - self.size)
+        } else {
+            n
+        }
+    }
+
     /// Follows a disk that grew or shrank: new chunks are clean.
     pub(crate) fn resize(&mut self, size: u64) {
         let bits = bit_count(size, self.granularity_bits);
@@ -283,6 +294,8 @@ mod tests {
             assert_eq!(got, want, "size {size} g {g}");
             let count = want.iter().filter(|&&d| d).count() as u64;
             assert_eq!(bits.dirty_bytes(), count << g);
+            let in_disk: u64 = bits.dirty_extents().iter().map(|e| e.1).sum();
+            assert_eq!(bits.dirty_bytes_in_disk(), in_disk);
             // Extents alternate and cover the disk.
             let mut off = 0;
             let mut last = None;
