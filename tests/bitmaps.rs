@@ -520,6 +520,16 @@ fn same_as_qemu_img(mounted: bool) {
     for s in &later {
         apply(s);
     }
+    // The subcommand forms do the same as the flags.
+    qemu_bitmap(&theirs, &["--add", "-g", "64k", "--disable", "b3"]);
+    qemu_bitmap(&theirs, &["--merge", "b2", "b3"]);
+    for a in [
+        vec!["add", "-g", "64k", "--disable", &target, "b3"],
+        vec!["merge", &target, "b3", "b2"],
+    ] {
+        let out = qcow2fs_bitmap(d, &a);
+        assert!(out.success(), "qcow2fs bitmap {a:?}: {}", out.describe());
+    }
     write(writes[1]);
     // What both refuse.
     for bad in [
@@ -549,7 +559,7 @@ fn same_as_qemu_img(mounted: bool) {
         let views = listing(&mnt.join("bitmaps"));
         assert_eq!(
             views.into_iter().collect::<Vec<_>>(),
-            ["b1.raw", "b2.raw"],
+            ["b1.raw", "b2.raw", "b3.raw"],
             "bitmaps/ after the changes"
         );
         assert_eq!(

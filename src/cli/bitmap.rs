@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-/// The queries of `qcow2fs bitmap`.
+/// The subcommands of `qcow2fs bitmap`: the queries, and each change on its own (the same
+/// as the flag of that name).
 #[derive(Debug, Subcommand)]
 pub enum Query {
     /// List the bitmaps: name, granularity, flags and dirty bytes.
@@ -44,6 +45,75 @@ pub enum Query {
         target: PathBuf,
         bitmap: String,
     },
+    /// Create a bitmap, as --add does.
+    Add {
+        /// The granularity, as with --add
+        #[arg(short = 'g', long, value_name = "SIZE")]
+        granularity: Option<String>,
+        /// Create it disabled.
+        #[arg(long)]
+        disable: bool,
+        target: PathBuf,
+        bitmap: String,
+    },
+    /// Remove a bitmap, as --remove does.
+    Remove { target: PathBuf, bitmap: String },
+    /// Make a bitmap all clean, as --clear does.
+    Clear { target: PathBuf, bitmap: String },
+    /// Start recording writes in a bitmap, as --enable does.
+    Enable { target: PathBuf, bitmap: String },
+    /// Stop recording writes in a bitmap, as --disable does.
+    Disable { target: PathBuf, bitmap: String },
+    /// Mark in BITMAP everything bitmap SOURCE has dirty, as --merge SOURCE does.
+    Merge {
+        /// Take SOURCE from this image instead.
+        #[arg(short = 'b', long, value_name = "SOURCE_FILE")]
+        source_file: Option<PathBuf>,
+        target: PathBuf,
+        bitmap: String,
+        source: String,
+    },
+}
+
+impl Query {
+    /// The change a change subcommand asks for, as the flags would say it.
+    fn into_changes(self) -> std::result::Result<Changes, Query> {
+        let one = |op: Op, target: PathBuf, bitmap: String| Changes {
+            ops: vec![op],
+            target: Some(target),
+            bitmap: Some(bitmap),
+            ..Default::default()
+        };
+        Ok(match self {
+            Query::Add {
+                granularity,
+                disable,
+                target,
+                bitmap,
+            } => {
+                let mut c = one(Op::Add, target, bitmap);
+                if disable {
+                    c.ops.push(Op::Disable);
+                }
+                c.granularity = granularity;
+                c
+            }
+            Query::Remove { target, bitmap } => one(Op::Remove, target, bitmap),
+            Query::Clear { target, bitmap } => one(Op::Clear, target, bitmap),
+            Query::Enable { target, bitmap } => one(Op::Enable, target, bitmap),
+            Query::Disable { target, bitmap } => one(Op::Disable, target, bitmap),
+            Query::Merge {
+                source_file,
+                target,
+                bitmap,
+                source,
+            } => Changes {
+                source_file,
+                ..one(Op::Merge(source), target, bitmap)
+            },
+            q => return Err(q),
+        })
+    }
 }
 
 /// One change, as given on the command line.
@@ -303,6 +373,11 @@ fn print_extents(extents: &Value, json: bool) {
 
 /// Runs `qcow2fs bitmap`: a query, or the changes.
 pub fn run(query: Option<Query>, changes: Changes) -> Result<()> {
+    let query = match query.map(Query::into_changes) {
+        Some(Ok(c)) => return change(c),
+        Some(Err(q)) => Some(q),
+        None => None,
+    };
     match query {
         Some(Query::List {
             json,
@@ -339,6 +414,7 @@ pub fn run(query: Option<Query>, changes: Changes) -> Result<()> {
             Ok(())
         }
         None => change(changes),
+        Some(_) => Err(Error::invalid("unexpected bitmap subcommand")),
     }
 }
 
