@@ -249,19 +249,29 @@ def report(args):
     out("")
     pairs = [p for p in BITMAP_PAIRS if data.get(p[0]) and data.get(p[1])]
     if pairs:
-        out("The cost of tracking writes in a persistent bitmap: each system's throughput with")
-        out("an enabled bitmap divided by its throughput without (median of the per-repetition")
-        out("ratios; 1.00x means no cost):")
+        out("The cost of tracking writes in a persistent bitmap, for each system: throughput")
+        out("with an enabled bitmap divided by throughput without (1.00x: no cost), and the")
+        out("daemon's CPU time per byte or I/O with the bitmap divided by without (1.00x: no")
+        out("cost); medians of the per-repetition ratios:")
         out("")
-        out("| writes | qcow2fs | qsd |")
-        out("|---|---|---|")
+        out("| writes | qcow2fs throughput | qsd throughput | qcow2fs CPU/work | qsd CPU/work |")
+        out("|---|---|---|---|---|")
         for without, with_bm, desc in pairs:
             cells = []
             for s in ("ours", "qsd"):
                 a, b = data[without].get(s, {}), data[with_bm].get(s, {})
                 r = [b[k] / a[k] for k in a if k in b and a[k] > 0]
                 cells.append(f"{statistics.median(r):.2f}x" if r else "n/a")
-            out(f"| {desc} | {cells[0]} | {cells[1]} |")
+            for s in ("ours", "qsd"):
+                r = []
+                for rep, ms in extra.get(with_bm + ".cpu_ms", {}).get(s, {}).items():
+                    ms0 = extra.get(without + ".cpu_ms", {}).get(s, {}).get(rep)
+                    w1 = work.get(with_bm, {}).get(s, {}).get(rep)
+                    w0 = work.get(without, {}).get(s, {}).get(rep)
+                    if ms0 and w0 and w1 and ms > 0:
+                        r.append((ms / w1) / (ms0 / w0))
+                cells.append(f"{statistics.median(r):.2f}x" if r else "n/a")
+            out(f"| {desc} | " + " | ".join(cells) + " |")
         out("")
     rss = extra.get("sparse.rss_kib", {})
     if rss:

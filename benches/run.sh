@@ -427,11 +427,17 @@ part rw && for ((rep = 1; rep <= REPS; rep++)); do
             drop_caches
             if [[ $s == ours ]]; then
                 mount_ours "$IMG/rw.qcow2" ours-rw rw
+                pid=$(daemon_pid "$MNT/ours-rw")
+                c0=$(cpu_ms "$pid")
                 fio_run "rw.$w" ours "$rep" "$MNT/ours-rw/rw.raw" "${args[@]}"
+                record "rw.$w.cpu_ms" ours "$rep" "$(($(cpu_ms "$pid") - c0))"
                 umount_ours ours-rw
             else
                 mount_qsd "$IMG/rw.qcow2" qsd-rw writable
+                pid=$(cat "$MNT/qsd-rw.pid")
+                c0=$(cpu_ms "$pid")
                 fio_run "rw.$w" qsd "$rep" "$MNT/qsd-rw.raw" "${args[@]}"
+                record "rw.$w.cpu_ms" qsd "$rep" "$(($(cpu_ms "$pid") - c0))"
                 umount_qsd qsd-rw
             fi
             qemu-img check -q "$IMG/rw.qcow2" || die "qemu-img check failed after rw.$w on $s"

@@ -365,6 +365,14 @@ fn bad_bitmap_cases() -> Vec<(&'static str, Patch, &'static [&'static str])> {
             &["bitmap 'b1'", "L1 table"],
         ),
         (
+            "in-use bitmap's table over the L1 table",
+            |img| {
+                put32(img, field(img, "b1", 12), 1 | 2);
+                put64(img, field(img, "b1", 0), read_be64(img, hdr::L1_OFFSET));
+            },
+            &["bitmap 'b1'", "L1 table"],
+        ),
+        (
             "type 2",
             |img| put8(img, field(img, "b1", 16), 2),
             &["bitmap 'b1'", "type 2"],

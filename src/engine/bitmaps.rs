@@ -132,12 +132,37 @@ pub(crate) fn read_bits(
     disk: u64,
     overlap: Option<(&MetaMap, &mut HashMap<u64, String>)>,
 ) -> std::result::Result<DirtyBits, String> {
+    let bits = walk_bitmap(io, e, cluster_bits, disk, overlap, true)?;
+    Ok(bits.unwrap_or_else(|| DirtyBits::new(disk, e.granularity_bits)))
+}
+
+/// Checks where the structures of a bitmap in use lie (its table may be stale and not
+/// fit the disk, so neither its size nor its data is checked), as [`read_bits`] does.
+pub(crate) fn check_in_use(
+    io: &MetaIo,
+    e: &BitmapEntry,
+    cluster_bits: u32,
+    disk: u64,
+    overlap: (&MetaMap, &mut HashMap<u64, String>),
+) -> std::result::Result<(), String> {
+    walk_bitmap(io, e, cluster_bits, disk, Some(overlap), false).map(|_| ())
+}
+
+/// The checks of [`read_bits`]; with `load`, also the table size and the bits.
+fn walk_bitmap(
+    io: &MetaIo,
+    e: &BitmapEntry,
+    cluster_bits: u32,
+    disk: u64,
+    overlap: Option<(&MetaMap, &mut HashMap<u64, String>)>,
+    load: bool,
+) -> std::result::Result<Option<DirtyBits>, String> {
     let cs = 1u64 << cluster_bits;
     let file_len = io.len().map_err(|err| err.report())?;
     let why = |m: String| format!("bitmap '{}': {m}", e.name);
     check_entry(e, cluster_bits, disk)?;
     let need = table_entries(disk, e.granularity_bits, cluster_bits);
-    if e.table_size as u64 != need {
+    if load && e.table_size as u64 != need {
         return Err(why(format!(
             "its table has {} entries, but a {disk}-byte disk at granularity {} needs {need}",
             e.table_size,
@@ -181,11 +206,15 @@ pub(crate) fn read_bits(
             e.table_size as usize,
         )
         .map_err(|err| why(err.report()))?;
-    let mut bits = DirtyBits::new(disk, e.granularity_bits);
+    let mut bits = load.then(|| DirtyBits::new(disk, e.granularity_bits));
     for (i, &word) in table.iter().enumerate() {
         match decode_table_entry(word, cs).map_err(|m| why(format!("{m} (entry {i})")))? {
             TableEntry::Zeros => {}
-            TableEntry::Ones => bits.fill_cluster(i as u64, cs),
+            TableEntry::Ones => {
+                if let Some(b) = bits.as_mut() {
+                    b.fill_cluster(i as u64, cs);
+                }
+            }
             TableEntry::Data(off) => {
                 if off.saturating_add(cs) > file_len {
                     return Err(why(format!(
@@ -193,10 +222,12 @@ pub(crate) fn read_bits(
                     )));
                 }
                 claim(off >> cluster_bits, MetaKind::BitmapData, "data cluster")?;
-                let data = io
-                    .read("bitmap data", HostOffset(off), cs as usize)
-                    .map_err(|err| why(err.report()))?;
-                bits.load_cluster(i as u64, &data);
+                if let Some(b) = bits.as_mut() {
+                    let data = io
+                        .read("bitmap data", HostOffset(off), cs as usize)
+                        .map_err(|err| why(err.report()))?;
+                    b.load_cluster(i as u64, &data);
+                }
             }
         }
     }
@@ -271,7 +302,9 @@ impl Image {
         let mut loaded = Vec::new();
         for e in &set.file {
             if e.in_use() {
-                check_entry(e, cb, disk).map_err(|p| refuse_write(self.path(), &p))?;
+                // Kept as it is; its clusters must still be clear of everything else.
+                check_in_use(&self.io, e, cb, disk, (w.alloc.overlap(), &mut seen))
+                    .map_err(|p| refuse_write(self.path(), &p))?;
                 loaded.push(None);
                 continue;
             }
