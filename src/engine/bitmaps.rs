@@ -523,7 +523,10 @@ impl Image {
     /// was marked in use or changed. Afterwards the next change marks them again.
     pub(crate) fn store_bitmaps(&self, t: &mut Tables, w: &mut WriteState) -> Result<()> {
         let mut set = self.bitmaps.lock();
-        if !set.loaded || (!set.marked && !set.changed) {
+        let nothing = set.list.is_empty() && set.file.is_empty();
+        if !set.loaded || nothing || (!set.marked && !set.changed) {
+            set.marked = false;
+            set.changed = false;
             return Ok(());
         }
         self.write_back(t, w)?;
