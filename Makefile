@@ -63,7 +63,7 @@ bench:
 # overflow checks and debug assertions stay on (fuzz/Cargo.toml).
 # Reproduce a crash: RUSTC_BOOTSTRAP=1 cargo fuzz run -s none -O TARGET ARTIFACT (in fuzz/).
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= header snapshot_table entries decompress image vmstate luks
+FUZZ_TARGETS ?= header snapshot_table entries decompress image vmstate luks bitmap_directory
 FUZZ = cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
 
 # Remote images over local HTTP and S3 (moto), beside QEMU's curl driver (needs root;

@@ -45,6 +45,14 @@ WORKLOADS = [
     ("sparse.mount_first_read", "1 TiB sparse image: mount to first 4 KiB read", "ms", ("<=", 0.5)),
     ("rw.write_seq", "allocating sequential 1 MiB writes, O_DIRECT, fsync", "MB/s", (">=", 1.5)),
     ("rw.write_rand", "4 KiB random overwrites, QD1, O_DIRECT, fsync", "IOPS", (">=", 1.5)),
+    ("rw.write_seq_bitmap", "the same sequential writes, with an enabled bitmap", "MB/s", None),
+    ("rw.write_rand_bitmap", "the same random overwrites, with an enabled bitmap", "IOPS", None),
+]
+
+# Workloads run with and without an enabled persistent bitmap: (without, with).
+BITMAP_PAIRS = [
+    ("rw.write_seq", "rw.write_seq_bitmap", "1 MiB sequential writes"),
+    ("rw.write_rand", "rw.write_rand_bitmap", "4 KiB random writes"),
 ]
 
 SYSTEMS = ["ours", "qsd", "qcowmount"]
@@ -239,6 +247,32 @@ def report(args):
     out("\\* qsd cannot export an internal snapshot; its figure is for the active disk of")
     out("the same image (it would need qemu-nbd in between for the snapshot).")
     out("")
+    pairs = [p for p in BITMAP_PAIRS if data.get(p[0]) and data.get(p[1])]
+    if pairs:
+        out("The cost of tracking writes in a persistent bitmap, for each system: throughput")
+        out("with an enabled bitmap divided by throughput without (1.00x: no cost), and the")
+        out("daemon's CPU time per byte or I/O with the bitmap divided by without (1.00x: no")
+        out("cost); medians of the per-repetition ratios:")
+        out("")
+        out("| writes | qcow2fs throughput | qsd throughput | qcow2fs CPU/work | qsd CPU/work |")
+        out("|---|---|---|---|---|")
+        for without, with_bm, desc in pairs:
+            cells = []
+            for s in ("ours", "qsd"):
+                a, b = data[without].get(s, {}), data[with_bm].get(s, {})
+                r = [b[k] / a[k] for k in a if k in b and a[k] > 0]
+                cells.append(f"{statistics.median(r):.2f}x" if r else "n/a")
+            for s in ("ours", "qsd"):
+                r = []
+                for rep, ms in extra.get(with_bm + ".cpu_ms", {}).get(s, {}).items():
+                    ms0 = extra.get(without + ".cpu_ms", {}).get(s, {}).get(rep)
+                    w1 = work.get(with_bm, {}).get(s, {}).get(rep)
+                    w0 = work.get(without, {}).get(s, {}).get(rep)
+                    if ms0 and w0 and w1 and ms > 0:
+                        r.append((ms / w1) / (ms0 / w0))
+                cells.append(f"{statistics.median(r):.2f}x" if r else "n/a")
+            out(f"| {desc} | " + " | ".join(cells) + " |")
+        out("")
     rss = extra.get("sparse.rss_kib", {})
     if rss:
         out("Peak daemon RSS (VmHWM) while reading the 1 TiB sparse image (an L2 table every")

@@ -37,11 +37,13 @@ fn check_scenario(name: &str) {
     let image_mtime = mtime(&fs::metadata(&top).unwrap());
 
     let m = Mount::new(&top, &mnt, &[]);
-    assert_eq!(
-        listing(&m.mountpoint),
-        expected_root(&top, !snaps.is_empty(), !layers.is_empty()),
-        "root directory"
-    );
+    let bitmaps = expected_bitmap_files(&info);
+    let mut root = expected_root(&top, !snaps.is_empty(), !layers.is_empty());
+    if !bitmaps.is_empty() {
+        root.insert("bitmaps".into());
+        assert_eq!(listing(&m.path("bitmaps")), bitmaps, "bitmaps/");
+    }
+    assert_eq!(listing(&m.mountpoint), root, "root directory");
 
     // The active disk: buffered, and again with O_DIRECT (which bypasses the page cache).
     let active = m.path(&format!("{}.raw", stem(&top)));

@@ -3,6 +3,7 @@
 //! engine's mappings. A snapshot's VM state and the guest memory rebuilt from it are
 //! disks too (`vmstate`).
 
+mod bitmap_view;
 mod cor;
 mod open;
 mod overlay;
@@ -12,6 +13,7 @@ pub mod reopen;
 mod vmstate;
 mod write;
 
+pub use bitmap_view::BitmapView;
 pub use cor::CopyOnRead;
 pub use open::{BackingPolicy, Chain, OpenOptions, open_chain};
 pub use overlay::{Overlay, OverlayOptions, private_dir};
@@ -116,6 +118,18 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     /// Flushes and closes cleanly (end of a mount).
     fn close(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Bytes of the disk that hold data (not holes), when the disk knows that without
+    /// walking its extents.
+    fn data_bytes(&self) -> Option<Result<u64>> {
+        None
+    }
+
+    /// Whether the content can change without a write through this disk (a bitmap's
+    /// view of a disk being written): the mount then caches nothing of it.
+    fn volatile(&self) -> bool {
+        false
     }
 }
 

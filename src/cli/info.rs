@@ -217,6 +217,12 @@ pub fn info_json(path: &Path, chain: &Chain) -> Value {
         });
         v["snapshots"] = Value::Array(list.collect());
     }
+    let bitmaps = image.bitmap_list();
+    if !bitmaps.is_empty() {
+        // Not a qemu-img field: the bitmaps with their dirty bytes (QEMU's query-block
+        // shows them as "dirty-bitmaps").
+        v["dirty-bitmaps"] = Value::Array(bitmaps.iter().map(super::bitmap::info_json).collect());
+    }
     let layers: Vec<Value> = chain
         .layers
         .iter()
@@ -334,21 +340,22 @@ pub fn info_text(path: &Path, chain: &Chain) -> String {
         let _ = writeln!(s, "    data file: {}", String::from_utf8_lossy(name));
         let _ = writeln!(s, "    data file raw: {}", h.data_file_raw());
     }
-    if !image.bitmaps().is_empty() {
+    let bitmaps = image.bitmap_list();
+    if !bitmaps.is_empty() {
         let _ = writeln!(s, "    bitmaps:");
-        for b in image.bitmaps() {
-            let mut flags = Vec::new();
-            if b.in_use() {
-                flags.push("in-use");
-            }
-            if b.auto() {
-                flags.push("auto");
-            }
+        for b in &bitmaps {
+            let flags = super::bitmap::flag_names(b.flags);
+            let dirty = match (b.dirty_bytes, b.inconsistent, &b.problem) {
+                (Some(n), _, _) => format!("{n} dirty bytes"),
+                (None, true, _) => "inconsistent".to_string(),
+                (None, false, Some(p)) => format!("unreadable: {p}"),
+                (None, false, None) => "dirty bytes unknown".to_string(),
+            };
             let _ = writeln!(
                 s,
-                "        {} (granularity {}, flags: {})",
+                "        {} (granularity {}, flags: {}, {dirty})",
                 b.name,
-                1u64 << b.granularity_bits.min(63),
+                b.granularity,
                 if flags.is_empty() {
                     "none".to_string()
                 } else {

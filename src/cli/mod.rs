@@ -1,6 +1,7 @@
 //! The command line: parse arguments (clap), validate them into options, build the block
 //! stack and run the command. Every failure ends as one line on stderr and exit status 1.
 
+mod bitmap;
 mod cat;
 pub mod control;
 mod daemon;
@@ -104,6 +105,15 @@ pub enum Command {
     Snapshot {
         #[command(subcommand)]
         action: snapshot::Action,
+    },
+    /// Persistent dirty bitmaps of a mounted image (give its mount point) or of an image:
+    /// change them with qemu-img bitmap's flags, or list them, or dump one's dirty extents.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Bitmap {
+        #[command(subcommand)]
+        query: Option<bitmap::Query>,
+        #[command(flatten)]
+        changes: bitmap::Changes,
     },
     /// Copy the data the backing chain provides into the image (offline), like QEMU's
     /// block-stream; safe to interrupt and run again.
@@ -255,6 +265,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Status { json, mountpoint } => status::run(&mountpoint, json),
         Command::Snapshot { action } => snapshot::run(action),
+        Command::Bitmap { query, changes } => bitmap::run(query, changes),
         Command::Stream {
             bottom,
             drop_backing,
@@ -265,8 +276,8 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 const SUBCOMMANDS: &[&str] = &[
-    "info", "cat", "map", "mount", "umount", "remount", "status", "snapshot", "stream", "gen-man",
-    "help",
+    "info", "cat", "map", "mount", "umount", "remount", "status", "snapshot", "bitmap", "stream",
+    "gen-man", "help",
 ];
 
 /// Prints the man page `page` with its generated option section brought up to date.

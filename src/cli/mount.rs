@@ -249,6 +249,7 @@ fn serve(
     let layout = LayoutOptions {
         snapshots: o.snapshots,
         layers: o.layers,
+        bitmaps: o.bitmaps,
     };
     let mut private_overlay_dir = None;
     let ns = if let Some(dir) = &o.overlay {
@@ -369,6 +370,7 @@ fn serve(
         force_share: o.force_share,
         show_snapshots: o.snapshots,
         show_layers: o.layers,
+        show_bitmaps: o.bitmaps,
         mount: state.clone(),
     });
     let mut session = fuser::Session::new(fs, mountpoint, &config)

@@ -10,11 +10,16 @@
 //! lookups, `write` write planning, `flush` write-back ordering, `lifecycle` the changes
 //! to the image as a whole, `rebuild` refcount repair, `ranges` guest range locks,
 //! `prealloc` QEMU's preallocation test, `snapshot` internal snapshots of a writable
-//! image, `vmstate` where a snapshot's VM state lies, `create` new images.
+//! image, `vmstate` where a snapshot's VM state lies, `create` new images, `bitmaps`
+//! persistent dirty bitmaps kept valid while the image is written (with `dirty` their bits
+//! in memory and `bitmap_ops` what users do with them).
 
 mod alloc;
+mod bitmap_ops;
+mod bitmaps;
 pub mod cache;
 pub mod create;
+mod dirty;
 mod flush;
 mod image;
 mod lifecycle;
@@ -29,6 +34,7 @@ mod snapshot;
 mod vmstate;
 mod write;
 
+pub use bitmap_ops::{BitmapInfo, default_granularity};
 pub use image::{
     CacheStats, DEFAULT_CACHE_BYTES, Image, ImageOptions, Snapshot, SnapshotKey, View,
 };

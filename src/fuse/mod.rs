@@ -139,7 +139,12 @@ impl Filesystem for Qcow2Fs {
         }
         self.m.opened(&f.state, writer);
         let fh = if writer { FH_WRITER } else { 0 };
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+        let cache = if f.dev.volatile() {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(fh), cache)
     }
 
     fn release(

@@ -14,7 +14,10 @@
 //!   alone, its name escaped as snapshot names are. A VM state that cannot be used is
 //!   left out with the reason in the log; the disk file stays. Snapshots taken while
 //!   mounted have no VM state;
-//! - `layers/N-FILENAME.raw`: backing layer N, seen through its own chain.
+//! - `layers/N-FILENAME.raw`: backing layer N, seen through its own chain;
+//! - `bitmaps/BITMAPNAME.raw`: the active disk where persistent bitmap BITMAPNAME has it
+//!   dirty, holes elsewhere (the name escaped like a snapshot's; inconsistent bitmaps are
+//!   left out).
 
 use super::xattr::{self, Fixed};
 use crate::block::{BlockDev, Chain};
@@ -36,6 +39,8 @@ pub enum FileRole {
     Active,
     Snapshot(SnapshotKey),
     Layer(usize),
+    /// A persistent bitmap's view of the active disk (read-only).
+    Bitmap,
     /// A snapshot's VM-state stream (`NAME.vmstate`).
     VmState(SnapshotKey),
     /// The guest-physical memory rebuilt from it (`NAME.mem`).
@@ -52,7 +57,7 @@ impl FileRole {
             | FileRole::VmState(k)
             | FileRole::Memory(k)
             | FileRole::RamBlock(k, _) => Some(k),
-            FileRole::Active | FileRole::Layer(_) => None,
+            FileRole::Active | FileRole::Layer(_) | FileRole::Bitmap => None,
         }
     }
 }
@@ -122,6 +127,7 @@ pub type Wrap<'a> =
 pub struct LayoutOptions {
     pub snapshots: bool,
     pub layers: bool,
+    pub bitmaps: bool,
 }
 
 impl Default for LayoutOptions {
@@ -129,6 +135,7 @@ impl Default for LayoutOptions {
         LayoutOptions {
             snapshots: true,
             layers: true,
+            bitmaps: true,
         }
     }
 }
@@ -323,6 +330,12 @@ impl Namespace {
                 ns.add(dir, name, NodeKind::File { dev, role }, file_mtime(path));
             }
         }
+        if opts.bitmaps {
+            for name in image.bitmap_files() {
+                let (dir, _) = ns.bitmaps_dir(image_mtime);
+                ns.add_bitmap(dir, chain, &name, image_mtime);
+            }
+        }
         Ok(ns)
     }
 
@@ -437,6 +450,45 @@ impl Namespace {
         let role = FileRole::Snapshot(s.key);
         let attrs = xattr::snapshot_attrs(s);
         self.add_file(dir, name, (dev, role), snapshot_mtime(s), attrs)
+    }
+
+    /// The `bitmaps` directory, made (under the root) if the mount has none yet; whether
+    /// it was made.
+    pub fn bitmaps_dir(&mut self, mtime: SystemTime) -> (u64, bool) {
+        match self.lookup(ROOT_INO, OsStr::new("bitmaps")) {
+            Some(n) => (n.ino, false),
+            None => (self.add(ROOT_INO, "bitmaps".into(), dir(), mtime), true),
+        }
+    }
+
+    /// Adds the file of bitmap `name` of `chain`'s image to directory `dir`; returns its
+    /// inode number and file name.
+    pub fn add_bitmap(
+        &mut self,
+        dir: u64,
+        chain: &Chain,
+        name: &str,
+        mtime: SystemTime,
+    ) -> (u64, OsString) {
+        let file = raw_name(&escape_name(name.as_bytes()));
+        let dev = Arc::new(crate::block::BitmapView::new(
+            chain.top.clone(),
+            chain.image().clone(),
+            name,
+        ));
+        let kind = NodeKind::File {
+            dev,
+            role: FileRole::Bitmap,
+        };
+        (self.add(dir, file.clone(), kind, mtime), file)
+    }
+
+    /// The file of bitmap `name`, as (inode, directory, name), if the mount shows one.
+    pub fn bitmap_file(&self, name: &str) -> Option<(u64, u64, OsString)> {
+        let dir = self.lookup(ROOT_INO, OsStr::new("bitmaps"))?.ino;
+        let file = raw_name(&escape_name(name.as_bytes()));
+        let n = self.lookup(dir, &file)?;
+        Some((n.ino, dir, file))
     }
 
     /// The files that belong to snapshot `key` (its disk and VM-state files), then the

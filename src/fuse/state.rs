@@ -203,6 +203,10 @@ impl MountState {
     /// block, so that no tool takes the file for one big hole) while the count goes on in
     /// the background.
     fn allocated(&self, state: &NodeState, dev: &Arc<dyn BlockDev>, wait: Duration) -> (u64, bool) {
+        if dev.volatile() {
+            // Counted each time (a bitmap's dirty extents, from memory).
+            return (allocated_bytes(&**dev).unwrap_or_else(|_| dev.size()), true);
+        }
         let slot = &state.blocks;
         let mut b = slot.state.lock();
         if let Some(v) = b.bytes {
@@ -276,6 +280,7 @@ impl MountState {
                 let wait = if lookup { Duration::ZERO } else { BLOCKS_WAIT };
                 let (blocks, exact) = self.allocated(&state, &dev, wait);
                 let ttl = match (exact, lookup) {
+                    _ if dev.volatile() => Duration::ZERO,
                     (true, _) => TTL,
                     (false, true) => Duration::ZERO,
                     (false, false) => ESTIMATE_TTL,

@@ -166,6 +166,24 @@ pub fn expected_layer_files(top: &Path) -> Vec<LayerFile> {
 }
 
 /// The root directory's expected entries.
+/// `bitmaps/` file names from `qemu-img info --output=json`: BITMAPNAME.raw (escaped like
+/// a snapshot name) for every bitmap not in use (an inconsistent one has no file).
+pub fn expected_bitmap_files(info: &Value) -> BTreeSet<String> {
+    info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|b| {
+                    !b["flags"]
+                        .as_array()
+                        .is_some_and(|f| f.iter().any(|f| f == "in-use"))
+                })
+                .map(|b| format!("{}.raw", escape_snapshot_name(b["name"].as_str().unwrap())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn expected_root(top: &Path, snapshots: bool, layers: bool) -> BTreeSet<String> {
     let mut root = BTreeSet::from([format!("{}.raw", stem(top))]);
     if snapshots {

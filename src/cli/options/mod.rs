@@ -35,6 +35,7 @@ pub struct MountOptions {
     pub layers: bool,
     /// Show the files' extended attributes.
     pub xattrs: bool,
+    pub bitmaps: bool,
     pub log: Option<PathBuf>,
     pub force_share: bool,
     pub copy_on_read: bool,
@@ -71,6 +72,7 @@ impl Default for MountOptions {
             snapshots: true,
             layers: true,
             xattrs: true,
+            bitmaps: true,
             log: None,
             force_share: false,
             copy_on_read: false,
