@@ -47,8 +47,9 @@ man:
 demo: release
 	bash scripts/demo.sh $(BIN) $(TARGET_DIR)/demo
 
-# qcow2fs against qemu-storage-daemon's FUSE export, side by side (needs root; writes
-# benches/RESULTS.md; BENCH_QUICK=1 for a smoke run), then the engine micro-benchmarks.
+# qcow2fs against qemu-storage-daemon's FUSE export, side by side, and the memory rebuilt
+# from a snapshot's VM state (benches/vmstate.sh) (needs root; writes benches/RESULTS.md;
+# BENCH_QUICK=1 for a smoke run), then the engine micro-benchmarks.
 bench:
 	bash benches/run.sh
 	QCOW2FS=$(TARGET_DIR)/release/qcow2fs bash benches/live_snapshot.sh
@@ -62,7 +63,7 @@ bench:
 # overflow checks and debug assertions stay on (fuzz/Cargo.toml).
 # Reproduce a crash: RUSTC_BOOTSTRAP=1 cargo fuzz run -s none -O TARGET ARTIFACT (in fuzz/).
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS ?= header snapshot_table entries decompress image vmstate luks
+FUZZ_TARGETS ?= header snapshot_table entries decompress image vmstate luks bitmap_directory
 FUZZ = cd fuzz && RUSTC_BOOTSTRAP=1 $(CARGO) fuzz
 
 # Remote images over local HTTP and S3 (moto), beside QEMU's curl driver (needs root;

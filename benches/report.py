@@ -50,6 +50,14 @@ WORKLOADS = [
     ("luks.rand_4j_direct", "LUKS aes-256-xts image: 4 KiB random, 4 jobs, O_DIRECT", "IOPS", (">=", 2.0)),
     ("rw_luks.write_seq", "LUKS image: allocating sequential 1 MiB writes, O_DIRECT, fsync", "MB/s", None),
     ("rw_luks.write_rand", "LUKS image: 4 KiB random overwrites, QD1, O_DIRECT, fsync", "IOPS", None),
+    ("rw.write_seq_bitmap", "the same sequential writes, with an enabled bitmap", "MB/s", None),
+    ("rw.write_rand_bitmap", "the same random overwrites, with an enabled bitmap", "IOPS", None),
+]
+
+# Workloads run with and without an enabled persistent bitmap: (without, with).
+BITMAP_PAIRS = [
+    ("rw.write_seq", "rw.write_seq_bitmap", "1 MiB sequential writes"),
+    ("rw.write_rand", "rw.write_rand_bitmap", "4 KiB random writes"),
 ]
 
 SYSTEMS = ["ours", "qsd", "qcowmount"]
@@ -283,6 +291,32 @@ def report(args):
     out("\\* qsd cannot export an internal snapshot; its figure is for the active disk of")
     out("the same image (it would need qemu-nbd in between for the snapshot).")
     out("")
+    pairs = [p for p in BITMAP_PAIRS if data.get(p[0]) and data.get(p[1])]
+    if pairs:
+        out("The cost of tracking writes in a persistent bitmap, for each system: throughput")
+        out("with an enabled bitmap divided by throughput without (1.00x: no cost), and the")
+        out("daemon's CPU time per byte or I/O with the bitmap divided by without (1.00x: no")
+        out("cost); medians of the per-repetition ratios:")
+        out("")
+        out("| writes | qcow2fs throughput | qsd throughput | qcow2fs CPU/work | qsd CPU/work |")
+        out("|---|---|---|---|---|")
+        for without, with_bm, desc in pairs:
+            cells = []
+            for s in ("ours", "qsd"):
+                a, b = data[without].get(s, {}), data[with_bm].get(s, {})
+                r = [b[k] / a[k] for k in a if k in b and a[k] > 0]
+                cells.append(f"{statistics.median(r):.2f}x" if r else "n/a")
+            for s in ("ours", "qsd"):
+                r = []
+                for rep, ms in extra.get(with_bm + ".cpu_ms", {}).get(s, {}).items():
+                    ms0 = extra.get(without + ".cpu_ms", {}).get(s, {}).get(rep)
+                    w1 = work.get(with_bm, {}).get(s, {}).get(rep)
+                    w0 = work.get(without, {}).get(s, {}).get(rep)
+                    if ms0 and w0 and w1 and ms > 0:
+                        r.append((ms / w1) / (ms0 / w0))
+                cells.append(f"{statistics.median(r):.2f}x" if r else "n/a")
+            out(f"| {desc} | " + " | ".join(cells) + " |")
+        out("")
     rss = extra.get("sparse.rss_kib", {})
     if rss:
         out("Peak daemon RSS (VmHWM) while reading the 1 TiB sparse image (an L2 table every")
@@ -312,6 +346,7 @@ def report(args):
             name = "qcow2fs" if s == "ours" else s
             out(f"| {name} | {kib / 1024:.1f} MiB | {read} | {tgt} | {verdict} |")
         out("")
+    vm_state(extra, out)
     text = "\n".join(lines) + "\n"
     old = Path(args.out).read_text() if Path(args.out).exists() else ""
     if NOTES_MARK in old:
@@ -319,6 +354,45 @@ def report(args):
     else:
         text += "\n" + NOTES_MARK + "\n"
     Path(args.out).write_text(text)
+
+
+def vm_state(extra, out):
+    """The section of benches/vmstate.sh: the memory file of a snapshot with VM state."""
+    med = {
+        k: statistics.median(v["ours"].values())
+        for k, v in extra.items()
+        if k.startswith("vm.") and v.get("ours")
+    }
+    if "vm.mem.read_cold" not in med:
+        return
+    ram = med.get("vm.ram_bytes", med["vm.mem_bytes"] - 2**30) / 2**30
+    out(f"The VM state of a snapshot of a guest with {ram:.0f} GiB of RAM (`benches/vmstate.sh`:")
+    out(f"every 16th page data, the others zero pages, a {med['vm.stream_bytes'] / 2**20:.0f} MiB "
+        "stream), a new daemon")
+    out("every time: the first 4 KiB of the memory file read with O_DIRECT right after")
+    out("mounting (that read builds the page index), then the whole file with O_DIRECT in")
+    out("1 MiB blocks, then the same for the stream file in the same mount.")
+    out("Cold: page cache dropped before each step (programs are loaded from disk too); warm:")
+    out("the image file in it. No peer rebuilds guest memory from a savevm stream: the stream")
+    out("file itself, a plain qcow2 read, is the comparison.")
+    out("")
+    out("| file | size | first 4 KiB, cold | warm | whole file, cold | warm |")
+    out("|---|---|---|---|---|---|")
+    for what, size in (("mem", med["vm.mem_bytes"]), ("vmstate", med["vm.stream_bytes"])):
+        out(
+            f"| `NAME.{what}` | {size / 2**20:.0f} MiB "
+            f"| {med[f'vm.{what}.ttfb_cold'] / 1000:.1f} ms "
+            f"| {med[f'vm.{what}.ttfb_warm'] / 1000:.1f} ms "
+            f"| {med[f'vm.{what}.read_cold']:.0f} MB/s | {med[f'vm.{what}.read_warm']:.0f} MB/s |"
+        )
+    out("")
+    rss = med.get("vm.rss_kib")
+    out(
+        f"The page index: built in {med['vm.index_ms']:.0f} ms from a cold page cache, "
+        f"{med['vm.index_kib']:.0f} KiB"
+        + (f"; the daemon's peak RSS {rss / 1024:.1f} MiB." if rss else ".")
+    )
+    out("")
 
 
 def main():

@@ -4,7 +4,8 @@
 # libqcow's qcowmount (plain and zlib images only: it follows no backing files), runs fio and dd on each in turn (ours, qsd, qcowmount, ours, ...)
 # (a LUKS aes-256-xts-plain64 image too, both daemons given the same key file)
 # for several repetitions and writes the medians, the ratios ours/qsd and the targets to
-# benches/RESULTS.md (through benches/report.py).
+# benches/RESULTS.md (through benches/report.py). Then benches/vmstate.sh: reading the memory
+# rebuilt from a snapshot's VM state (no peer does that).
 #
 # Needs root (FUSE mounts, dropping the page cache) and qemu-utils plus
 # qemu-system-common (qemu-storage-daemon); installs fio with apt-get when missing.
@@ -18,6 +19,8 @@
 #   BENCH_RSS_SECONDS=60  time bound of the plain sequential read of the 1 TiB image
 #   BENCH_QUICK=1      smoke run (256M images, 1 repetition, 2 s jobs), about 3 minutes
 #   BENCH_OUT=FILE     the report (default benches/RESULTS.md)
+#   BENCH_ONLY=LIST    run only these parts, comma-separated: reads, sparse, rw (default
+#                      all); the report then has only their rows
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,6 +35,9 @@ REPS=${BENCH_REPS:-3}
 RUNTIME=${BENCH_RUNTIME:-5}
 RSS_SECONDS=${BENCH_RSS_SECONDS:-60}
 OUT=${BENCH_OUT:-$ROOT/benches/RESULTS.md}
+ONLY=${BENCH_ONLY:-reads,sparse,rw}
+# part NAME: whether part NAME is to run.
+part() { [[ ,$ONLY, == *,$1,* ]]; }
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -103,8 +109,13 @@ trap 'exit 130' INT TERM
 # ---- build: a private copy of the binary, so a rebuild in the tree cannot change it ------
 log "building qcow2fs (cargo build --release)"
 (cd "$ROOT" && cargo build --release --quiet)
+TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 BIN=$DIR/qcow2fs
-cp "${CARGO_TARGET_DIR:-$ROOT/target}/release/qcow2fs" "$BIN"
+# Where cargo puts it: CARGO_TARGET_DIR or build.target-dir when set, else target/.
+TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+cp "$TARGET_DIR/release/qcow2fs" "$BIN"
 COMMIT=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
 if [[ -n $(cd "$ROOT" && git status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock 2>/dev/null) ]]; then
     COMMIT="$COMMIT (+ uncommitted changes in src/)"
@@ -337,10 +348,12 @@ qemu-io -c "write -P 0x33 0 $((SIZE_BYTES / 2))" snap.qcow2 >/dev/null
 
 # 1 TiB, sparse: 64 KiB of data at the start of every 512 MiB, so that every L2 table exists
 # (2048 tables of 64 KiB, 128 MiB of metadata, four times the default L2 cache).
-qemu-img create -q -f qcow2 sparse.qcow2 1T
-cmds=()
-for ((i = 0; i < 2048; i++)); do cmds+=(-c "write -P 0x5a $((i * 512))M 64k"); done
-qemu-io "${cmds[@]}" sparse.qcow2 >/dev/null
+if part sparse; then
+    qemu-img create -q -f qcow2 sparse.qcow2 1T
+    cmds=()
+    for ((i = 0; i < 2048; i++)); do cmds+=(-c "write -P 0x5a $((i * 512))M 64k"); done
+    qemu-io "${cmds[@]}" sparse.qcow2 >/dev/null
+fi
 # The same data encrypted with QEMU's default LUKS cipher, aes-256-xts-plain64 (a small
 # iter-time: the benchmark measures the payload cipher, not the unlocking).
 KEY=$IMG/luks.key
@@ -358,6 +371,7 @@ done
 cd "$ROOT"
 
 # ---- reads ----------------------------------------------------------------------------
+if part reads; then
 read_suite plain "$IMG/data.qcow2" "" seq_buf seq_direct rand_qd1_buf rand_qd1_direct rand_4j_buf rand_4j_direct
 if "$BIN" mount --help 2>&1 | grep -q 'readahead='; then
     # The same cold pass with a 1 MiB readahead window instead of the kernel's 128 KiB.
@@ -369,9 +383,10 @@ read_suite chain "$IMG/chain7.qcow2" "" seq_direct rand_qd1_direct
 read_suite snap "$IMG/snap.qcow2" base seq_direct rand_qd1_direct
 QSD_KEY=$KEY OURS_OPTS=ro,key-file=$KEY read_suite luks "$IMG/luks.qcow2" "" \
     seq_direct rand_qd1_direct rand_4j_direct
+fi
 
 # ---- mount to first read on the 1 TiB image --------------------------------------------------
-for ((rep = 1; rep <= REPS; rep++)); do
+part sparse && for ((rep = 1; rep <= REPS; rep++)); do
     for s in ours qsd; do
         log "sparse.mount_first_read $s rep $rep"
         drop_caches
@@ -392,7 +407,7 @@ done
 # ---- peak daemon RSS over the 1 TiB image ----------------------------------------------------
 # Two passes: 64 KiB at every 512 MiB over the whole disk (every L2 table is loaded), then a
 # plain sequential O_DIRECT read from the start for at most RSS_SECONDS.
-for s in ours qsd; do
+part sparse && for s in ours qsd; do
     log "sparse.rss $s"
     drop_caches
     if [[ $s == ours ]]; then
@@ -413,49 +428,69 @@ done
 # ---- writes (a fresh image for every run) ------------------------------------------------------
 # Allocating sequential writes into an empty image, then 4 KiB random overwrites of
 # allocated clusters (a copy of the data image), both O_DIRECT and ending with fsync; the
-# same on the LUKS image ("rw_luks").
-for ((rep = 1; rep <= REPS; rep++)); do
+# same on the LUKS image ("rw_luks"); and the unencrypted ones with an enabled persistent
+# bitmap on the image (64 KiB granularity, which both daemons keep up to date and write
+# back at the end), for the cost of tracking writes.
+part rw && for ((rep = 1; rep <= REPS; rep++)); do
     for kind in plain luks; do
-        for w in write_seq write_rand; do
+        ws=(write_seq write_rand)
+        [[ $kind == plain ]] && ws+=(write_seq_bitmap write_rand_bitmap)
+        for w in "${ws[@]}"; do
             for s in ours qsd; do
-                name=rw.$w key="" ours_opts=rw check=("$IMG/rw.qcow2")
+                name=rw.$w key="" ours_opts=rw check=("$IMG/rw.qcow2") src=$IMG/data.qcow2
                 if [[ $kind == luks ]]; then
-                    name=rw_luks.$w key=$KEY ours_opts=rw,key-file=$KEY
+                    name=rw_luks.$w key=$KEY ours_opts=rw,key-file=$KEY src=$IMG/luks.qcow2
                     check=(--object "secret,id=s0,file=$KEY" --image-opts
                         "driver=qcow2,file.filename=$IMG/rw.qcow2,encrypt.key-secret=s0")
                 fi
                 log "$name $s rep $rep"
                 rm -f "$IMG/rw.qcow2"
-                if [[ $w == write_seq && $kind == plain ]]; then
+                if [[ $w == write_seq* && $kind == plain ]]; then
                     qemu-img create -q -f qcow2 "$IMG/rw.qcow2" "$SIZE_BYTES"
-                elif [[ $w == write_seq ]]; then
+                elif [[ $w == write_seq* ]]; then
                     qemu-img create -q -f qcow2 --object "secret,id=s0,file=$KEY" \
                         -o "$LUKS_OPTS" "$IMG/rw.qcow2" "$SIZE_BYTES"
-                elif [[ $kind == plain ]]; then
-                    cp "$IMG/data.qcow2" "$IMG/rw.qcow2"
                 else
-                    cp "$IMG/luks.qcow2" "$IMG/rw.qcow2"
+                    cp "$src" "$IMG/rw.qcow2"
                 fi
-                if [[ $w == write_seq ]]; then
+                if [[ $w == write_seq* ]]; then
                     args=(--rw=write --bs=1M --direct=1 --end_fsync=1)
                 else
                     args=(--rw=randwrite --bs=4k --direct=1 --end_fsync=1 "${TB[@]}")
                 fi
+                [[ $w == *_bitmap ]] && qemu-img bitmap --add -g 64K "$IMG/rw.qcow2" b0
                 drop_caches
                 if [[ $s == ours ]]; then
                     mount_ours "$IMG/rw.qcow2" ours-rw "$ours_opts"
+                    pid=$(daemon_pid "$MNT/ours-rw")
+                    c0=$(cpu_ms "$pid")
                     fio_run "$name" ours "$rep" "$MNT/ours-rw/rw.raw" "${args[@]}"
+                    record "$name.cpu_ms" ours "$rep" "$(($(cpu_ms "$pid") - c0))"
                     umount_ours ours-rw
                 else
                     QSD_KEY=$key mount_qsd "$IMG/rw.qcow2" qsd-rw writable
+                    pid=$(cat "$MNT/qsd-rw.pid")
+                    c0=$(cpu_ms "$pid")
                     fio_run "$name" qsd "$rep" "$MNT/qsd-rw.raw" "${args[@]}"
+                    record "$name.cpu_ms" qsd "$rep" "$(($(cpu_ms "$pid") - c0))"
                     umount_qsd qsd-rw
                 fi
                 qemu-img check -q "${check[@]}" || die "qemu-img check failed after $name on $s"
+                if [[ $w == *_bitmap ]]; then
+                    # The bitmap was written back, not in use, and records the writes.
+                    qemu-img bitmap --add "$IMG/rw.qcow2" check \
+                        && qemu-img bitmap --merge b0 "$IMG/rw.qcow2" check \
+                        || die "the bitmap is not valid after $name on $s"
+                fi
             done
         done
     done
 done
+
+# ---- VM state: a snapshot of a guest with 8 GiB of RAM (benches/vmstate.sh) --------------------
+VM_RAM=8G
+[[ ${BENCH_QUICK:-0} == 1 ]] && VM_RAM=1G
+VM_RAM=$VM_RAM BIN=$BIN RES=$RES REPS=$REPS VM_DIR=$DIR/vmstate bash "$ROOT/benches/vmstate.sh"
 
 # ---- report -----------------------------------------------------------------------------------
 log "writing $OUT"

@@ -2,12 +2,12 @@
 # Builds a seed corpus for the fuzz targets with qemu-img and qemu-io: small images of
 # every kind (v2, v3, extended L2, zlib and zstd compression, snapshots, a raw backing
 # file, lazy refcounts left dirty, 1- and 64-bit refcounts), and from them the header
-# clusters, snapshot tables, L2 tables and compressed payloads the parser targets start
-# from, and small migration streams laid out as savevm writes them. Usage: seeds.sh DIR (creates DIR/<target>/; nothing here is committed).
+# clusters, snapshot tables, L2 tables, compressed payloads and bitmap directories the
+# parser targets start from, and small migration streams laid out as savevm writes them. Usage: seeds.sh DIR (creates DIR/<target>/; nothing here is committed).
 set -euo pipefail
 
 out=${1:?usage: seeds.sh DIR}
-mkdir -p "$out"/{image,header,snapshot_table,entries,decompress,vmstate,luks}
+mkdir -p "$out"/{image,header,snapshot_table,entries,decompress,vmstate,luks,bitmap_directory}
 out=$(cd "$out" && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -157,5 +157,28 @@ while True:
     off += 8 + (length + 7) // 8 * 8
 PY
 done
+
+# Bitmap directories (the bitmap_directory target): two bytes of entry count, a byte of
+# cluster bits - 9, the directory, then the words of the first bitmap's table.
+qemu-img create -q -f qcow2 -o cluster_size=4096 bm.qcow2 1M
+qemu-img bitmap --add bm.qcow2 first
+qemu-img bitmap --add -g 512 --disable bm.qcow2 "a longer name"
+io bm.qcow2 -c 'write -P 0xb1 0 64k'
+python3 - bm.qcow2 "$out/bitmap_directory/two" <<'PY'
+import struct, sys
+b = open(sys.argv[1], "rb").read()
+off = struct.unpack(">I", b[100:104])[0]
+while True:
+    kind, length = struct.unpack(">II", b[off:off + 8])
+    if kind == 0x23852875:
+        nb, _, size, start = struct.unpack(">IIQQ", b[off + 8:off + 32])
+        table, tsize = struct.unpack(">QI", b[start:start + 12])
+        seed = struct.pack(">H", nb) + bytes([3]) + b[start:start + size]
+        open(sys.argv[2], "wb").write(seed + b[table:table + 8 * tsize])
+        break
+    if kind == 0:
+        sys.exit("no bitmaps extension")
+    off += 8 + (length + 7) // 8 * 8
+PY
 
 echo "seeds in $out: $(find "$out" -type f | wc -l) files"

@@ -1291,3 +1291,36 @@ fn refcount_rebuild_counts_the_luks_area() {
     model[0x100000..0x101000].fill(0x5e);
     assert_same_bytes("after the rebuild", &model, &e.qemu_raw());
 }
+
+/// A snapshot's VM state in an encrypted image, written by QEMU (`qemu-io write -b`) and
+/// read back by `cat --vmstate` and through a mount's `NAME.vmstate`: legacy AES numbers
+/// its sectors by guest offset, which for the VM-state area lies past the end of the
+/// disk; LUKS by host offset.
+#[test]
+fn vm_state_of_encrypted_images() {
+    for format in ["aes", "luks"] {
+        let d = tempdir();
+        let dir = d.path();
+        let key = key_file(dir, "k", b"vm state passphrase");
+        let img = create(dir, "vm.qcow2", Some((format, &key)), "", None);
+        let e = Keyed::new(&img, &[Some(&key)]);
+        let stream: Vec<u8> = (0..200 * 1024u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let file = dir.join("stream");
+        fs::write(&file, &stream).unwrap();
+        let write = format!("write -b -s {} 0 {}", file.display(), stream.len());
+        e.qemu_io(&["write -q -P 0x3c 0 64k", &write]);
+        e.qemu_img("snapshot", &["-c", "running"], &[]);
+        support::patch::set_snapshot_vm_state_size(&img, 0, stream.len() as u64);
+        let ours = e.qcow2fs("cat", &["--vmstate", "running"]);
+        assert_same_bytes(&format!("{format}: cat --vmstate"), &stream, &ours);
+        let mnt = mountpoint(dir, "mnt");
+        let keys = e.mount_keys();
+        let opts: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let m = Mount::new(&img, &mnt, &opts);
+        let mounted = fs::read(m.path("snapshots/running.vmstate")).unwrap();
+        m.umount();
+        assert_same_bytes(&format!("{format}: running.vmstate"), &stream, &mounted);
+    }
+}

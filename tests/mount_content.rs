@@ -37,11 +37,13 @@ fn check_scenario(name: &str) {
     let image_mtime = mtime(&fs::metadata(&top).unwrap());
 
     let m = Mount::new(&top, &mnt, &[]);
-    assert_eq!(
-        listing(&m.mountpoint),
-        expected_root(&top, !snaps.is_empty(), !layers.is_empty()),
-        "root directory"
-    );
+    let bitmaps = expected_bitmap_files(&info);
+    let mut root = expected_root(&top, !snaps.is_empty(), !layers.is_empty());
+    if !bitmaps.is_empty() {
+        root.insert("bitmaps".into());
+        assert_eq!(listing(&m.path("bitmaps")), bitmaps, "bitmaps/");
+    }
+    assert_eq!(listing(&m.mountpoint), root, "root directory");
 
     // The active disk: buffered, and again with O_DIRECT (which bypasses the page cache).
     let active = m.path(&format!("{}.raw", stem(&top)));
@@ -65,8 +67,24 @@ fn check_scenario(name: &str) {
     );
 
     if !snaps.is_empty() {
-        let want: BTreeSet<String> = snaps.iter().map(|s| s.file.clone()).collect();
+        // The corpus writes patterns into the VM-state area, never a migration stream:
+        // the stream is shown, nothing rebuilt from it.
+        let want: BTreeSet<String> = snaps
+            .iter()
+            .flat_map(|s| [Some(s.file.clone()), s.vmstate_file()])
+            .flatten()
+            .collect();
         assert_eq!(listing(&m.path("snapshots")), want, "snapshots/ directory");
+    }
+    for s in &snaps {
+        let Some(file) = s.vmstate_file() else {
+            continue;
+        };
+        assert_same_bytes(
+            &format!("VM state of snapshot ID {}", s.id),
+            &qemu_vmstate(&top, &s.id, s.vm_state_size),
+            &fs::read(m.path(&format!("snapshots/{file}"))).unwrap(),
+        );
     }
     for s in &snaps {
         let copy = qemu_snapshot_applied(&top, &s.id);

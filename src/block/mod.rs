@@ -1,7 +1,9 @@
 //! The block-layer stack: each layer is a [`BlockDev`] that may wrap another (a qcow2
 //! image wraps its backing file). This is the one place guest data is read, following the
-//! engine's mappings.
+//! engine's mappings. A snapshot's VM state and the guest memory rebuilt from it are
+//! disks too (`vmstate`).
 
+mod bitmap_view;
 mod cor;
 mod crypt;
 mod keys;
@@ -10,14 +12,17 @@ mod overlay;
 mod qcow2;
 mod raw;
 pub mod reopen;
+mod vmstate;
 mod write;
 
+pub use bitmap_view::BitmapView;
 pub use cor::CopyOnRead;
 pub use keys::{KeySource, Keys, MAX_KEY_FILE_BYTES, parse_depth, read_key_file};
 pub use open::{BackingPolicy, Chain, OpenOptions, open_chain};
 pub use overlay::{Overlay, OverlayOptions, private_dir};
 pub use qcow2::Qcow2Layer;
 pub use raw::RawLayer;
+pub use vmstate::{VmMemory, VmStateFiles};
 
 use crate::error::Result;
 use std::path::Path;
@@ -60,6 +65,14 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     fn status(&self, off: u64, len: u64, probe_host: bool) -> Result<Status>;
 
     fn info(&self) -> &LayerInfo;
+
+    /// Whether asking for the status of every extent is cheap now. A disk whose map is
+    /// built on first use (the memory rebuilt from a snapshot's VM state) says no until
+    /// then, so that listing a directory does not build it: its allocated bytes are
+    /// counted once it has been read.
+    fn map_ready(&self) -> bool {
+        true
+    }
 
     /// The file that holds this layer's data (an external data file, or the image).
     fn data_path(&self) -> &Path {
@@ -114,6 +127,18 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     /// Flushes and closes cleanly (end of a mount).
     fn close(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// Bytes of the disk that hold data (not holes), when the disk knows that without
+    /// walking its extents.
+    fn data_bytes(&self) -> Option<Result<u64>> {
+        None
+    }
+
+    /// Whether the content can change without a write through this disk (a bitmap's
+    /// view of a disk being written): the mount then caches nothing of it.
+    fn volatile(&self) -> bool {
+        false
     }
 }
 

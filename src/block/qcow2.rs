@@ -218,6 +218,8 @@ impl BlockDev for Qcow2Layer {
     }
     fn status(&self, off: u64, len: u64, probe_host: bool) -> Result<Status> {
         let m = self.shared.image.map(self.view, off, len)?;
+        // The backing file is read at the same guest offset (past the disk for VM state).
+        let off = self.shared.image.view_base(self.view) + off;
         // Like QEMU, no host offsets for an encrypted image (and so no looking for holes
         // in its file: a hole there would not read as zeros).
         let encrypted = self.shared.image.is_encrypted();
@@ -316,6 +318,8 @@ impl Qcow2Layer {
         let (mut head, tail) = buf.split_at_mut(avail);
         tail.fill(0);
         let mut at = off;
+        // The backing file is read at the same guest offset (past the disk for VM state).
+        let base = self.shared.image.view_base(self.view);
         // Compressed clusters are decoded after the rest, several at once when a read
         // spans enough of them to keep more than one core busy.
         let mut packed: Vec<(&mut [u8], CompressedDesc, usize)> = Vec::new();
@@ -323,10 +327,10 @@ impl Qcow2Layer {
             let m = self.shared.image.map(self.view, at, head.len() as u64)?;
             let (dst, rest) = std::mem::take(&mut head).split_at_mut(m.len as usize);
             match m.kind {
-                MapKind::Data { host } => self.shared.read_guest(dst, host, at)?,
+                MapKind::Data { host } => self.shared.read_guest(dst, host, base + at)?,
                 MapKind::Zero { .. } => dst.fill(0),
                 MapKind::Unallocated { .. } => match &self.shared.backing {
-                    Some(b) => b.read_at(dst, at)?,
+                    Some(b) => b.read_at(dst, base + at)?,
                     None => dst.fill(0),
                 },
                 MapKind::Compressed { desc, in_cluster } => {

@@ -48,6 +48,9 @@ impl Qcow2Layer {
         self.check_range(off, buf.len() as u64)?;
         let (s, e) = self.lock_bounds(off, buf.len() as u64);
         let g = self.image().ranges().lock(s, e, true);
+        // A guest write: the enabled bitmaps record it (copy-on-read writes, which change
+        // nothing the guest sees, come through `write_unlocked` and are not recorded).
+        self.image().record_write(off, buf.len() as u64);
         self.write_unlocked(&g, buf, off)
     }
 
@@ -134,6 +137,7 @@ impl Qcow2Layer {
         self.check_range(off, len)?;
         let (s, e) = self.lock_bounds(off, len);
         let g = self.image().ranges().lock(s, e, true);
+        self.image().record_write(off, len);
         self.zero_unlocked(&g, off, len, unmap)
     }
 

@@ -1,5 +1,6 @@
 //! The daemon's side of the control channel: what a running mount answers (`status`) and
-//! the operations that change the mounted image while it is in use (snapshots).
+//! the operations that change the mounted image while it is in use (snapshots; the
+//! bitmap operations are in `bitmap`).
 //!
 //! Every operation that changes what a file shows holds the mount's I/O gate exclusively
 //! (design.md, rule L6): guest requests in flight finish first, new ones wait, and each
@@ -41,6 +42,8 @@ pub struct Daemon {
     /// The mount shows `snapshots/` and `layers/`.
     pub show_snapshots: bool,
     pub show_layers: bool,
+    /// The mount shows `bitmaps/`.
+    pub show_bitmaps: bool,
     pub mount: Arc<MountState>,
 }
 
@@ -126,7 +129,7 @@ pub fn snapshot_json(s: &Snapshot) -> Value {
 }
 
 impl Daemon {
-    fn image(&self) -> Arc<Image> {
+    pub(super) fn image(&self) -> Arc<Image> {
         self.chain.read().image().clone()
     }
 
@@ -201,6 +204,7 @@ impl Daemon {
                 s("snapshot"),
                 req.get("force").and_then(Value::as_bool).unwrap_or(false),
             ),
+            Some(op) if op.starts_with("bitmap-") => return super::bitmap::serve(self, op, req),
             Some(op) => return Err(format!("unknown request '{op}'")),
             None => return Err("the request names no op".into()),
         };
@@ -208,7 +212,7 @@ impl Daemon {
     }
 
     /// Refuses to change a mount that is not read-write.
-    fn check_rw(&self, what: &str) -> Result<()> {
+    pub(super) fn check_rw(&self, what: &str) -> Result<()> {
         match *self.mode.lock() {
             Mode::ReadWrite => Ok(()),
             Mode::Overlay => Err(Error::read_only(format!(
@@ -258,14 +262,14 @@ impl Daemon {
         let removed = {
             let mut ns = self.mount.ns_mut();
             let files = ns.snapshot_files(snap.key);
-            for (ino, _, name) in &files {
+            for (ino, _, _) in &files {
                 let open = ns.node(*ino).map_or(0, |n| n.state.open.load(Relaxed));
                 if open > 0 {
                     return Err(Error::new(
                         ErrorKind::Busy,
                         format!(
-                            "snapshots/{} is open ({open} handle(s)): close it, detach its loop device and unmount what is mounted from it first",
-                            name.to_string_lossy()
+                            "{} is open ({open} handle(s)): close it, detach its loop device and unmount what is mounted from it first",
+                            ns.path_of(*ino).to_string_lossy()
                         ),
                     )
                     .in_file(&self.mountpoint));

@@ -1,11 +1,14 @@
 //! `qcow2fs info`: the header, backing chain, snapshots, bitmaps and encryption (no key
-//! needed), as text or as JSON with qemu-img's field names.
+//! needed), as text or as JSON with qemu-img's field names; and what qcow2fs adds: each
+//! snapshot's VM state (its machine type, RAM size and RAM blocks, from the start of the
+//! stream).
 
-use crate::block::Chain;
+use crate::block::{Chain, VmStateFiles};
 use crate::crypto::EncryptionInfo;
 use crate::engine::Snapshot;
 use crate::error::Result;
 use crate::format::header::Header;
+use crate::format::vmstate::Summary;
 use serde_json::{Value, json};
 use std::fmt::Write as _;
 use std::os::unix::fs::MetadataExt;
@@ -85,6 +88,62 @@ fn snapshot_json(s: &Snapshot) -> Value {
     v
 }
 
+/// What the start of a snapshot's VM state says, or why it cannot be read; `None` for a
+/// snapshot without VM state.
+fn vm_state(chain: &Chain, s: &Snapshot) -> Option<std::result::Result<Summary, String>> {
+    if s.entry.vm_state_size == 0 {
+        return None;
+    }
+    Some(match VmStateFiles::open(&chain.top, s) {
+        Ok(f) => f.summary,
+        Err(e) => Err(e.report()),
+    })
+}
+
+/// The `vm-state` member qcow2fs adds to a snapshot's JSON.
+fn vm_state_json(sum: &std::result::Result<Summary, String>) -> Value {
+    let sum = match sum {
+        Ok(s) => s,
+        Err(why) => return json!({ "error": why }),
+    };
+    let blocks: Vec<Value> = sum
+        .blocks
+        .iter()
+        .map(|(name, size)| json!({"name": name, "size": size}))
+        .collect();
+    let mut v = json!({
+        "machine": sum.machine(),
+        "ram-size": sum.main_ram_bytes(),
+        "page-size": sum.page_size,
+        "ram-blocks": blocks,
+    });
+    match &sum.physical {
+        Ok(l) => v["physical-size"] = json!(l.size()),
+        Err(why) => v["physical-error"] = json!(why),
+    }
+    v
+}
+
+/// One line of the text's VM-state list.
+fn vm_state_line(s: &Snapshot, sum: &std::result::Result<Summary, String>) -> String {
+    let e = &s.entry;
+    let head = format!(
+        "    {} ({}): {}",
+        e.id,
+        e.name(),
+        human_size(e.vm_state_size)
+    );
+    match sum {
+        Ok(sum) => format!(
+            "{head}, machine {}, RAM {}",
+            sum.machine().unwrap_or("unknown"),
+            sum.main_ram_bytes()
+                .map_or("unknown".to_string(), human_size)
+        ),
+        Err(why) => format!("{head}, not readable: {why}"),
+    }
+}
+
 fn format_specific(h: &Header, chain: &Chain) -> Value {
     let image = chain.image();
     let mut d = json!({
@@ -156,7 +215,21 @@ pub fn info_json(path: &Path, chain: &Chain) -> Value {
         }
     }
     if !image.snapshots().is_empty() {
-        v["snapshots"] = Value::Array(image.snapshots().iter().map(snapshot_json).collect());
+        let snapshots = image.snapshots();
+        let list = snapshots.iter().map(|s| {
+            let mut j = snapshot_json(s);
+            if let Some(sum) = vm_state(chain, s) {
+                j["vm-state"] = vm_state_json(&sum);
+            }
+            j
+        });
+        v["snapshots"] = Value::Array(list.collect());
+    }
+    let bitmaps = image.bitmap_list();
+    if !bitmaps.is_empty() {
+        // Not a qemu-img field: the bitmaps with their dirty bytes (QEMU's query-block
+        // shows them as "dirty-bitmaps").
+        v["dirty-bitmaps"] = Value::Array(bitmaps.iter().map(super::bitmap::info_json).collect());
     }
     let layers: Vec<Value> = chain
         .layers
@@ -283,6 +356,17 @@ pub fn info_text(path: &Path, chain: &Chain) -> String {
                 human_size(sn.disk_size)
             );
         }
+        let states: Vec<String> = image
+            .snapshots()
+            .iter()
+            .filter_map(|sn| vm_state(chain, sn).map(|sum| vm_state_line(sn, &sum)))
+            .collect();
+        if !states.is_empty() {
+            let _ = writeln!(s, "VM state:");
+            for line in states {
+                let _ = writeln!(s, "{line}");
+            }
+        }
     }
     let _ = writeln!(s, "Format specific information:");
     let _ = writeln!(
@@ -307,21 +391,22 @@ pub fn info_text(path: &Path, chain: &Chain) -> String {
         let _ = writeln!(s, "    data file: {}", String::from_utf8_lossy(name));
         let _ = writeln!(s, "    data file raw: {}", h.data_file_raw());
     }
-    if !image.bitmaps().is_empty() {
+    let bitmaps = image.bitmap_list();
+    if !bitmaps.is_empty() {
         let _ = writeln!(s, "    bitmaps:");
-        for b in image.bitmaps() {
-            let mut flags = Vec::new();
-            if b.in_use() {
-                flags.push("in-use");
-            }
-            if b.auto() {
-                flags.push("auto");
-            }
+        for b in &bitmaps {
+            let flags = super::bitmap::flag_names(b.flags);
+            let dirty = match (b.dirty_bytes, b.inconsistent, &b.problem) {
+                (Some(n), _, _) => format!("{n} dirty bytes"),
+                (None, true, _) => "inconsistent".to_string(),
+                (None, false, Some(p)) => format!("unreadable: {p}"),
+                (None, false, None) => "dirty bytes unknown".to_string(),
+            };
             let _ = writeln!(
                 s,
-                "        {} (granularity {}, flags: {})",
+                "        {} (granularity {}, flags: {}, {dirty})",
                 b.name,
-                1u64 << b.granularity_bits.min(63),
+                b.granularity,
                 if flags.is_empty() {
                     "none".to_string()
                 } else {

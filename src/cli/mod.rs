@@ -1,6 +1,7 @@
 //! The command line: parse arguments (clap), validate them into options, build the block
 //! stack and run the command. Every failure ends as one line on stderr and exit status 1.
 
+mod bitmap;
 mod cat;
 pub mod control;
 mod daemon;
@@ -51,11 +52,18 @@ pub enum Command {
         keys: KeyArgs,
         image: PathBuf,
     },
-    /// Write the raw disk, or one snapshot at its own disk size, to standard output.
+    /// Write the raw disk, or one snapshot at its own disk size, to standard output; or a
+    /// snapshot's VM state, or the guest memory rebuilt from it.
     Cat {
         /// Snapshot ID or name (IDs are tried first, as in qemu-img).
-        #[arg(short, long, value_name = "ID|NAME")]
+        #[arg(short, long, value_name = "ID|NAME", group = "what")]
         snapshot: Option<String>,
+        /// The VM state (the QEMU migration stream) saved with this snapshot instead.
+        #[arg(long, value_name = "ID|NAME", group = "what")]
+        vmstate: Option<String>,
+        /// The guest-physical memory rebuilt from this snapshot's VM state instead.
+        #[arg(long, value_name = "ID|NAME", group = "what")]
+        memory: Option<String>,
         /// Open the image even if another process is writing to it (like qemu-img -U).
         #[arg(short = 'U', long)]
         force_share: bool,
@@ -102,6 +110,15 @@ pub enum Command {
     Snapshot {
         #[command(subcommand)]
         action: snapshot::Action,
+    },
+    /// Persistent dirty bitmaps of a mounted image (give its mount point) or of an image:
+    /// change them with qemu-img bitmap's flags, or list them, or dump one's dirty extents.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Bitmap {
+        #[command(subcommand)]
+        query: Option<bitmap::Query>,
+        #[command(flatten)]
+        changes: bitmap::Changes,
     },
     /// Copy the data the backing chain provides into the image (offline), like QEMU's
     /// block-stream; safe to interrupt and run again.
@@ -236,18 +253,23 @@ pub(crate) fn shown_image(image: &Path) -> PathBuf {
     }
 }
 
+/// The snapshot `spec` names (its ID first, then its name, as in qemu-img).
+pub(crate) fn find_snapshot(chain: &Chain, spec: &str) -> Result<crate::engine::Snapshot> {
+    chain.image().find_snapshot(spec).ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("no snapshot with ID or name '{spec}'"),
+        )
+        .in_file(chain.image().path())
+    })
+}
+
 /// The active disk, or the snapshot `key` names.
 pub(crate) fn pick_view(chain: &Chain, key: Option<&str>) -> Result<Arc<dyn block::BlockDev>> {
     match key {
         None => Ok(chain.top.clone()),
         Some(k) => {
-            let i = chain.image().find_snapshot(k).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("no snapshot with ID or name '{k}'"),
-                )
-                .in_file(chain.image().path())
-            })?;
+            let i = find_snapshot(chain, k)?;
             chain.image().check_snapshot(&i)?;
             Ok(chain.snapshot(i.key))
         }
@@ -265,15 +287,20 @@ pub fn run(cli: Cli) -> Result<()> {
         } => info::run(&image, json, &read_options(&options, force_share, &keys)?),
         Command::Cat {
             snapshot,
+            vmstate,
+            memory,
             force_share,
             options,
             keys,
             image,
-        } => cat::run(
-            &image,
-            snapshot.as_deref(),
-            &read_options(&options, force_share, &keys)?,
-        ),
+        } => {
+            let what = match (snapshot, vmstate, memory) {
+                (_, Some(s), _) => cat::What::VmState(s),
+                (_, _, Some(s)) => cat::What::Memory(s),
+                (s, None, None) => cat::What::Disk(s),
+            };
+            cat::run(&image, &what, &read_options(&options, force_share, &keys)?)
+        }
         Command::Map {
             json,
             snapshot,
@@ -318,6 +345,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Status { json, mountpoint } => status::run(&mountpoint, json),
         Command::Snapshot { action } => snapshot::run(action),
+        Command::Bitmap { query, changes } => bitmap::run(query, changes),
         Command::Stream {
             bottom,
             drop_backing,
@@ -329,8 +357,8 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 const SUBCOMMANDS: &[&str] = &[
-    "info", "cat", "map", "mount", "umount", "remount", "status", "snapshot", "stream", "gen-man",
-    "help",
+    "info", "cat", "map", "mount", "umount", "remount", "status", "snapshot", "bitmap", "stream",
+    "gen-man", "help",
 ];
 
 /// Prints the man page `page` with its generated option section brought up to date.
@@ -531,4 +559,22 @@ pub fn main() -> i32 {
             1
         }
     }
+}
+
+/// Opens an image that is not mounted for a command on its metadata (snapshots, bitmaps):
+/// read-write or read-only, with QEMU's locks unless `force_share`. Metadata needs no key,
+/// so an encrypted image opens locked, as `qemu-img snapshot` and `qemu-img bitmap` open it.
+pub(crate) fn open_for_metadata(image: &Path, writable: bool, force_share: bool) -> Result<Chain> {
+    block::open_chain(
+        image,
+        &block::OpenOptions {
+            image: crate::engine::ImageOptions {
+                writable,
+                ..Default::default()
+            },
+            force_share,
+            locked_ok: true,
+            ..Default::default()
+        },
+    )
 }

@@ -249,6 +249,7 @@ fn serve(
     let layout = LayoutOptions {
         snapshots: o.snapshots,
         layers: o.layers,
+        bitmaps: o.bitmaps,
     };
     let mut private_overlay_dir = None;
     let ns = if let Some(dir) = &o.overlay {
@@ -272,7 +273,7 @@ fn serve(
                         .unwrap_or_else(|_| dev.info().path.clone()),
                     dev.info().format,
                 )),
-                FileRole::Snapshot(_) => None,
+                _ => None,
             };
             let ov = Overlay::create(dev, name, backing, &opts)?;
             log::info!("{name}: writes go to the overlay {}", ov.path().display());
@@ -306,6 +307,7 @@ fn serve(
             umask: o.umask,
             readahead: o.readahead_kb.map(|kb| kb.saturating_mul(1024)),
             writable,
+            xattrs: o.xattrs,
         },
     ));
     let fs = Qcow2Fs::new(state.clone());
@@ -368,6 +370,7 @@ fn serve(
         force_share: o.force_share,
         show_snapshots: o.snapshots,
         show_layers: o.layers,
+        show_bitmaps: o.bitmaps,
         mount: state.clone(),
     });
     let mut session = fuser::Session::new(fs, mountpoint, &config)

@@ -5,8 +5,8 @@
 use super::control;
 use super::daemon::{check_new_name, is_mountpoint, now, snapshot_json};
 use super::guest::Frozen;
-use crate::block::{self, OpenOptions};
-use crate::engine::{ImageOptions, Snapshot};
+use crate::block;
+use crate::engine::Snapshot;
 use crate::error::{Error, ErrorKind, Result};
 use clap::Subcommand;
 use serde_json::{Value, json};
@@ -65,22 +65,6 @@ fn print_snapshot(verb: &str, v: &Value) {
     );
 }
 
-/// Opens an image that is not mounted, for writing or reading, with QEMU's locks.
-fn open(image: &Path, writable: bool) -> Result<block::Chain> {
-    block::open_chain(
-        image,
-        &OpenOptions {
-            image: ImageOptions {
-                writable,
-                ..Default::default()
-            },
-            // Snapshots are metadata: an encrypted image needs no key for them.
-            locked_ok: true,
-            ..Default::default()
-        },
-    )
-}
-
 fn find(chain: &block::Chain, spec: &str) -> Result<Snapshot> {
     chain.image().find_snapshot(spec).ok_or_else(|| {
         Error::new(
@@ -98,7 +82,7 @@ fn offline(
     verb: &str,
     op: impl FnOnce(&crate::engine::Image, crate::engine::SnapshotKey) -> Result<()>,
 ) -> Result<()> {
-    let chain = open(target, true)?;
+    let chain = super::open_for_metadata(target, true, false)?;
     let s = find(&chain, spec)?;
     op(chain.image(), s.key)?;
     chain.image().close()?;
@@ -163,7 +147,7 @@ pub fn run(action: Action) -> Result<()> {
                     "--freeze is for mounted images: give the mount point",
                 ));
             }
-            let chain = open(&target, true)?;
+            let chain = super::open_for_metadata(&target, true, false)?;
             let image = chain.image();
             check_new_name(&image.snapshots(), &name).map_err(|e| e.in_file(&target))?;
             let s = image.create_snapshot(&name, now())?;
@@ -206,7 +190,7 @@ pub fn run(action: Action) -> Result<()> {
                 let v = control::request(&target, &json!({"op": "snapshot-list"}))?;
                 v["snapshots"].as_array().cloned().unwrap_or_default()
             } else {
-                let chain = open(&target, false)?;
+                let chain = super::open_for_metadata(&target, false, false)?;
                 chain
                     .image()
                     .snapshots()

@@ -3,11 +3,11 @@
 //! `flush`.
 
 use super::alloc::Allocator;
+use super::bitmaps::BitmapSet;
 use super::cache::{Cache, L2Table};
 use super::metaio::MetaIo;
 use super::ranges::RangeLocks;
 use crate::error::{Error, ErrorKind, Result};
-use crate::format::bitmap::BitmapEntry;
 use crate::format::entry::EntryLayout;
 use crate::format::header::{Header, MAX_L1_ENTRIES};
 use crate::format::snapshot::SnapshotEntry;
@@ -62,6 +62,9 @@ impl SnapshotKey {
 pub enum View {
     Active,
     Snapshot(SnapshotKey),
+    /// The VM state saved with a snapshot, read through its L1 table (see `vmstate`):
+    /// byte 0 is the snapshot's VM-state offset, the size its `vm_state_size`.
+    VmState(SnapshotKey),
 }
 
 /// An internal snapshot.
@@ -135,8 +138,10 @@ pub struct Image {
     pub(crate) meta: RwLock<Meta>,
     pub(crate) l2_cache: Cache<L2Table>,
     pub(crate) snapshot_l1s: Mutex<HashMap<SnapshotKey, Arc<Vec<u64>>>>,
-    pub(crate) bitmaps: Vec<BitmapEntry>,
-    pub(crate) bitmap_problem: Option<String>,
+    /// The persistent bitmaps (`bitmaps`; locked after `meta`, rule B4).
+    pub(crate) bitmaps: Mutex<BitmapSet>,
+    /// Some bitmap records writes (so writes to an image without one take no lock).
+    pub(crate) recording: AtomicBool,
     pub(crate) preallocated: OnceLock<bool>,
     /// Open for writing now (a reopen changes it, under the metadata lock).
     pub(crate) writable: AtomicBool,
@@ -217,20 +222,19 @@ impl Image {
             .cloned()
     }
 
-    pub fn bitmaps(&self) -> &[BitmapEntry] {
-        &self.bitmaps
-    }
-
-    /// Why the bitmap directory could not be read, if it could not.
-    pub fn bitmap_problem(&self) -> Option<&str> {
-        self.bitmap_problem.as_deref()
-    }
-
     /// The guest size seen through `view` (0 for a snapshot that no longer exists).
     pub fn view_size(&self, view: View) -> u64 {
         match view {
             View::Active => self.meta.read().t.header.virtual_size(),
             View::Snapshot(k) => self.snapshot(k).map_or(0, |s| s.disk_size),
+            View::VmState(k) => self
+                .meta
+                .read()
+                .t
+                .snapshots
+                .iter()
+                .find(|s| s.key == k)
+                .map_or(0, |s| s.entry.vm_state_size),
         }
     }
 

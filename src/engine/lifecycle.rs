@@ -68,6 +68,8 @@ impl Image {
         if changed {
             self.write_header(t)?;
         }
+        // B1: the bitmaps are marked in use before the first change lands.
+        self.mark_bitmaps_in_use(t, w)?;
         w.prepared = true;
         Ok(())
     }
@@ -85,6 +87,9 @@ impl Image {
         let mut m = self.meta.write();
         let (t, w) = m.writer(self.path())?;
         let resized = self.resize_locked(t, w, new_size);
+        if resized.is_ok() {
+            self.resize_bitmaps(t.header.virtual_size(), true)?;
+        }
         self.corrupt_if(t, resized)
     }
 
@@ -100,6 +105,7 @@ impl Image {
         if new_size == cur {
             return Ok(());
         }
+        self.resize_bitmaps(new_size, false)?;
         self.prepare_for_write(t, w)?;
         if t.header.data_file_raw()
             && let Some((path, store)) = self.data_store.get()
@@ -195,8 +201,9 @@ impl Image {
     }
 
     /// Makes a writable image read-only (a reopen, or the old top of an external
-    /// snapshot): everything is written back and the dirty bit qcow2fs set is cleared,
-    /// as at a clean close; then the write state goes. The file's locks are the caller's
+    /// snapshot): everything is written back, the bitmaps stored with in_use cleared and
+    /// the dirty bit qcow2fs set cleared, as at a clean close (on failure the image
+    /// stays writable); then the write state goes. The file's locks are the caller's
     /// to downgrade afterwards.
     pub fn make_read_only(&self) -> Result<()> {
         if !self.is_writable() {
@@ -223,11 +230,11 @@ impl Image {
             return Ok(());
         }
         let mut m = self.meta.write();
-        super::open::check_writable_open(self.path(), &m.t.header, &self.bitmaps)?;
+        super::open::check_writable_open(self.path(), &m.t.header, &self.bitmaps.lock())?;
         // The tables are those read at open: QEMU's locks, which a read-only open holds
         // too, kept everyone else from writing the image since.
-        let w =
-            super::open::load_write_state(&self.io, &m.t, &self.bitmaps, self.l2_cache.capacity())?;
+        let file = self.bitmaps.lock().file.clone();
+        let w = super::open::load_write_state(&self.io, &m.t, &file, self.l2_cache.capacity())?;
         m.w = Some(w);
         self.writable
             .store(true, std::sync::atomic::Ordering::Release);
@@ -236,9 +243,13 @@ impl Image {
             if t.header.is_dirty() && !w.we_set_dirty {
                 self.rebuild_locked(t, w)?;
             }
+            // The bitmaps are checked and loaded, then marked in use (B1), before the
+            // switch commits: a bitmap that could not be kept valid refuses it.
+            self.load_bitmaps_locked(t, w)?;
             self.prepare_for_write(t, w)
         })();
         if let Err(e) = prepared {
+            self.unload_bitmaps();
             m.w = None;
             self.writable
                 .store(false, std::sync::atomic::Ordering::Release);
@@ -247,8 +258,8 @@ impl Image {
         Ok(())
     }
 
-    /// Writes everything back and, where qcow2fs set the dirty bit, clears it: a clean
-    /// close.
+    /// Writes everything back, stores the bitmaps (clearing in_use) and, where qcow2fs set
+    /// the dirty bit, clears it: a clean close.
     pub fn close(&self) -> Result<()> {
         if !self.is_writable() || self.io.has_failed() {
             return Ok(());
@@ -258,10 +269,11 @@ impl Image {
         self.close_locked(t, w)
     }
 
-    /// The clean-close duties: everything written back, then the dirty bit qcow2fs set
-    /// cleared (F5).
+    /// The clean-close duties: everything written back, the bitmaps stored (B3), then the
+    /// dirty bit qcow2fs set cleared (F5).
     fn close_locked(&self, t: &mut Tables, w: &mut WriteState) -> Result<()> {
         self.write_back(t, w)?;
+        self.store_bitmaps(t, w)?;
         if w.we_set_dirty {
             t.header.incompatible_features &= !incompat::DIRTY;
             self.write_header(t)?;

@@ -70,10 +70,26 @@ impl Image {
     /// The extent at guest offset `off` seen through `view`, at most `max_len` bytes and
     /// never past the view's size. `off` must be below the view's size.
     pub fn map(&self, view: View, off: u64, max_len: u64) -> Result<Mapping> {
-        if let View::Snapshot(k) = view {
-            // Snapshot L1 tables never change while they are cached (rule L4).
-            let l1 = self.snapshot_l1(k)?;
-            return self.map_l1(&l1, self.view_size(view), off, max_len);
+        match view {
+            View::Snapshot(k) => {
+                // Snapshot L1 tables never change while they are cached (rule L4).
+                let l1 = self.snapshot_l1(k)?;
+                return self.map_l1(&l1, self.view_size(view), off, max_len);
+            }
+            View::VmState(k) => {
+                // Guest offsets past the disk, up to the end of the VM state.
+                let l1 = self.snapshot_l1(k)?;
+                let area = self.vm_state_bounds(k, l1.len())?;
+                let guest = area.offset.checked_add(off).filter(|_| off < area.len);
+                let Some(guest) = guest else {
+                    return Err(Error::new(
+                        crate::error::ErrorKind::OutOfRange,
+                        format!("offset {off:#x} is past the VM state ({} bytes)", area.len),
+                    ));
+                };
+                return self.map_l1(&l1, area.offset + area.len, guest, max_len);
+            }
+            View::Active => {}
         }
         let meta = self.meta.read();
         self.map_l1(&meta.t.l1, meta.t.header.virtual_size(), off, max_len)

@@ -10,12 +10,17 @@
 //! lookups, `write` write planning, `flush` write-back ordering, `lifecycle` the changes
 //! to the image as a whole, `rebuild` refcount repair, `ranges` guest range locks,
 //! `prealloc` QEMU's preallocation test, `snapshot` internal snapshots of a writable
-//! image, `create` new images, `encryption` the
-//! encryption state (LUKS header, the cipher once unlocked).
+//! image, `vmstate` where a snapshot's VM state lies, `create` new images, `encryption`
+//! the encryption state (LUKS header, the cipher once unlocked), `bitmaps` persistent
+//! dirty bitmaps kept valid while the image is written (with `dirty` their bits in memory
+//! and `bitmap_ops` what users do with them).
 
 mod alloc;
+mod bitmap_ops;
+mod bitmaps;
 pub mod cache;
 pub mod create;
+mod dirty;
 mod encryption;
 mod flush;
 mod image;
@@ -28,11 +33,14 @@ mod prealloc;
 mod ranges;
 mod rebuild;
 mod snapshot;
+mod vmstate;
 mod write;
 
+pub use bitmap_ops::{BitmapInfo, default_granularity};
 pub use image::{
     CacheStats, DEFAULT_CACHE_BYTES, Image, ImageOptions, Snapshot, SnapshotKey, View,
 };
 pub use map::{MapKind, Mapping};
 pub use ranges::{RangeGuard, RangeLocks};
+pub use vmstate::VmStateArea;
 pub use write::ClusterWrite;

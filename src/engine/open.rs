@@ -1,9 +1,10 @@
 //! Opening one qcow2 image: header, active L1 table, snapshot table and bitmap
 //! directory, with the open-time checks (design.md, "Hostile input"); for a writable
-//! image also the refcount table and the record of its metadata clusters, and the
-//! refcount rebuild of an image left dirty.
+//! image also the refcount table and the record of its metadata clusters, the refcount
+//! rebuild of an image left dirty, and the bitmaps checked and loaded (`bitmaps`).
 
 use super::alloc::Allocator;
+use super::bitmaps::BitmapSet;
 use super::cache::Cache;
 use super::encryption::Encryption;
 use super::image::{Image, ImageOptions, Meta, Snapshot, SnapshotKey, Tables, WriteState};
@@ -59,13 +60,12 @@ impl Image {
             header.l1_size as usize,
         )?;
         let snapshots = read_snapshots(&io, &header, file_len)?;
-        let (bitmaps, bitmap_problem) = match read_bitmaps(&io, &header, file_len) {
-            Ok(b) => (b, None),
-            Err(e) => {
+        let bitmaps = BitmapSet::new(read_bitmaps(&io, &header, file_len).map_err(|e| {
+            if !opts.writable {
                 log::warn!("{e:#}; ignoring the persistent bitmaps");
-                (Vec::new(), Some(e.report()))
             }
-        };
+            e.report()
+        }));
         let tables = (opts.cache_bytes >> cluster_bits).max(4) as usize;
         let t = Tables {
             header,
@@ -75,7 +75,7 @@ impl Image {
         };
         let w = if opts.writable {
             check_writable_open(path, &t.header, &bitmaps)?;
-            Some(load_write_state(&io, &t, &bitmaps, tables)?)
+            Some(load_write_state(&io, &t, &bitmaps.file, tables)?)
         } else {
             None
         };
@@ -86,8 +86,8 @@ impl Image {
             meta: RwLock::new(Meta { t, w }),
             l2_cache: Cache::new(tables),
             snapshot_l1s: Mutex::new(HashMap::new()),
-            bitmaps,
-            bitmap_problem,
+            bitmaps: Mutex::new(bitmaps),
+            recording: Default::default(),
             preallocated: OnceLock::new(),
             writable: std::sync::atomic::AtomicBool::new(opts.writable),
             corrupt: OnceLock::new(),
@@ -101,6 +101,9 @@ impl Image {
                 path.display()
             );
             image.rebuild_refcounts()?;
+        }
+        if opts.writable {
+            image.load_bitmaps_for_write()?;
         }
         Ok(image)
     }
@@ -142,26 +145,19 @@ pub(crate) fn load_write_state(
     })
 }
 
-/// The rules for opening read-write: no corrupt bit, no persistent bitmaps that writes
-/// would leave stale.
-pub(crate) fn check_writable_open(
-    path: &Path,
-    header: &Header,
-    bitmaps: &[BitmapEntry],
-) -> Result<()> {
+/// The rules for opening read-write: no corrupt bit, a bitmap directory that could be
+/// read. (The bitmaps themselves are checked and loaded once the write state exists,
+/// `load_bitmaps_for_write`.)
+pub(crate) fn check_writable_open(path: &Path, header: &Header, bitmaps: &BitmapSet) -> Result<()> {
     if header.is_corrupt() {
         return Err(Error::unsupported(
             "the image is marked corrupt (incompatible bit 1); refusing to open it read-write (repair it with `qemu-img check -r all`, or mount it read-only)",
         )
         .in_file(path));
     }
-    if !bitmaps.is_empty() {
-        let names: Vec<&str> = bitmaps.iter().map(|b| b.name.as_str()).collect();
-        return Err(Error::unsupported(format!(
-            "the image has persistent dirty bitmaps ({}), which writes would leave stale; refusing to open it read-write (remove them with `qemu-img bitmap --remove`, or mount read-only)",
-            names.join(", ")
-        ))
-        .in_file(path));
+    if let Some(p) = &bitmaps.problem {
+        // Before anything reads the bitmap structures the problem is about.
+        return Err(super::bitmaps::refuse_write(path, p));
     }
     Ok(())
 }
@@ -211,6 +207,37 @@ fn read_bitmaps(io: &MetaIo, h: &Header, file_len: u64) -> Result<Vec<BitmapEntr
     if h.autoclear_features & header::autoclear::BITMAPS == 0 {
         // The bitmaps are all inconsistent; QEMU drops them on a read-write open.
         return Ok(Vec::new());
+    }
+    // QEMU refuses to open such an image at all; qcow2fs still reads it (the bitmaps are
+    // not needed for that) and refuses to write it.
+    let bad = |m: String| {
+        Err(Error::corrupt(format!(
+            "the bitmaps extension at offset {:#x}: {m}",
+            ext.ext_offset
+        ))
+        .in_file(io.path()))
+    };
+    if ext.nb_bitmaps == 0 {
+        return bad("it lists 0 bitmaps".into());
+    }
+    if ext.nb_bitmaps > bitmap::MAX_BITMAPS {
+        return bad(format!(
+            "{} bitmaps exceed QEMU's limit of {}",
+            ext.nb_bitmaps,
+            bitmap::MAX_BITMAPS
+        ));
+    }
+    if ext.directory_size > bitmap::MAX_DIRECTORY_BYTES {
+        return bad(format!(
+            "the directory size {} exceeds the 64 MiB limit",
+            ext.directory_size
+        ));
+    }
+    if ext.directory_offset == 0 || !ext.directory_offset.is_multiple_of(h.cluster_size()) {
+        return bad(format!(
+            "the directory offset {:#x} is not a cluster-aligned offset",
+            ext.directory_offset
+        ));
     }
     if ext.directory_offset.saturating_add(ext.directory_size) > file_len {
         return Err(Error::corrupt(format!(
@@ -302,7 +329,10 @@ pub(crate) fn metadata_map(
         let snap_l1 = io.read_words("a snapshot L1 table", off, e.l1_size as usize)?;
         claim_l2s(&mut map, &snap_l1, MetaKind::SnapshotL2);
     }
-    if let Some(ext) = header.bitmaps {
+    if let Some(ext) = header
+        .bitmaps
+        .filter(|_| header.autoclear_features & header::autoclear::BITMAPS != 0)
+    {
         map.claim_bytes(
             HostOffset(ext.directory_offset),
             ext.directory_size,

@@ -137,7 +137,12 @@ impl Image {
                 self.count_l1(&l1, &mut counts)?;
             }
         }
-        if let Some(ext) = h.bitmaps {
+        // Bitmaps a program without bitmap support invalidated (autoclear bit clear) are
+        // dropped at the first write, as in QEMU: their clusters leak.
+        if let Some(ext) = h
+            .bitmaps
+            .filter(|_| h.autoclear_features & crate::format::header::autoclear::BITMAPS != 0)
+        {
             counts.add_range(
                 ext.directory_offset,
                 ext.directory_size,
@@ -181,7 +186,7 @@ impl Image {
         t.header.refcount_table_offset = table_offset;
         t.header.refcount_table_clusters = table_clusters;
         self.write_header(t)?;
-        let overlap = metadata_map(io, &t.header, &t.l1, &table, &snapshots, self.bitmaps())?;
+        let overlap = metadata_map(io, &t.header, &t.l1, &table, &snapshots, &self.bitmaps())?;
         let end = io.len()?.div_ceil(cs);
         w.alloc = Allocator::new(
             table,

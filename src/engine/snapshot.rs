@@ -195,7 +195,7 @@ impl Image {
             &t.l1,
             w.alloc.table(),
             &t.snapshots,
-            &self.bitmaps,
+            &self.bitmaps(),
         )?;
         w.alloc.set_overlap(map);
         Ok(())
@@ -395,6 +395,7 @@ impl Image {
     /// new owner, the active L1 table takes the snapshot's entries, and the old active
     /// tree loses its owner.
     pub fn revert_to_snapshot(&self, key: SnapshotKey) -> Result<()> {
+        self.check_revert_bitmaps()?;
         self.snapshot_op(|img, t, w| {
             let (_, s) = img.find_key(t, key)?;
             let mut sn_l1 = img.read_snapshot_l1(&s)?;

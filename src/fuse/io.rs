@@ -12,6 +12,9 @@ pub fn errno(e: &Error) -> Errno {
 
 /// Bytes of `dev` that hold data (not holes), for `st_blocks`.
 pub fn allocated_bytes(dev: &dyn BlockDev) -> crate::Result<u64> {
+    if let Some(known) = dev.data_bytes() {
+        return known;
+    }
     let size = dev.size();
     let mut off = 0;
     let mut total = 0;

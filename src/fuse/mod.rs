@@ -1,11 +1,14 @@
-//! A thin adapter to fuser 0.18: the namespace, the mount's state and the file logic
-//! are plain data and functions in `namespace`, `state` and `io`; each `Filesystem`
+//! A thin adapter to fuser 0.18: the namespace (and the files of snapshots' VM state in
+//! it), the mount's state, the file logic and the extended attributes are plain data and
+//! functions in `namespace` (`vmfiles`), `state`, `io` and `xattr`; each `Filesystem`
 //! callback is a few lines that call them.
 
 pub mod access;
 pub mod io;
 pub mod namespace;
 pub mod state;
+pub mod vmfiles;
+pub mod xattr;
 
 pub use io::{allocated_bytes, fallocate, seek};
 pub use state::{FileRef, FsConfig, MountState, OpenFiles};
@@ -13,7 +16,7 @@ pub use state::{FileRef, FsConfig, MountState, OpenFiles};
 use fuser::{
     Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
     LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, Request,
+    ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use io::errno;
 use namespace::NodeKind;
@@ -88,6 +91,14 @@ impl Qcow2Fs {
     }
 }
 
+fn send_xattr(answer: xattr::Answer, reply: ReplyXattr) {
+    match answer {
+        xattr::Answer::Size(n) => reply.size(n),
+        xattr::Answer::Data(d) => reply.data(&d),
+        xattr::Answer::Error(e) => reply.error(Errno::from_i32(e)),
+    }
+}
+
 impl Filesystem for Qcow2Fs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_write(MAX_REQUEST);
@@ -128,7 +139,12 @@ impl Filesystem for Qcow2Fs {
         }
         self.m.opened(&f.state, writer);
         let fh = if writer { FH_WRITER } else { 0 };
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+        let cache = if f.dev.volatile() {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(fh), cache)
     }
 
     fn release(
@@ -352,6 +368,35 @@ impl Filesystem for Qcow2Fs {
                 reply.error(errno(&e))
             }
         }
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let name = name.as_encoded_bytes();
+        send_xattr(
+            self.m.xattr(ino.0, req.uid(), req.gid(), Some(name), size),
+            reply,
+        )
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        send_xattr(self.m.xattr(ino.0, req.uid(), req.gid(), None, size), reply)
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::from_i32(xattr::change(name.as_encoded_bytes())));
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::from_i32(xattr::change(name.as_encoded_bytes())));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

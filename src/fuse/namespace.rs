@@ -8,8 +8,18 @@
 //! - `NAME.raw`: the active disk;
 //! - `snapshots/SNAPNAME.raw`: one file per internal snapshot (`SNAPNAME@ID.raw` where the
 //!   name is empty, `.`, `..` or shared);
-//! - `layers/N-FILENAME.raw`: backing layer N, seen through its own chain.
+//! - for a snapshot with VM state, next to its disk (same stem): `SNAPNAME.vmstate`, the
+//!   migration stream; `SNAPNAME.mem`, the guest-physical memory rebuilt from it (when
+//!   the machine's memory layout is known); `SNAPNAME.ram/BLOCK.raw`, each RAM block
+//!   alone, its name escaped as snapshot names are. A VM state that cannot be used is
+//!   left out with the reason in the log; the disk file stays. Snapshots taken while
+//!   mounted have no VM state;
+//! - `layers/N-FILENAME.raw`: backing layer N, seen through its own chain;
+//! - `bitmaps/BITMAPNAME.raw`: the active disk where persistent bitmap BITMAPNAME has it
+//!   dirty, holes elsewhere (the name escaped like a snapshot's; inconsistent bitmaps are
+//!   left out).
 
+use super::xattr::{self, Fixed};
 use crate::block::{BlockDev, Chain};
 use crate::engine::{Snapshot, SnapshotKey};
 use parking_lot::{Condvar, Mutex};
@@ -29,6 +39,27 @@ pub enum FileRole {
     Active,
     Snapshot(SnapshotKey),
     Layer(usize),
+    /// A persistent bitmap's view of the active disk (read-only).
+    Bitmap,
+    /// A snapshot's VM-state stream (`NAME.vmstate`).
+    VmState(SnapshotKey),
+    /// The guest-physical memory rebuilt from it (`NAME.mem`).
+    Memory(SnapshotKey),
+    /// One RAM block of it (`NAME.ram/BLOCK.raw`), by its place in the stream's list.
+    RamBlock(SnapshotKey, usize),
+}
+
+impl FileRole {
+    /// The snapshot a file belongs to, if any.
+    pub fn snapshot(self) -> Option<SnapshotKey> {
+        match self {
+            FileRole::Snapshot(k)
+            | FileRole::VmState(k)
+            | FileRole::Memory(k)
+            | FileRole::RamBlock(k, _) => Some(k),
+            FileRole::Active | FileRole::Layer(_) | FileRole::Bitmap => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -77,6 +108,8 @@ pub struct Node {
     pub kind: NodeKind,
     pub mtime: SystemTime,
     pub state: Arc<NodeState>,
+    /// Extended attributes fixed when the file was made (`xattr`).
+    pub xattrs: Fixed,
 }
 
 impl Node {
@@ -94,6 +127,7 @@ pub type Wrap<'a> =
 pub struct LayoutOptions {
     pub snapshots: bool,
     pub layers: bool,
+    pub bitmaps: bool,
 }
 
 impl Default for LayoutOptions {
@@ -101,6 +135,7 @@ impl Default for LayoutOptions {
         LayoutOptions {
             snapshots: true,
             layers: true,
+            bitmaps: true,
         }
     }
 }
@@ -172,13 +207,19 @@ pub fn snapshot_file_stems(snaps: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
 
 /// `STEM.raw`.
 pub fn raw_name(stem: &[u8]) -> OsString {
+    with_extension(stem, "raw")
+}
+
+/// `STEM.EXT`.
+pub fn with_extension(stem: &[u8], ext: &str) -> OsString {
     let mut v = stem.to_vec();
-    v.extend_from_slice(b".raw");
+    v.push(b'.');
+    v.extend_from_slice(ext.as_bytes());
     OsString::from_vec(v)
 }
 
-/// The file names of `snapshots` in the mount, by key.
-pub fn snapshot_file_names(snapshots: &[&Snapshot]) -> Vec<(SnapshotKey, OsString)> {
+/// The file-name stems of `snapshots` in the mount (without `.raw`), by key.
+pub fn snapshot_file_stems_of(snapshots: &[&Snapshot]) -> Vec<(SnapshotKey, Vec<u8>)> {
     let pairs: Vec<(String, Vec<u8>)> = snapshots
         .iter()
         .map(|s| (s.entry.id.clone(), s.entry.name_bytes.clone()))
@@ -186,7 +227,15 @@ pub fn snapshot_file_names(snapshots: &[&Snapshot]) -> Vec<(SnapshotKey, OsStrin
     snapshots
         .iter()
         .zip(snapshot_file_stems(&pairs))
-        .map(|(s, stem)| (s.key, raw_name(&stem)))
+        .map(|(s, stem)| (s.key, stem))
+        .collect()
+}
+
+/// The file names of `snapshots` in the mount, by key.
+pub fn snapshot_file_names(snapshots: &[&Snapshot]) -> Vec<(SnapshotKey, OsString)> {
+    snapshot_file_stems_of(snapshots)
+        .into_iter()
+        .map(|(k, stem)| (k, raw_name(&stem)))
         .collect()
 }
 
@@ -208,7 +257,7 @@ fn file_mtime(path: &Path) -> SystemTime {
         .unwrap_or(UNIX_EPOCH)
 }
 
-fn dir() -> NodeKind {
+pub(super) fn dir() -> NodeKind {
     NodeKind::Dir {
         children: Vec::new(),
     }
@@ -260,10 +309,14 @@ impl Namespace {
                 .collect();
             if !usable.is_empty() {
                 let dir = ns.add(ROOT_INO, "snapshots".into(), dir(), image_mtime);
-                for ((key, name), s) in snapshot_file_names(&usable).into_iter().zip(&usable) {
+                for ((key, stem), s) in snapshot_file_stems_of(&usable).into_iter().zip(&usable) {
                     let role = FileRole::Snapshot(key);
+                    let name = raw_name(&stem);
                     let dev = wrap(role, &name.to_string_lossy(), chain.snapshot(key))?;
-                    ns.add(dir, name, NodeKind::File { dev, role }, snapshot_mtime(s));
+                    ns.add_snapshot(dir, s, name, dev);
+                    if s.entry.vm_state_size > 0 {
+                        super::vmfiles::add_vm_state(&mut ns, dir, s, &stem, &chain.top);
+                    }
                 }
             }
         }
@@ -275,6 +328,12 @@ impl Namespace {
                 let role = FileRole::Layer(i + 1);
                 let dev = wrap(role, &name.to_string_lossy(), layer.clone())?;
                 ns.add(dir, name, NodeKind::File { dev, role }, file_mtime(path));
+            }
+        }
+        if opts.bitmaps {
+            for name in image.bitmap_files() {
+                let (dir, _) = ns.bitmaps_dir(image_mtime);
+                ns.add_bitmap(dir, chain, &name, image_mtime);
             }
         }
         Ok(ns)
@@ -300,7 +359,25 @@ impl Namespace {
             kind,
             mtime,
             state: Arc::default(),
+            xattrs: Fixed::new(),
         }));
+        ino
+    }
+
+    /// Adds file `name` to directory `parent`, with its fixed extended attributes.
+    pub(super) fn add_file(
+        &mut self,
+        parent: u64,
+        name: OsString,
+        file: (Arc<dyn BlockDev>, FileRole),
+        mtime: SystemTime,
+        xattrs: Fixed,
+    ) -> u64 {
+        let (dev, role) = file;
+        let ino = self.add(parent, name, NodeKind::File { dev, role }, mtime);
+        if let Some(Some(n)) = self.nodes.get_mut((ino - 1) as usize) {
+            n.xattrs = xattrs;
+        }
         ino
     }
 
@@ -360,7 +437,9 @@ impl Namespace {
         }
     }
 
-    /// Adds the file of snapshot `s`, named `name`, showing `dev`, to directory `dir`.
+    /// Adds the disk file of snapshot `s`, named `name`, showing `dev`, to directory
+    /// `dir`. Its VM state, if it has one, is added by `vmfiles::add_vm_state` (a
+    /// snapshot taken while mounted has none).
     pub fn add_snapshot(
         &mut self,
         dir: u64,
@@ -369,17 +448,79 @@ impl Namespace {
         dev: Arc<dyn BlockDev>,
     ) -> u64 {
         let role = FileRole::Snapshot(s.key);
-        self.add(dir, name, NodeKind::File { dev, role }, snapshot_mtime(s))
+        let attrs = xattr::snapshot_attrs(s);
+        self.add_file(dir, name, (dev, role), snapshot_mtime(s), attrs)
     }
 
-    /// The files that belong to snapshot `key`, as (inode, directory, name).
+    /// The `bitmaps` directory, made (under the root) if the mount has none yet; whether
+    /// it was made.
+    pub fn bitmaps_dir(&mut self, mtime: SystemTime) -> (u64, bool) {
+        match self.lookup(ROOT_INO, OsStr::new("bitmaps")) {
+            Some(n) => (n.ino, false),
+            None => (self.add(ROOT_INO, "bitmaps".into(), dir(), mtime), true),
+        }
+    }
+
+    /// Adds the file of bitmap `name` of `chain`'s image to directory `dir`; returns its
+    /// inode number and file name.
+    pub fn add_bitmap(
+        &mut self,
+        dir: u64,
+        chain: &Chain,
+        name: &str,
+        mtime: SystemTime,
+    ) -> (u64, OsString) {
+        let file = raw_name(&escape_name(name.as_bytes()));
+        let dev = Arc::new(crate::block::BitmapView::new(
+            chain.top.clone(),
+            chain.image().clone(),
+            name,
+        ));
+        let kind = NodeKind::File {
+            dev,
+            role: FileRole::Bitmap,
+        };
+        (self.add(dir, file.clone(), kind, mtime), file)
+    }
+
+    /// The file of bitmap `name`, as (inode, directory, name), if the mount shows one.
+    pub fn bitmap_file(&self, name: &str) -> Option<(u64, u64, OsString)> {
+        let dir = self.lookup(ROOT_INO, OsStr::new("bitmaps"))?.ino;
+        let file = raw_name(&escape_name(name.as_bytes()));
+        let n = self.lookup(dir, &file)?;
+        Some((n.ino, dir, file))
+    }
+
+    /// The files that belong to snapshot `key` (its disk and VM-state files), then the
+    /// directories that hold only such files, as (inode, directory, name): removing them
+    /// in this order leaves no empty directory of the snapshot behind.
     pub fn snapshot_files(&self, key: SnapshotKey) -> Vec<(u64, u64, OsString)> {
-        self.nodes()
-            .filter(|n| {
-                matches!(n.kind, NodeKind::File { role: FileRole::Snapshot(k), .. } if k == key)
-            })
+        let mut files: Vec<(u64, u64, OsString)> = self
+            .nodes()
+            .filter(
+                |n| matches!(n.kind, NodeKind::File { role, .. } if role.snapshot() == Some(key)),
+            )
             .map(|n| (n.ino, n.parent, n.name.clone()))
-            .collect()
+            .collect();
+        let mut dirs: Vec<u64> = self
+            .nodes()
+            .filter(|n| {
+                matches!(n.kind, NodeKind::File { role: FileRole::RamBlock(k, _), .. } if k == key)
+            })
+            .map(|n| n.parent)
+            .collect();
+        dirs.sort_unstable();
+        dirs.dedup();
+        for d in dirs {
+            let Some(n) = self.node(d) else { continue };
+            let NodeKind::Dir { children } = &n.kind else {
+                continue;
+            };
+            if children.iter().all(|c| files.iter().any(|f| f.0 == *c)) {
+                files.push((d, n.parent, n.name.clone()));
+            }
+        }
+        files
     }
 
     /// Puts `dev` in front of the backing layers (an external snapshot made the image it
@@ -542,6 +683,89 @@ mod tests {
         assert_eq!(stem(Path::new("/a/disk.qcow2")), "disk");
         assert_eq!(stem(Path::new("disk")), "disk");
         assert_eq!(stem(Path::new("x.tar.qcow2")), "x.tar");
+    }
+
+    /// A disk of no bytes, for files whose content does not matter.
+    #[derive(Debug)]
+    struct NoDisk(crate::block::LayerInfo);
+
+    impl BlockDev for NoDisk {
+        fn size(&self) -> u64 {
+            0
+        }
+        fn read_at(&self, _: &mut [u8], _: u64) -> crate::Result<()> {
+            Ok(())
+        }
+        fn status(&self, _: u64, len: u64, _: bool) -> crate::Result<crate::block::Status> {
+            Ok(crate::block::Status {
+                len,
+                depth: 0,
+                present: false,
+                zero: true,
+                data: false,
+                compressed: false,
+                offset: None,
+            })
+        }
+        fn info(&self) -> &crate::block::LayerInfo {
+            &self.0
+        }
+    }
+
+    #[test]
+    fn a_snapshots_files_are_its_disk_its_vm_state_and_their_folder_last() {
+        let mut ns = Namespace {
+            nodes: Vec::new(),
+            index: HashMap::new(),
+        };
+        let disk = || -> Arc<dyn BlockDev> {
+            Arc::new(NoDisk(crate::block::LayerInfo {
+                path: "x".into(),
+                format: "qcow2",
+            }))
+        };
+        let (a, b) = (SnapshotKey(1), SnapshotKey(2));
+        ns.add(ROOT_INO, OsString::new(), dir(), UNIX_EPOCH);
+        let d = ns.add(ROOT_INO, "snapshots".into(), dir(), UNIX_EPOCH);
+        let file = |ns: &mut Namespace, parent, name: &str, role| {
+            ns.add_file(
+                parent,
+                name.into(),
+                (disk(), role),
+                UNIX_EPOCH,
+                Fixed::new(),
+            )
+        };
+        file(&mut ns, d, "a.raw", FileRole::Snapshot(a));
+        file(&mut ns, d, "a.vmstate", FileRole::VmState(a));
+        let ram = ns.add(d, "a.ram".into(), dir(), UNIX_EPOCH);
+        file(&mut ns, ram, "pc.ram.raw", FileRole::RamBlock(a, 0));
+        file(&mut ns, ram, "pc.bios.raw", FileRole::RamBlock(a, 1));
+        file(&mut ns, d, "a.mem", FileRole::Memory(a));
+        file(&mut ns, d, "b.raw", FileRole::Snapshot(b));
+        let names = |k| -> Vec<String> {
+            ns.snapshot_files(k)
+                .iter()
+                .map(|f| ns.path_of(f.0).to_string_lossy().into_owned())
+                .collect()
+        };
+        assert_eq!(
+            names(a),
+            [
+                "snapshots/a.raw",
+                "snapshots/a.vmstate",
+                "snapshots/a.ram/pc.ram.raw",
+                "snapshots/a.ram/pc.bios.raw",
+                "snapshots/a.mem",
+                "snapshots/a.ram",
+            ]
+        );
+        assert_eq!(names(b), ["snapshots/b.raw"]);
+        for (ino, _, _) in ns.snapshot_files(a) {
+            ns.remove(ino);
+        }
+        let left: Vec<OsString> = ns.entries(d).unwrap().into_iter().map(|e| e.2).collect();
+        assert_eq!(left, [".", "..", "b.raw"]);
     }
 
     #[test]

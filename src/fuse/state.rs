@@ -12,6 +12,7 @@
 use super::access;
 use super::io::{allocated_bytes, background_priority};
 use super::namespace::{FileRole, Namespace, Node, NodeKind, NodeState};
+use super::xattr::{self, Answer};
 use crate::block::BlockDev;
 use fuser::{FileAttr, FileType, INodeNo, Notifier};
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -41,6 +42,8 @@ pub struct FsConfig {
     pub readahead: Option<u32>,
     /// The active disk is writable (`-o rw`) when the mount starts.
     pub writable: bool,
+    /// Extended attributes are shown (`-o xattrs=on`).
+    pub xattrs: bool,
 }
 
 /// Files open through the mount, for `qcow2fs status`.
@@ -200,10 +203,18 @@ impl MountState {
     /// block, so that no tool takes the file for one big hole) while the count goes on in
     /// the background.
     fn allocated(&self, state: &NodeState, dev: &Arc<dyn BlockDev>, wait: Duration) -> (u64, bool) {
+        if dev.volatile() {
+            // Counted each time (a bitmap's dirty extents, from memory).
+            return (allocated_bytes(&**dev).unwrap_or_else(|_| dev.size()), true);
+        }
         let slot = &state.blocks;
         let mut b = slot.state.lock();
         if let Some(v) = b.bytes {
             return (v, true);
+        }
+        if !b.computing && !dev.map_ready() {
+            // Counting would build the disk's map: wait until a reader has.
+            return (dev.size() + 512, false);
         }
         if !b.computing {
             b.computing = true;
@@ -269,16 +280,12 @@ impl MountState {
                 let wait = if lookup { Duration::ZERO } else { BLOCKS_WAIT };
                 let (blocks, exact) = self.allocated(&state, &dev, wait);
                 let ttl = match (exact, lookup) {
+                    _ if dev.volatile() => Duration::ZERO,
                     (true, _) => TTL,
                     (false, true) => Duration::ZERO,
                     (false, false) => ESTIMATE_TTL,
                 };
-                let base = if self.is_writable(&*dev) {
-                    0o644
-                } else {
-                    0o444
-                };
-                let perm = base & access::ceiling(self.cfg.uid, self.cfg.gid, &dev.sources());
+                let perm = self.file_perm(&*dev);
                 let changed = state.changed.lock().unwrap_or(mtime);
                 let mut attr = self.attr_fields(
                     ino,
@@ -292,6 +299,35 @@ impl MountState {
                 attr.crtime = mtime;
                 Some((attr, ttl))
             }
+        }
+    }
+
+    /// The permission bits of a file showing `dev`, before the umask.
+    fn file_perm(&self, dev: &dyn BlockDev) -> u32 {
+        let base = if self.is_writable(dev) { 0o644 } else { 0o444 };
+        base & access::ceiling(self.cfg.uid, self.cfg.gid, &dev.sources())
+    }
+
+    /// The answer to getxattr (`name` given) or listxattr on node `ino` for a caller
+    /// `uid`:`gid`, with a buffer of `size` bytes (0 asks for the size).
+    pub fn xattr(&self, ino: u64, uid: u32, gid: u32, name: Option<&[u8]>, size: u32) -> Answer {
+        let ns = self.ns.read();
+        let Some(node) = ns.node(ino) else {
+            return Answer::Error(libc::ENOENT);
+        };
+        let attrs = match &node.kind {
+            NodeKind::File { dev, .. } if self.cfg.xattrs => {
+                let perm = self.file_perm(&**dev) & !self.cfg.umask;
+                if !xattr::readable(uid, gid, self.cfg.uid, self.cfg.gid, perm) {
+                    return Answer::Error(libc::EACCES);
+                }
+                xattr::attributes(node, &node.xattrs)
+            }
+            _ => Vec::new(),
+        };
+        match name {
+            Some(n) => xattr::get(&attrs, n, size),
+            None => xattr::list(&attrs, size),
         }
     }
 

@@ -70,6 +70,18 @@ pub struct SnapFile {
     pub name: String,
     pub file: String,
     pub date: (i64, i64),
+    /// The VM-state size `qemu-img info` gives.
+    pub vm_state_size: u64,
+}
+
+impl SnapFile {
+    /// `SNAPNAME.vmstate` (its file name without `.raw`, and `.vmstate`) for a snapshot
+    /// with VM state: the mount shows it whenever the state lies within the snapshot's
+    /// L1 table, whatever the bytes are.
+    pub fn vmstate_file(&self) -> Option<String> {
+        let stem = self.file.strip_suffix(".raw").unwrap();
+        (self.vm_state_size > 0).then(|| format!("{stem}.vmstate"))
+    }
 }
 
 /// Escapes a snapshot name for a file name: `%` → `%25`, `/` → `%2F`.
@@ -114,6 +126,7 @@ pub fn expected_snapshot_files(info: &Value) -> Vec<SnapFile> {
                     s["date-sec"].as_i64().unwrap(),
                     s["date-nsec"].as_i64().unwrap(),
                 ),
+                vm_state_size: s["vm-state-size"].as_u64().unwrap(),
             }
         })
         .collect();
@@ -153,6 +166,24 @@ pub fn expected_layer_files(top: &Path) -> Vec<LayerFile> {
 }
 
 /// The root directory's expected entries.
+/// `bitmaps/` file names from `qemu-img info --output=json`: BITMAPNAME.raw (escaped like
+/// a snapshot name) for every bitmap not in use (an inconsistent one has no file).
+pub fn expected_bitmap_files(info: &Value) -> BTreeSet<String> {
+    info["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|b| {
+                    !b["flags"]
+                        .as_array()
+                        .is_some_and(|f| f.iter().any(|f| f == "in-use"))
+                })
+                .map(|b| format!("{}.raw", escape_snapshot_name(b["name"].as_str().unwrap())))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 pub fn expected_root(top: &Path, snapshots: bool, layers: bool) -> BTreeSet<String> {
     let mut root = BTreeSet::from([format!("{}.raw", stem(top))]);
     if snapshots {

@@ -336,8 +336,8 @@ pub fn set_snapshot_vm_state_size(path: &Path, index: usize, size: u64) {
     }
 }
 
-/// ORs `flags` into the directory entry of bitmap `name`.
-pub fn set_bitmap_flags(path: &Path, name: &str, flags: u32) {
+/// The bitmap directory: (offset, size, number of entries).
+pub fn bitmap_directory(path: &Path) -> (u64, u64, usize) {
     let ext = Cluster0::load(path)
         .ext(EXT_BITMAPS)
         .expect("bitmaps extension")
@@ -347,21 +347,29 @@ pub fn set_bitmap_flags(path: &Path, name: &str, flags: u32) {
             .iter()
             .fold(0u64, |v, &b| v << 8 | b as u64)
     };
-    let nb = field(0, 4) as usize;
-    let dir_size = field(8, 8) as usize;
-    let dir_off = field(16, 8);
-    let dir = read_bytes(path, dir_off, dir_size);
+    (field(16, 8), field(8, 8), field(0, 4) as usize)
+}
+
+/// Where the directory entry of bitmap `name` is in the file (its fields: table offset
+/// +0, table size +8, flags +12, type +16, granularity bits +17, name size +18).
+pub fn bitmap_entry_offset(path: &Path, name: &str) -> u64 {
+    let (dir_off, dir_size, nb) = bitmap_directory(path);
+    let dir = read_bytes(path, dir_off, dir_size as usize);
     let be32 = |at: usize| u32::from_be_bytes(dir[at..at + 4].try_into().unwrap());
     let mut e = 0usize;
     for _ in 0..nb {
-        let old = be32(e + 12);
         let name_size = u16::from_be_bytes([dir[e + 18], dir[e + 19]]) as usize;
         let extra = be32(e + 20) as usize;
         if &dir[e + 24 + extra..e + 24 + extra + name_size] == name.as_bytes() {
-            put32(path, dir_off + e as u64 + 12, old | flags);
-            return;
+            return dir_off + e as u64;
         }
         e += (24 + extra + name_size).div_ceil(8) * 8;
     }
     panic!("{}: no bitmap named {name}", path.display());
+}
+
+/// ORs `flags` into the directory entry of bitmap `name`.
+pub fn set_bitmap_flags(path: &Path, name: &str, flags: u32) {
+    let at = bitmap_entry_offset(path, name) + 12;
+    put32(path, at, read_be32(path, at) | flags);
 }

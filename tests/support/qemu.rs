@@ -1,6 +1,7 @@
 //! QEMU, the oracle: running qemu-img and qemu-io, QEMU's raw renderings of a disk, a
-//! snapshot or a layer, its `map` and `info` JSON, the one `qemu-img check` assertion
-//! every write scenario ends with, and a QEMU process that holds an image open.
+//! snapshot or a layer, its `map` and `info` JSON, the dirty extents of a persistent
+//! bitmap (qemu-nbd and nbdinfo), the one `qemu-img check` assertion every write scenario
+//! ends with, and a QEMU process that holds an image open.
 //!
 //! Every tool runs with the image's directory as its working directory, because QEMU
 //! resolves a relative external data-file name against the CWD (qcow2fs resolves it
@@ -123,6 +124,51 @@ pub fn qemu_snapshot_raw(image: &Path, snapshot: &str) -> Vec<u8> {
     qemu_raw_as(&copy.path, Some("qcow2"))
 }
 
+/// The VM state saved with snapshot `snapshot` (ID or name) of `image`, `len` bytes, as
+/// QEMU reads it back: on a copy reverted to the snapshot (so its L1 table is the
+/// snapshot's and the disk has the snapshot's size), `qemu-io -r -c 'read -b -v 0 N'`
+/// (N is `len` in whole sectors), whose hex dump is turned back into bytes.
+pub fn qemu_vmstate(image: &Path, snapshot: &str, len: u64) -> Vec<u8> {
+    let copy = qemu_snapshot_applied(image, snapshot);
+    let n = len.next_multiple_of(512);
+    let read = format!("read -b -v 0 {n}");
+    let path = copy.path.to_string_lossy().into_owned();
+    let out = run(
+        &image_dir(image),
+        "qemu-io",
+        &["-r", "-f", "qcow2", "-c", read.as_str(), path.as_str()],
+    );
+    let mut bytes = Vec::with_capacity(n as usize);
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some((off, rest)) = line.split_once(':') else {
+            continue;
+        };
+        if off.len() != 8 || !off.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        assert_eq!(
+            u64::from_str_radix(off, 16).unwrap(),
+            bytes.len() as u64,
+            "qemu-io dump line {line:?}"
+        );
+        // Sixteen "hh " groups after two blanks, then the characters.
+        let hex = rest
+            .get(2..50)
+            .unwrap_or_else(|| panic!("dump line {line:?}"));
+        for h in hex.split_whitespace() {
+            bytes.push(u8::from_str_radix(h, 16).unwrap_or_else(|_| panic!("{line:?}")));
+        }
+    }
+    assert_eq!(
+        bytes.len() as u64,
+        n,
+        "qemu-io dumped {} bytes",
+        bytes.len()
+    );
+    bytes.truncate(len as usize);
+    bytes
+}
+
 fn json(what: &str, out: &str) -> Value {
     serde_json::from_str(out).unwrap_or_else(|e| panic!("{what} JSON: {e}\n{out}"))
 }
@@ -213,6 +259,44 @@ pub fn dirty_flag(image: &Path) -> bool {
     qemu_info_json_shared(image)["dirty-flag"]
         .as_bool()
         .unwrap_or_else(|| panic!("qemu-img info of {} has no dirty-flag", image.display()))
+}
+
+/// The dirty extents (offset, length) of persistent bitmap `name` of qcow2 `image` as
+/// QEMU reads them: qemu-nbd exports the image with the bitmap (`-B`), nbdinfo maps its
+/// `qemu:dirty-bitmap:NAME` context. Fails (panics) where QEMU refuses the bitmap.
+pub fn qemu_dirty_extents(image: &Path, name: &str) -> Vec<(u64, u64)> {
+    let image = absolute(image);
+    let map = format!("--map=qemu:dirty-bitmap:{name}");
+    let args: Vec<&OsStr> = [
+        OsStr::new("--json"),
+        OsStr::new(&map),
+        OsStr::new("--"),
+        OsStr::new("["),
+        OsStr::new("qemu-nbd"),
+        OsStr::new("-r"),
+        OsStr::new("-f"),
+        OsStr::new("qcow2"),
+        OsStr::new("-B"),
+        OsStr::new(name),
+        image.as_os_str(),
+        OsStr::new("]"),
+    ]
+    .to_vec();
+    let out = run(&image_dir(&image), "nbdinfo", &args);
+    let v = json("nbdinfo --map", &String::from_utf8_lossy(&out.stdout));
+    let mut extents: Vec<(u64, u64)> = Vec::new();
+    for e in v.as_array().expect("nbdinfo --json --map prints a list") {
+        let field = |f: &str| e[f].as_u64().expect("offset, length and type");
+        if field("type") & 1 == 0 {
+            continue;
+        }
+        let (off, len) = (field("offset"), field("length"));
+        match extents.last_mut() {
+            Some(last) if last.0 + last.1 == off => last.1 += len,
+            _ => extents.push((off, len)),
+        }
+    }
+    extents
 }
 
 /// `qemu-img check --output=json` (exit status 0 clean, 2 corruptions, 3 leaks).

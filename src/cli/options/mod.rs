@@ -33,6 +33,9 @@ pub struct MountOptions {
     pub readahead_kb: Option<u32>,
     pub snapshots: bool,
     pub layers: bool,
+    /// Show the files' extended attributes.
+    pub xattrs: bool,
+    pub bitmaps: bool,
     pub log: Option<PathBuf>,
     pub force_share: bool,
     pub copy_on_read: bool,
@@ -70,6 +73,8 @@ impl Default for MountOptions {
             readahead_kb: None,
             snapshots: true,
             layers: true,
+            xattrs: true,
+            bitmaps: true,
             log: None,
             force_share: false,
             copy_on_read: false,

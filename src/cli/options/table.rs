@@ -280,6 +280,44 @@ pub static MOUNT_OPTIONS: &[OptSpec] = &[
         },
     },
     OptSpec {
+        name: "xattrs",
+        aliases: &[],
+        value: Value::Choice(&["on", "off"]),
+        default: OptDefault::Value("on"),
+        help: "Show the files' metadata as read-only user.qcow2.* extended attributes.",
+        man: r"
+            Show what is known about each file as read-only extended attributes in the
+            .B user.qcow2.
+            namespace (see EXTENDED ATTRIBUTES below), which
+            .B getfattr \-d
+            lists. They are readable by whoever may read the file. With
+            .BR off ,
+            files have no attributes.
+        ",
+        apply: |o, v| {
+            o.xattrs = on_off(v)?;
+            Ok(())
+        },
+    },
+    OptSpec {
+        name: "bitmaps",
+        aliases: &[],
+        value: Value::Choice(&["on", "off"]),
+        default: OptDefault::Value("on"),
+        help: "Show the bitmaps/ directory: each persistent bitmap's dirty regions of the active disk.",
+        man: r"
+            Show the bitmaps/ directory of an image with persistent dirty bitmaps: one file
+            .IR NAME .raw
+            per bitmap, the active disk where the bitmap has it dirty and holes elsewhere
+            (SEEK_DATA/SEEK_HOLE and st_blocks show the dirty regions; holes read as zeros).
+            Inconsistent bitmaps (in use since an unclean close) are left out.
+        ",
+        apply: |o, v| {
+            o.bitmaps = on_off(v)?;
+            Ok(())
+        },
+    },
+    OptSpec {
         name: "force_share",
         aliases: &[],
         value: Value::Flag,

@@ -199,41 +199,6 @@ impl Header {
                 "data-file-raw (bit 1) is set without an external data file",
             ));
         }
-        if let Some(bm) = self.bitmaps
-            && self.autoclear_features & autoclear::BITMAPS != 0
-        {
-            if bm.nb_bitmaps == 0 {
-                return Err(FormatError::invalid(
-                    "bitmaps extension",
-                    bm.ext_offset,
-                    "lists 0 bitmaps",
-                ));
-            }
-            if bm.nb_bitmaps > 65535 {
-                return Err(FormatError::invalid(
-                    "bitmaps extension",
-                    bm.ext_offset,
-                    format!("{} bitmaps exceed the limit of 65535", bm.nb_bitmaps),
-                ));
-            }
-            if bm.directory_size > 1024 * 65535 {
-                return Err(FormatError::invalid(
-                    "bitmaps extension",
-                    bm.ext_offset,
-                    format!("directory size {} exceeds 64 MiB", bm.directory_size),
-                ));
-            }
-            if bm.directory_offset % cs != 0 || bm.directory_offset == 0 {
-                return Err(FormatError::invalid(
-                    "bitmaps extension",
-                    bm.ext_offset,
-                    format!(
-                        "directory offset {:#x} is not a cluster-aligned offset",
-                        bm.directory_offset
-                    ),
-                ));
-            }
-        }
         Ok(())
     }
 }
