@@ -908,3 +908,108 @@ fn small_clusters_many_bitmaps_and_multi_cluster_tables() {
     assert_check_clean(&img);
     assert_qemu_merges_every_bitmap(&img);
 }
+
+/// The mount's read-only flag as /proc/self/mountinfo shows it ("ro" or "rw").
+fn kernel_mode(mnt: &Path) -> String {
+    mount_info(mnt)
+        .map(|i| i.mount_options.split(',').next().unwrap_or("").to_string())
+        .unwrap_or_default()
+}
+
+/// Fills the filesystem holding `dir` with a file until it is full.
+fn fill_filesystem(dir: &Path) -> PathBuf {
+    let filler = dir.join("filler");
+    let mut f = File::create(&filler).unwrap();
+    let chunk = vec![0x11u8; 64 * K as usize];
+    while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+    let _ = f.sync_all();
+    filler
+}
+
+/// Reopen failures from outside: a full disk while a read-only remount stores the bitmaps
+/// fails it and leaves the mount read-write and writing (and once there is room the
+/// remount stores them, no longer in use); a read-only filesystem under the image fails
+/// a read-write remount and leaves the mount read-only, serving reads.
+#[test]
+fn remount_failures_on_a_full_disk_and_a_read_only_filesystem_leave_the_mount_as_it_was() {
+    let tmp = tempdir();
+    let fsdir = mountpoint(tmp.path(), "small");
+    let _small = PlainMount::with_type(Some("tmpfs"), "tmpfs", &fsdir, "size=48m");
+    let img = create_image(&fsdir, "disk.qcow2", Some(SIZE), "", None);
+    qemu_bitmap(&img, &["--add", "-g", "512", "b0"]);
+    let mnt = mountpoint(tmp.path(), "mnt");
+    let m = Mount::new(&img, &mnt, &["rw"]);
+    let disk = fs::OpenOptions::new().write(true).open(m.disk()).unwrap();
+    // Every 512-byte bit of the first 20 MiB but one sector in each 64 KiB: the bitmap
+    // needs data clusters of its own when it is stored.
+    let data = vec![0x5au8; 64 * K as usize - 512];
+    for k in 0..320u64 {
+        disk.write_all_at(&data, k * 64 * K).unwrap();
+    }
+    disk.sync_all().unwrap();
+    drop(disk);
+    let filler = fill_filesystem(&fsdir);
+    let r = run_in(
+        tmp.path(),
+        qcow2fs_bin(),
+        &["remount", "-o", "ro", &show(&mnt)],
+        process::COMMAND_LIMIT,
+    );
+    assert!(
+        r.code() == Some(1) && r.all_output().contains("No space left"),
+        "remount ro on a full disk: {}",
+        r.describe()
+    );
+    assert_eq!(kernel_mode(&mnt), "rw");
+    // Still writing (in place) and reading.
+    let disk = fs::OpenOptions::new().write(true).open(m.disk()).unwrap();
+    disk.write_all_at(&[0x6b; 4096], 4 * M).unwrap();
+    disk.sync_all().unwrap();
+    drop(disk);
+    let mut b = [0u8; 4096];
+    File::open(m.disk())
+        .unwrap()
+        .read_exact_at(&mut b, 4 * M)
+        .unwrap();
+    assert!(b.iter().all(|&x| x == 0x6b));
+    fs::remove_file(&filler).unwrap();
+    qcow2fs(tmp.path(), &["remount", "-o", "ro", &show(&mnt)]);
+    assert_eq!(kernel_mode(&mnt), "ro");
+    let want: Vec<(u64, u64)> = (0..320u64).map(|k| (k * 64 * K, 64 * K - 512)).collect();
+    assert_eq!(qemu_dirty_extents(&img, "b0"), want);
+    for (name, _, flags) in qemu_bitmaps(&img) {
+        assert!(!flags.contains(&"in-use".to_string()), "{name}: {flags:?}");
+    }
+
+    m.umount();
+    // A read-only filesystem under the image (a read-only bind mount of the same files):
+    // read-write is refused, reads go on; once writable, the remount works.
+    let view = mountpoint(tmp.path(), "view");
+    let ro = PlainMount::new(&show(&fsdir), &view, "bind");
+    ro.remount("bind,ro");
+    let img = view.join("disk.qcow2");
+    let m = Mount::new(&img, &mnt, &[]);
+    let r = run_in(
+        tmp.path(),
+        qcow2fs_bin(),
+        &["remount", "-o", "rw", &show(&mnt)],
+        process::COMMAND_LIMIT,
+    );
+    assert!(
+        r.code() == Some(1) && r.all_output().contains("Read-only file system"),
+        "remount rw on a read-only filesystem: {}",
+        r.describe()
+    );
+    assert_eq!(kernel_mode(&mnt), "ro");
+    File::open(m.disk())
+        .unwrap()
+        .read_exact_at(&mut b, 4 * M)
+        .unwrap();
+    assert!(b.iter().all(|&x| x == 0x6b));
+    ro.remount("bind,rw");
+    qcow2fs(tmp.path(), &["remount", "-o", "rw", &show(&mnt)]);
+    assert_eq!(kernel_mode(&mnt), "rw");
+    m.umount();
+    assert_check_clean(&img);
+    assert_qemu_merges_every_bitmap(&img);
+}

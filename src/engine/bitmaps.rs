@@ -521,8 +521,9 @@ impl Image {
                 Chunk::Mixed => {
                     let c = self.allocate(t, w, 1, Use::Meta(MetaKind::BitmapData))?;
                     allocated.push((c, 1));
+                    // New clusters: a full disk fails the store, not the image.
                     self.io
-                        .write("bitmap data", c.offset(cb), &bits.cluster_data(i, cs))?;
+                        .write_fresh("bitmap data", c.offset(cb), &bits.cluster_data(i, cs))?;
                     bitmap::encode_table_entry(TableEntry::Data(c.offset(cb).0))
                 }
             });
@@ -531,7 +532,8 @@ impl Image {
         let first = self.allocate(t, w, clusters, Use::Meta(MetaKind::BitmapTable))?;
         allocated.push((first, clusters));
         let bytes = super::metaio::encode_words(&table, (clusters * cs) as usize);
-        self.io.write("a bitmap table", first.offset(cb), &bytes)?;
+        self.io
+            .write_fresh("a bitmap table", first.offset(cb), &bytes)?;
         Ok((first.offset(cb).0, n as u32))
     }
 

@@ -84,15 +84,17 @@ impl Image {
         Ok(())
     }
 
-    /// Writes `bytes` of a new structure of `kind` at `off`, and syncs: it is durable
-    /// before anything (the header, an L1 entry) points at it (rules F3 and F5).
+    /// Writes `bytes` of a new structure at `off`, in clusters nothing references yet,
+    /// and syncs: it is durable before anything (the header, an L1 entry) points at it
+    /// (rules F3 and F5). A failed write (a full disk) is not sticky, the caller frees the
+    /// clusters; a failed sync is (rule F6).
     pub(crate) fn write_new_structure(
         &self,
         what: &str,
         off: HostOffset,
         bytes: &[u8],
     ) -> Result<()> {
-        self.io.write(what, off, bytes)?;
+        self.io.write_fresh(what, off, bytes)?;
         self.io.sync()
     }
 

@@ -63,18 +63,25 @@ impl MetaIo {
         })
     }
 
-    /// Writes `data` into clusters nothing references yet and syncs. A failure here is
-    /// not sticky: nothing that the image uses has changed, so the caller frees the
-    /// clusters and carries on (a full disk fails an operation, not the image).
+    /// Writes `data` into clusters nothing references yet. A failure here is not sticky:
+    /// nothing that the image uses has changed, so the caller frees the clusters and
+    /// carries on (a full disk fails an operation, not the image).
+    pub(crate) fn write_fresh(&self, what: &str, off: HostOffset, data: &[u8]) -> Result<()> {
+        self.file
+            .write_at(data, off.0)
+            .map_err(|e| Error::io(&self.path, format!("writing {what} at {off}"), e))
+    }
+
+    /// [`Self::write_fresh`], then a sync, not sticky either.
     pub(crate) fn write_unreferenced(
         &self,
         what: &str,
         off: HostOffset,
         data: &[u8],
     ) -> Result<()> {
+        self.write_fresh(what, off, data)?;
         self.file
-            .write_at(data, off.0)
-            .and_then(|()| self.file.flush())
+            .flush()
             .map_err(|e| Error::io(&self.path, format!("writing {what} at {off}"), e))
     }
 
