@@ -1013,3 +1013,84 @@ fn remount_failures_on_a_full_disk_and_a_read_only_filesystem_leave_the_mount_as
     assert_check_clean(&img);
     assert_qemu_merges_every_bitmap(&img);
 }
+
+/// `qcow2fs remount` of a mount whose image has bitmaps: going read-write checks and loads
+/// them and marks them in use before the mount accepts a write, so the writes made after
+/// it are recorded as QEMU records them; going read-only stores them (no longer in use)
+/// before QEMU may open the image. A bitmap that cannot be kept valid refuses the
+/// read-write remount as a whole: the mount stays read-only and the image as it was.
+#[test]
+fn remount_records_writes_and_stores_the_bitmaps_both_ways() {
+    let tmp = tempdir();
+    let img = image_with_bitmaps(tmp.path());
+    let copy = tmp.path().join("qemu.qcow2");
+    fs::copy(&img, &copy).unwrap();
+    let ops = random_ops("bitmaps-remount", 24, SIZE);
+    let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
+    qemu_io(&copy, &cmds);
+    let want = qemu_all_extents(&copy);
+    let mnt = mountpoint(tmp.path(), "mnt");
+    let m = Mount::new(&img, &mnt, &[]);
+    qcow2fs(tmp.path(), &["remount", "-o", "rw", &show(&mnt)]);
+    for (name, _, flags) in qemu_bitmaps(&img) {
+        assert!(
+            flags.contains(&"in-use".to_string()),
+            "bitmap {name} is not in use after the read-write remount: {flags:?}"
+        );
+    }
+    let disk = fs::OpenOptions::new().write(true).open(m.disk()).unwrap();
+    for op in &ops {
+        op.apply(&disk);
+    }
+    disk.sync_all().unwrap();
+    drop(disk);
+    qcow2fs(tmp.path(), &["remount", "-o", "ro", &show(&mnt)]);
+    // Stored while still mounted: QEMU reads what it recorded, none in use.
+    assert_eq!(qemu_all_extents(&img), want);
+    assert_eq!(qemu_bitmaps(&img), qemu_bitmaps(&copy));
+    for (name, extents) in &want {
+        let view = m.path(&format!("bitmaps/{name}.raw"));
+        assert_eq!(
+            &seek_extents(&view),
+            extents,
+            "bitmaps/{name}.raw after remount ro"
+        );
+    }
+    m.umount();
+    assert_check_clean(&img);
+    assert_qemu_merges_every_bitmap(&img);
+
+    // A bitmap QEMU would refuse to write: the remount fails naming it, nothing changes.
+    let (case, patch, mentions) = bad_bitmap_cases().into_iter().next().unwrap();
+    let img = create_image(tmp.path(), "bad.qcow2", Some(4 * M), "", None);
+    qemu_bitmap(&img, &["--add", "b0"]);
+    qemu_bitmap(&img, &["--add", "b1"]);
+    patch(&img);
+    let before = fs::read(&img).unwrap();
+    let m = Mount::new(&img, &mnt, &[]);
+    let r = run_in(
+        tmp.path(),
+        qcow2fs_bin(),
+        &["remount", "-o", "rw", &show(&mnt)],
+        process::COMMAND_LIMIT,
+    );
+    assert!(
+        r.code() == Some(1) && mentions.iter().all(|s| r.all_output().contains(s)),
+        "{case}: remount rw over a bad bitmap: {}",
+        r.describe()
+    );
+    let err = fs::OpenOptions::new()
+        .write(true)
+        .open(m.disk())
+        .and_then(|f| f.write_all_at(b"x", 0));
+    assert_eq!(
+        err.map_err(|e| e.raw_os_error()),
+        Err(Some(libc::EROFS)),
+        "{case}: the mount is no longer read-only"
+    );
+    m.umount();
+    assert!(
+        fs::read(&img).unwrap() == before,
+        "{case}: the image changed"
+    );
+}
