@@ -187,7 +187,7 @@ impl BlockDev for Qcow2Layer {
             let cs = image.cluster_size();
             let start = off & !(cs - 1);
             let end = (off + buf.len() as u64).next_multiple_of(cs);
-            let _g = image.ranges().lock(start, end, false);
+            let _g = image.lock_range(start, end, false);
             return self.read_unlocked(buf, off);
         }
         self.read_unlocked(buf, off)

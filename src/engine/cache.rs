@@ -54,7 +54,7 @@ impl L2Table {
         self.words[i].load(Ordering::Acquire)
     }
 
-    pub fn set_word(&self, i: usize, v: u64) {
+    pub(crate) fn set_word(&self, i: usize, v: u64) {
         self.words[i].store(v, Ordering::Release);
         self.dirty.store(true, Ordering::Release);
     }

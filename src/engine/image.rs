@@ -6,7 +6,7 @@ use super::alloc::Allocator;
 use super::bitmaps::BitmapSet;
 use super::cache::{Cache, L2Table};
 use super::metaio::MetaIo;
-use super::ranges::RangeLocks;
+use super::ranges::{RangeGuard, RangeLocks};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::entry::EntryLayout;
 use crate::format::header::{Header, MAX_L1_ENTRIES};
@@ -182,9 +182,12 @@ impl Image {
         self.writable.load(Ordering::Acquire)
     }
 
-    /// The guest range locks writes and reads of a writable image take (rule L5).
-    pub fn ranges(&self) -> &RangeLocks {
-        &self.ranges
+    /// Waits until the guest byte range `[start, end)` can be held (shared, or exclusive
+    /// for a write), then holds it until the guard drops: the guest range lock that writes
+    /// and reads of a writable image take (rule L5), and that `plan_write` and `publish`
+    /// require.
+    pub fn lock_range(&self, start: u64, end: u64, exclusive: bool) -> RangeGuard<'_> {
+        self.ranges.lock(start, end, exclusive)
     }
 
     /// A copy of the current header.
