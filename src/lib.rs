@@ -2,6 +2,9 @@
 //! files. Modules depend one way only: `format` <- `engine` <- `block` <- `fuse` <- `cli`
 //! (`docs/design.md`). `fuse` and `cli` are private: the binary calls [`main`].
 
+#![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
 pub mod block;
 mod cli;
 pub mod crypto;

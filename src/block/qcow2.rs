@@ -158,10 +158,12 @@ impl Qcow2Layer {
         ))
     }
 
+    /// The image's engine, shared by every view of it.
     pub fn image(&self) -> &Arc<Image> {
         &self.shared.image
     }
 
+    /// Which disk of the image this layer shows: the active one or a snapshot.
     pub fn view(&self) -> View {
         self.view
     }
@@ -171,6 +173,7 @@ impl Qcow2Layer {
         Qcow2Layer::new(self.shared.clone(), view)
     }
 
+    /// The external data file, when the image has one.
     pub fn data_file(&self) -> Option<&Path> {
         self.shared.data_file.as_ref().map(|(p, _)| p.as_path())
     }

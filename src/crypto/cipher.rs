@@ -24,18 +24,29 @@ pub const SECTOR_SIZE: usize = 512;
 /// A block cipher with its key size, as QEMU names them (`aes-256`, `serpent-128`...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CipherAlg {
+    /// AES, 128-bit key.
     Aes128,
+    /// AES, 192-bit key.
     Aes192,
+    /// AES, 256-bit key.
     Aes256,
+    /// Serpent, 128-bit key.
     Serpent128,
+    /// Serpent, 192-bit key.
     Serpent192,
+    /// Serpent, 256-bit key.
     Serpent256,
+    /// Twofish, 128-bit key.
     Twofish128,
+    /// Twofish, 192-bit key.
     Twofish192,
+    /// Twofish, 256-bit key.
     Twofish256,
+    /// CAST-128 (CAST5), 128-bit key, 8-byte blocks.
     Cast5_128,
 }
 
+/// Every cipher qcow2fs knows.
 pub const ALL_CIPHERS: [CipherAlg; 10] = [
     CipherAlg::Aes128,
     CipherAlg::Aes192,
@@ -72,6 +83,7 @@ impl CipherAlg {
         &name[..name.find('-').unwrap_or(name.len())]
     }
 
+    /// Key length in bytes.
     pub fn key_len(self) -> usize {
         match self {
             CipherAlg::Aes128
@@ -83,6 +95,7 @@ impl CipherAlg {
         }
     }
 
+    /// Block length in bytes (16, or 8 for CAST5).
     pub fn block_len(self) -> usize {
         match self {
             CipherAlg::Cast5_128 => 8,
@@ -106,13 +119,18 @@ impl CipherAlg {
 /// How blocks within a sector are chained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CipherMode {
+    /// Electronic codebook: each block on its own.
     Ecb,
+    /// Cipher block chaining, the IV as first block.
     Cbc,
+    /// XTS: the key is two keys of the cipher, the IV is the tweak.
     Xts,
+    /// Counter mode, the IV as initial counter.
     Ctr,
 }
 
 impl CipherMode {
+    /// The mode's name as LUKS headers and QEMU spell it (`xts`).
     pub fn name(self) -> &'static str {
         match self {
             CipherMode::Ecb => "ecb",
@@ -122,6 +140,7 @@ impl CipherMode {
         }
     }
 
+    /// The mode named `name`, if any.
     pub fn from_name(name: &str) -> Option<CipherMode> {
         [
             CipherMode::Ecb,
@@ -146,6 +165,7 @@ pub enum IvGenAlg {
 }
 
 impl IvGenAlg {
+    /// The generator's name as LUKS headers and QEMU spell it (`plain64`).
     pub fn name(self) -> &'static str {
         match self {
             IvGenAlg::Plain => "plain",
@@ -154,6 +174,7 @@ impl IvGenAlg {
         }
     }
 
+    /// The generator named `name` (without an ESSIV hash), if any.
     pub fn from_name(name: &str) -> Option<IvGenAlg> {
         [IvGenAlg::Plain, IvGenAlg::Plain64, IvGenAlg::Essiv]
             .into_iter()
@@ -164,8 +185,11 @@ impl IvGenAlg {
 /// A complete payload cipher: algorithm, mode and IV generator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CipherSpec {
+    /// The block cipher and its key size.
     pub alg: CipherAlg,
+    /// How the blocks of a sector are chained.
     pub mode: CipherMode,
+    /// How each sector's IV is made.
     pub ivgen: IvGenAlg,
     /// The hash of `essiv:HASH`; kept (and ignored) for plain and plain64 as QEMU does.
     pub ivgen_hash: Option<HashAlg>,

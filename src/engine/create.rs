@@ -11,7 +11,9 @@ use std::path::Path;
 /// What to create.
 #[derive(Clone, Debug)]
 pub struct CreateOptions {
+    /// Guest size in bytes.
     pub size: u64,
+    /// Cluster size as a power of two (9 to 21).
     pub cluster_bits: u32,
     /// Backing file name and format to record in the header (reads do not use it when
     /// the caller wires the backing layer itself).
