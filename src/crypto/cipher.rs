@@ -439,20 +439,23 @@ fn build_engine(alg: CipherAlg, mode: CipherMode, key: &[u8]) -> Result<Box<dyn 
     }
 }
 
+/// What the payload ciphers are to the modes: keyed block ciphers that encrypt and
+/// decrypt and may be shared between threads.
+trait KeyedCipher: BlockCipherEncrypt + BlockCipherDecrypt + KeyInit + Send + Sync + 'static {}
+
+impl<C> KeyedCipher for C where
+    C: BlockCipherEncrypt + BlockCipherDecrypt + KeyInit + Send + Sync + 'static
+{
+}
+
 fn keyed<C: KeyInit>(key: &[u8]) -> Result<C, String> {
     C::new_from_slice(key).map_err(|_| format!("a {}-byte key does not fit the cipher", key.len()))
 }
 
-fn engine16<C>(mode: CipherMode, key: &[u8]) -> Result<Box<dyn Engine>, String>
-where
-    C: BlockCipherEncrypt
-        + BlockCipherDecrypt
-        + BlockSizeUser<BlockSize = U16>
-        + KeyInit
-        + Send
-        + Sync
-        + 'static,
-{
+fn engine16<C: KeyedCipher + BlockSizeUser<BlockSize = U16>>(
+    mode: CipherMode,
+    key: &[u8],
+) -> Result<Box<dyn Engine>, String> {
     Ok(match mode {
         CipherMode::Ecb => Box::new(Locked::new(Ecb(keyed::<C>(key)?))),
         CipherMode::Cbc => Box::new(Locked::new(Cbc(keyed::<C>(key)?))),
@@ -467,16 +470,10 @@ where
     })
 }
 
-fn engine8<C>(mode: CipherMode, key: &[u8]) -> Result<Box<dyn Engine>, String>
-where
-    C: BlockCipherEncrypt
-        + BlockCipherDecrypt
-        + BlockSizeUser<BlockSize = U8>
-        + KeyInit
-        + Send
-        + Sync
-        + 'static,
-{
+fn engine8<C: KeyedCipher + BlockSizeUser<BlockSize = U8>>(
+    mode: CipherMode,
+    key: &[u8],
+) -> Result<Box<dyn Engine>, String> {
     Ok(match mode {
         CipherMode::Ecb => Box::new(Locked::new(Ecb(keyed::<C>(key)?))),
         CipherMode::Cbc => Box::new(Locked::new(Cbc(keyed::<C>(key)?))),
@@ -539,15 +536,7 @@ mod tests {
 
     /// Our XTS against the `xts-mode` crate, sector by sector, both ways, for each
     /// 16-byte-block cipher.
-    fn xts_agrees<C>(key_len: usize)
-    where
-        C: BlockCipherEncrypt
-            + BlockCipherDecrypt
-            + BlockSizeUser<BlockSize = U16>
-            + KeyInit
-            + Send
-            + Sync,
-    {
+    fn xts_agrees<C: KeyedCipher + BlockSizeUser<BlockSize = U16>>(key_len: usize) {
         let key: Vec<u8> = (0..2 * key_len as u32)
             .map(|i| (i * 37 + 11) as u8)
             .collect();

@@ -252,6 +252,39 @@ fn check_magic_version(bytes: &[u8]) -> Result<(), FormatError> {
 }
 
 impl Header {
+    /// A version 3 header as QEMU writes a new image's, before its tables are placed:
+    /// 16-bit refcounts, deflate, a 112-byte header, no L1 or refcount table, no
+    /// snapshots, no features and no extensions. `size` is the size field in bytes.
+    pub fn new_v3(cluster_bits: u32, size: u64) -> Header {
+        Header {
+            version: 3,
+            cluster_bits,
+            size,
+            crypt_method: CryptMethod::None,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: 0,
+            refcount_table_clusters: 0,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V3_HEADER_LEN as u32,
+            compression_type: CompressionType::Deflate,
+            // The compression type byte (0: deflate) and padding.
+            tail: vec![0; V3_HEADER_LEN - V3_MIN_HEADER_LEN],
+            backing_file: None,
+            backing_format: None,
+            data_file: None,
+            feature_names: Vec::new(),
+            bitmaps: None,
+            fde: None,
+            unknown_extensions: Vec::new(),
+        }
+    }
+
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
@@ -439,9 +472,6 @@ impl Header {
         let ext_end = Self::extension_end(cs, backing_file_offset);
         let mut h = Header {
             version,
-            cluster_bits,
-            size,
-            crypt_method: CryptMethod::None,
             l1_size,
             l1_table_offset,
             refcount_table_offset,
@@ -453,15 +483,8 @@ impl Header {
             autoclear_features: autoclear,
             refcount_order,
             header_length,
-            compression_type: CompressionType::Deflate,
             tail,
-            backing_file: None,
-            backing_format: None,
-            data_file: None,
-            feature_names: Vec::new(),
-            bitmaps: None,
-            fde: None,
-            unknown_extensions: Vec::new(),
+            ..Header::new_v3(cluster_bits, size)
         };
         h.parse_extensions(bytes, header_length as u64, ext_end)?;
         if backing_file_offset != 0 {
