@@ -20,9 +20,13 @@ pub enum ErrorKind {
     Unsupported,
     /// A write to something that is read-only.
     ReadOnly,
+    /// The host file system or the image has no room left (ENOSPC, EDQUOT).
     NoSpace,
+    /// An offset or length outside the disk or a table.
     OutOfRange,
+    /// A bad argument, option or request from the user.
     InvalidInput,
+    /// A file, snapshot or bitmap that does not exist.
     NotFound,
     /// The caller may not do this (file permissions, another user's mount).
     PermissionDenied,
@@ -83,18 +87,22 @@ impl Error {
         }
     }
 
+    /// A `Corrupt` error with `message`.
     pub fn corrupt(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Corrupt, message)
     }
 
+    /// An `Unsupported` error with `message`.
     pub fn unsupported(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::Unsupported, message)
     }
 
+    /// An `InvalidInput` error with `message`.
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::InvalidInput, message)
     }
 
+    /// A `ReadOnly` error with `message`.
     pub fn read_only(message: impl Into<String>) -> Self {
         Error::new(ErrorKind::ReadOnly, message)
     }
@@ -127,10 +135,12 @@ impl Error {
         self
     }
 
+    /// What kind of failure it is.
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }
 
+    /// The file it concerns, when known.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
     }
@@ -140,6 +150,7 @@ impl Error {
         self.context.as_deref()
     }
 
+    /// The byte offset in the file it concerns, when known.
     pub fn offset(&self) -> Option<u64> {
         self.offset
     }

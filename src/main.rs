@@ -1,6 +1,6 @@
 fn main() {
     one_malloc_arena();
-    std::process::exit(qcow2fs::cli::main());
+    std::process::exit(qcow2fs::main());
 }
 
 /// Makes every thread allocate from one malloc arena. With an arena per thread (the FUSE

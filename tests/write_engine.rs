@@ -677,7 +677,7 @@ fn planned_write_into_a_snapshot_shared_cluster_allocates_and_fills() {
         "test setup: the snapshot shares the cluster"
     );
 
-    let guard = image.ranges().lock(0, cs, true);
+    let guard = image.lock_range(0, cs, true);
     let plans = image.plan_write(&guard, 100, 50).unwrap();
     assert_eq!(plans.len(), 1, "{plans:?}");
     let plan = &plans[0];

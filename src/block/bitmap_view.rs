@@ -11,6 +11,7 @@ use crate::error::Result;
 use std::sync::Arc;
 
 #[derive(Debug)]
+/// A persistent bitmap's view of the active disk: its dirty ranges, zeros elsewhere.
 pub struct BitmapView {
     disk: Arc<dyn BlockDev>,
     image: Arc<Image>,

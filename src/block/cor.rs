@@ -26,7 +26,7 @@ impl Qcow2Layer {
         if a >= b {
             return self.read_unlocked(buf, off).map(|_| 0);
         }
-        let g = image.ranges().lock(a, end, true);
+        let g = image.lock_range(a, end, true);
         let mut span = vec![0u8; (b - a) as usize];
         self.read_unlocked(&mut span, a)?;
         let copied = self.copy_extents(&g, &span, a, b, bottom)?;

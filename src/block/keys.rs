@@ -58,6 +58,7 @@ pub struct Keys {
 }
 
 impl Keys {
+    /// Whether no passphrase is given at all.
     pub fn is_empty(&self) -> bool {
         self.all.is_none() && self.layers.is_empty()
     }

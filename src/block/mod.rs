@@ -30,6 +30,7 @@ use std::path::Path;
 /// Allocation status of an extent, with qemu-img map's meaning for each flag.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Status {
+    /// Length of the extent in bytes.
     pub len: u64,
     /// Index of the layer that decided the status: 0 is the layer asked.
     pub depth: u32,
@@ -39,6 +40,7 @@ pub struct Status {
     pub zero: bool,
     /// Backed by stored data.
     pub data: bool,
+    /// Stored compressed (qcow2 only).
     pub compressed: bool,
     /// Where the bytes are in the file of the layer at `depth`, when that is known.
     pub offset: Option<u64>,
@@ -47,7 +49,9 @@ pub struct Status {
 /// Name and format of a layer, for messages, `info` and `map`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LayerInfo {
+    /// The layer's file, as named by the user or the image that points at it.
     pub path: std::path::PathBuf,
+    /// The format name as qemu-img shows it (`qcow2`, `raw`).
     pub format: &'static str,
 }
 
@@ -64,6 +68,7 @@ pub trait BlockDev: Send + Sync + std::fmt::Debug {
     /// qemu-img map does (one extra system call per extent).
     fn status(&self, off: u64, len: u64, probe_host: bool) -> Result<Status>;
 
+    /// The disk's file and format.
     fn info(&self) -> &LayerInfo;
 
     /// Whether asking for the status of every extent is cheap now. A disk whose map is

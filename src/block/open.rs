@@ -37,7 +37,9 @@ pub enum BackingPolicy {
 /// How to open a chain.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
+    /// How the qcow2 images of the chain are opened (cache size, writability...).
     pub image: ImageOptions,
+    /// Whether and how backing files are followed.
     pub backing: BackingPolicy,
     /// When set, backing and data files must lie under this directory.
     pub backing_dir: Option<PathBuf>,
@@ -59,6 +61,7 @@ pub struct OpenOptions {
 /// An opened image: its active disk and the backing layers below it.
 #[derive(Debug)]
 pub struct Chain {
+    /// The image itself: its active disk, seen through the backing chain.
     pub top: Arc<Qcow2Layer>,
     /// The backing layers: `layers[0]` is the direct backing file (depth 1), each seen
     /// through its own chain.
@@ -66,6 +69,7 @@ pub struct Chain {
 }
 
 impl Chain {
+    /// The top image's engine.
     pub fn image(&self) -> &Arc<Image> {
         self.top.image()
     }

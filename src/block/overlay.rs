@@ -31,6 +31,7 @@ pub struct OverlayOptions {
     /// Keep the overlays as files in `dir`; otherwise they have no name at all and vanish
     /// with the last descriptor, even when the daemon is killed.
     pub keep: bool,
+    /// L2 cache size of each overlay image, in bytes.
     pub cache_bytes: u64,
 }
 
@@ -215,6 +216,7 @@ impl Overlay {
         }
     }
 
+    /// The overlay's file (it has no name in the directory unless `keep` was set).
     pub fn path(&self) -> &Path {
         &self.path
     }

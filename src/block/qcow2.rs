@@ -158,10 +158,12 @@ impl Qcow2Layer {
         ))
     }
 
+    /// The image's engine, shared by every view of it.
     pub fn image(&self) -> &Arc<Image> {
         &self.shared.image
     }
 
+    /// Which disk of the image this layer shows: the active one or a snapshot.
     pub fn view(&self) -> View {
         self.view
     }
@@ -171,6 +173,7 @@ impl Qcow2Layer {
         Qcow2Layer::new(self.shared.clone(), view)
     }
 
+    /// The external data file, when the image has one.
     pub fn data_file(&self) -> Option<&Path> {
         self.shared.data_file.as_ref().map(|(p, _)| p.as_path())
     }
@@ -187,7 +190,7 @@ impl BlockDev for Qcow2Layer {
             let cs = image.cluster_size();
             let start = off & !(cs - 1);
             let end = (off + buf.len() as u64).next_multiple_of(cs);
-            let _g = image.ranges().lock(start, end, false);
+            let _g = image.lock_range(start, end, false);
             return self.read_unlocked(buf, off);
         }
         self.read_unlocked(buf, off)

@@ -8,6 +8,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 #[derive(Debug)]
+/// A raw file as a disk. Its size is the file's length rounded up to 512 bytes, as
+/// QEMU shows it; the bytes past the end of the file read as zeros.
 pub struct RawLayer {
     storage: Arc<dyn Storage>,
     /// The file length when opened.
@@ -17,6 +19,8 @@ pub struct RawLayer {
 }
 
 impl RawLayer {
+    /// A raw disk over `storage`, the file at `path` (named in messages). Fails when the
+    /// file's length cannot be read.
     pub fn new(path: &Path, storage: Arc<dyn Storage>) -> Result<Self> {
         let file_len = storage
             .len()

@@ -47,7 +47,7 @@ impl Qcow2Layer {
         }
         self.check_range(off, buf.len() as u64)?;
         let (s, e) = self.lock_bounds(off, buf.len() as u64);
-        let g = self.image().ranges().lock(s, e, true);
+        let g = self.image().lock_range(s, e, true);
         // A guest write: the enabled bitmaps record it (copy-on-read writes, which change
         // nothing the guest sees, come through `write_unlocked` and are not recorded).
         self.image().record_write(off, buf.len() as u64);
@@ -136,7 +136,7 @@ impl Qcow2Layer {
         }
         self.check_range(off, len)?;
         let (s, e) = self.lock_bounds(off, len);
-        let g = self.image().ranges().lock(s, e, true);
+        let g = self.image().lock_range(s, e, true);
         self.image().record_write(off, len);
         self.zero_unlocked(&g, off, len, unmap)
     }
@@ -170,7 +170,7 @@ impl Qcow2Layer {
         let old = self.size();
         let image = self.image();
         let (s, _) = self.lock_bounds(old, 0);
-        let g = image.ranges().lock(s, u64::MAX, true);
+        let g = image.lock_range(s, u64::MAX, true);
         image.resize(size)?;
         if let Some(b) = self.backing() {
             let end = b.size().min(self.size());

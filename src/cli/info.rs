@@ -42,8 +42,11 @@ pub fn human_size(v: u64) -> String {
 
 fn local_time(sec: u32) -> String {
     let t = sec as libc::time_t;
-    // SAFETY: localtime_r writes only into the struct we pass.
+    // SAFETY: libc::tm is plain integers (and a pointer that may be null), for which
+    // all-zero bytes are a valid value.
     let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are to live locals; localtime_r writes only into `tm` and
+    // keeps neither pointer.
     let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
     if !ok {
         return sec.to_string();

@@ -24,18 +24,29 @@ pub const SECTOR_SIZE: usize = 512;
 /// A block cipher with its key size, as QEMU names them (`aes-256`, `serpent-128`...).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CipherAlg {
+    /// AES, 128-bit key.
     Aes128,
+    /// AES, 192-bit key.
     Aes192,
+    /// AES, 256-bit key.
     Aes256,
+    /// Serpent, 128-bit key.
     Serpent128,
+    /// Serpent, 192-bit key.
     Serpent192,
+    /// Serpent, 256-bit key.
     Serpent256,
+    /// Twofish, 128-bit key.
     Twofish128,
+    /// Twofish, 192-bit key.
     Twofish192,
+    /// Twofish, 256-bit key.
     Twofish256,
+    /// CAST-128 (CAST5), 128-bit key, 8-byte blocks.
     Cast5_128,
 }
 
+/// Every cipher qcow2fs knows.
 pub const ALL_CIPHERS: [CipherAlg; 10] = [
     CipherAlg::Aes128,
     CipherAlg::Aes192,
@@ -72,6 +83,7 @@ impl CipherAlg {
         &name[..name.find('-').unwrap_or(name.len())]
     }
 
+    /// Key length in bytes.
     pub fn key_len(self) -> usize {
         match self {
             CipherAlg::Aes128
@@ -83,6 +95,7 @@ impl CipherAlg {
         }
     }
 
+    /// Block length in bytes (16, or 8 for CAST5).
     pub fn block_len(self) -> usize {
         match self {
             CipherAlg::Cast5_128 => 8,
@@ -106,13 +119,18 @@ impl CipherAlg {
 /// How blocks within a sector are chained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CipherMode {
+    /// Electronic codebook: each block on its own.
     Ecb,
+    /// Cipher block chaining, the IV as first block.
     Cbc,
+    /// XTS: the key is two keys of the cipher, the IV is the tweak.
     Xts,
+    /// Counter mode, the IV as initial counter.
     Ctr,
 }
 
 impl CipherMode {
+    /// The mode's name as LUKS headers and QEMU spell it (`xts`).
     pub fn name(self) -> &'static str {
         match self {
             CipherMode::Ecb => "ecb",
@@ -122,6 +140,7 @@ impl CipherMode {
         }
     }
 
+    /// The mode named `name`, if any.
     pub fn from_name(name: &str) -> Option<CipherMode> {
         [
             CipherMode::Ecb,
@@ -146,6 +165,7 @@ pub enum IvGenAlg {
 }
 
 impl IvGenAlg {
+    /// The generator's name as LUKS headers and QEMU spell it (`plain64`).
     pub fn name(self) -> &'static str {
         match self {
             IvGenAlg::Plain => "plain",
@@ -154,6 +174,7 @@ impl IvGenAlg {
         }
     }
 
+    /// The generator named `name` (without an ESSIV hash), if any.
     pub fn from_name(name: &str) -> Option<IvGenAlg> {
         [IvGenAlg::Plain, IvGenAlg::Plain64, IvGenAlg::Essiv]
             .into_iter()
@@ -164,8 +185,11 @@ impl IvGenAlg {
 /// A complete payload cipher: algorithm, mode and IV generator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CipherSpec {
+    /// The block cipher and its key size.
     pub alg: CipherAlg,
+    /// How the blocks of a sector are chained.
     pub mode: CipherMode,
+    /// How each sector's IV is made.
     pub ivgen: IvGenAlg,
     /// The hash of `essiv:HASH`; kept (and ignored) for plain and plain64 as QEMU does.
     pub ivgen_hash: Option<HashAlg>,
@@ -415,20 +439,23 @@ fn build_engine(alg: CipherAlg, mode: CipherMode, key: &[u8]) -> Result<Box<dyn 
     }
 }
 
+/// What the payload ciphers are to the modes: keyed block ciphers that encrypt and
+/// decrypt and may be shared between threads.
+trait KeyedCipher: BlockCipherEncrypt + BlockCipherDecrypt + KeyInit + Send + Sync + 'static {}
+
+impl<C> KeyedCipher for C where
+    C: BlockCipherEncrypt + BlockCipherDecrypt + KeyInit + Send + Sync + 'static
+{
+}
+
 fn keyed<C: KeyInit>(key: &[u8]) -> Result<C, String> {
     C::new_from_slice(key).map_err(|_| format!("a {}-byte key does not fit the cipher", key.len()))
 }
 
-fn engine16<C>(mode: CipherMode, key: &[u8]) -> Result<Box<dyn Engine>, String>
-where
-    C: BlockCipherEncrypt
-        + BlockCipherDecrypt
-        + BlockSizeUser<BlockSize = U16>
-        + KeyInit
-        + Send
-        + Sync
-        + 'static,
-{
+fn engine16<C: KeyedCipher + BlockSizeUser<BlockSize = U16>>(
+    mode: CipherMode,
+    key: &[u8],
+) -> Result<Box<dyn Engine>, String> {
     Ok(match mode {
         CipherMode::Ecb => Box::new(Locked::new(Ecb(keyed::<C>(key)?))),
         CipherMode::Cbc => Box::new(Locked::new(Cbc(keyed::<C>(key)?))),
@@ -443,16 +470,10 @@ where
     })
 }
 
-fn engine8<C>(mode: CipherMode, key: &[u8]) -> Result<Box<dyn Engine>, String>
-where
-    C: BlockCipherEncrypt
-        + BlockCipherDecrypt
-        + BlockSizeUser<BlockSize = U8>
-        + KeyInit
-        + Send
-        + Sync
-        + 'static,
-{
+fn engine8<C: KeyedCipher + BlockSizeUser<BlockSize = U8>>(
+    mode: CipherMode,
+    key: &[u8],
+) -> Result<Box<dyn Engine>, String> {
     Ok(match mode {
         CipherMode::Ecb => Box::new(Locked::new(Ecb(keyed::<C>(key)?))),
         CipherMode::Cbc => Box::new(Locked::new(Cbc(keyed::<C>(key)?))),
@@ -515,15 +536,7 @@ mod tests {
 
     /// Our XTS against the `xts-mode` crate, sector by sector, both ways, for each
     /// 16-byte-block cipher.
-    fn xts_agrees<C>(key_len: usize)
-    where
-        C: BlockCipherEncrypt
-            + BlockCipherDecrypt
-            + BlockSizeUser<BlockSize = U16>
-            + KeyInit
-            + Send
-            + Sync,
-    {
+    fn xts_agrees<C: KeyedCipher + BlockSizeUser<BlockSize = U16>>(key_len: usize) {
         let key: Vec<u8> = (0..2 * key_len as u32)
             .map(|i| (i * 37 + 11) as u8)
             .collect();

@@ -18,9 +18,13 @@ use zeroize::Zeroizing;
 /// What a new LUKS header uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LuksParams {
+    /// The payload cipher.
     pub spec: CipherSpec,
+    /// The hash of PBKDF2 and of the anti-forensic splitter.
     pub hash: HashAlg,
+    /// PBKDF2 iterations of the key slot.
     pub slot_iterations: u32,
+    /// PBKDF2 iterations of the master key's digest.
     pub master_key_iterations: u32,
 }
 

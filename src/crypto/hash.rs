@@ -6,17 +6,27 @@ use digest::Digest;
 use zeroize::Zeroizing;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A hash function a LUKS header may name.
 pub enum HashAlg {
+    /// MD5.
     Md5,
+    /// SHA-1.
     Sha1,
+    /// SHA-224.
     Sha224,
+    /// SHA-256.
     Sha256,
+    /// SHA-384.
     Sha384,
+    /// SHA-512.
     Sha512,
+    /// RIPEMD-160.
     Ripemd160,
+    /// SM3.
     Sm3,
 }
 
+/// Every hash qcow2fs knows.
 pub const ALL_HASHES: [HashAlg; 8] = [
     HashAlg::Md5,
     HashAlg::Sha1,
@@ -88,6 +98,7 @@ impl HashAlg {
         ALL_HASHES.into_iter().find(|h| h.name() == name)
     }
 
+    /// Digest length in bytes.
     pub fn digest_len(self) -> usize {
         with_digest!(self, D => <D as Digest>::output_size())
     }

@@ -16,13 +16,21 @@ use crate::format::FormatError;
 use crate::format::error::{be16, be32};
 use serde::Serialize;
 
+/// The magic that opens a LUKS1 header.
 pub const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
+/// Length of a LUKS1 header with its 8 key slots, in bytes.
 pub const HEADER_LEN: usize = 592;
+/// Key slots in a LUKS1 header.
 pub const NUM_SLOTS: usize = 8;
+/// A key slot's state field when the slot holds a key.
 pub const SLOT_ACTIVE: u32 = 0x00ac_71f3;
+/// A key slot's state field when the slot is empty.
 pub const SLOT_INACTIVE: u32 = 0x0000_dead;
+/// Length of the master key's digest, in bytes.
 pub const DIGEST_LEN: usize = 20;
+/// Length of a PBKDF2 salt, in bytes.
 pub const SALT_LEN: usize = 32;
+/// Length of the UUID field, in bytes.
 pub const UUID_LEN: usize = 40;
 const NAME_LEN: usize = 32;
 /// The stripes QEMU and cryptsetup write.
@@ -42,11 +50,15 @@ pub const PBKDF2_WORK_LIMIT: u64 = 1 << 28;
 /// One of the 8 key slots.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeySlot {
+    /// The slot holds a key.
     pub active: bool,
+    /// PBKDF2 iterations that turn the passphrase into the slot's key.
     pub iterations: u32,
+    /// PBKDF2 salt of the slot.
     pub salt: [u8; SALT_LEN],
     /// First sector of the slot's key material, from the start of the LUKS area.
     pub key_offset_sector: u32,
+    /// Anti-forensic stripes: the key material is this many master keys long.
     pub stripes: u32,
 }
 
@@ -60,7 +72,9 @@ impl KeySlot {
 /// Where the LUKS area lies in the image file, as the qcow2 header extension says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LuksArea {
+    /// Byte offset of the LUKS area in the image file.
     pub offset: u64,
+    /// Length of the LUKS area in bytes.
     pub length: u64,
 }
 
@@ -69,16 +83,24 @@ pub struct LuksArea {
 pub struct LuksHeader {
     /// Where the header lies in the image file.
     pub area: LuksArea,
+    /// The payload cipher.
     pub spec: CipherSpec,
     /// The hash of PBKDF2 and of the anti-forensic splitter.
     pub hash: HashAlg,
+    /// Where a LUKS volume's payload would start, in 512-byte sectors from the start of
+    /// the LUKS area: the key material lies before it (qcow2 keeps the payload elsewhere).
     pub payload_offset_sector: u32,
+    /// Length of the master key in bytes.
     pub master_key_len: u32,
+    /// PBKDF2 digest of the master key, to check an unlocked key.
     pub master_key_digest: [u8; DIGEST_LEN],
+    /// Salt of the master key's digest.
     pub master_key_salt: [u8; SALT_LEN],
+    /// PBKDF2 iterations of the master key's digest.
     pub master_key_iterations: u32,
     /// The UUID field as stored (text, NUL-padded); see [`LuksHeader::uuid`].
     pub uuid: [u8; UUID_LEN],
+    /// The key slots.
     pub slots: [KeySlot; NUM_SLOTS],
 }
 
@@ -86,30 +108,44 @@ pub struct LuksHeader {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct LuksInfo {
+    /// Always `luks`.
     pub format: &'static str,
+    /// The cipher's name (`aes-256`).
     pub cipher_alg: &'static str,
+    /// The mode's name (`xts`).
     pub cipher_mode: &'static str,
+    /// The IV generator's name (`plain64`).
     pub ivgen_alg: &'static str,
+    /// The hash of the ESSIV generator, when it is ESSIV.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ivgen_hash_alg: Option<&'static str>,
+    /// The hash of PBKDF2 and of the anti-forensic splitter.
     pub hash_alg: &'static str,
     /// Always false: the header of a qcow2 image is in the image (QEMU 8.2 and later
     /// show the field).
     pub detached_header: bool,
+    /// The UUID as text.
     pub uuid: String,
+    /// The payload offset in bytes.
     pub payload_offset: u64,
+    /// PBKDF2 iterations of the master key's digest.
     pub master_key_iters: u32,
+    /// The key slots, in order.
     pub slots: Vec<SlotInfo>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// One key slot as `qemu-img info` shows it.
 #[serde(rename_all = "kebab-case")]
 pub struct SlotInfo {
+    /// The slot holds a key.
     pub active: bool,
+    /// PBKDF2 iterations (shown for active slots only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub iters: Option<u32>,
     /// Bytes from the start of the LUKS area.
     pub key_offset: u64,
+    /// Anti-forensic stripes (shown for active slots only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stripes: Option<u32>,
 }
@@ -361,6 +397,7 @@ impl LuksHeader {
         String::from_utf8_lossy(&self.uuid[..end]).into_owned()
     }
 
+    /// The numbers of the slots that hold a key, in order.
     pub fn active_slots(&self) -> impl Iterator<Item = usize> + '_ {
         (0..NUM_SLOTS).filter(|&i| self.slots[i].active)
     }

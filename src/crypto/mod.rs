@@ -49,11 +49,17 @@ use crate::{Error, Result};
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(untagged)]
 pub enum EncryptionInfo {
+    /// A LUKS header's summary.
     Luks(LuksInfo),
-    LegacyAes { format: &'static str },
+    /// The legacy AES method.
+    LegacyAes {
+        /// Always `aes`.
+        format: &'static str,
+    },
 }
 
 impl EncryptionInfo {
+    /// What `info` shows for the legacy AES method.
     pub fn legacy_aes() -> EncryptionInfo {
         EncryptionInfo::LegacyAes { format: "aes" }
     }
@@ -71,7 +77,9 @@ pub enum SectorBasis {
 /// The encryption method of an image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
+    /// LUKS1 (`encrypt.format=luks`).
     Luks,
+    /// QEMU's legacy AES-CBC method (`encrypt.format=aes`, header field 1).
     LegacyAes,
 }
 
@@ -125,10 +133,12 @@ impl Crypto {
         }
     }
 
+    /// The encryption method.
     pub fn method(&self) -> Method {
         self.method
     }
 
+    /// Which offset numbers the encryption sectors.
     pub fn sector_basis(&self) -> SectorBasis {
         match self.method {
             Method::Luks => SectorBasis::Host,

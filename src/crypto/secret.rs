@@ -151,14 +151,17 @@ impl MasterKey {
         Ok(key)
     }
 
+    /// Length of the key in bytes.
     pub fn len(&self) -> usize {
         self.0.len
     }
 
+    /// Whether the key is empty.
     pub fn is_empty(&self) -> bool {
         self.0.len == 0
     }
 
+    /// The key's bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0.bytes[..self.0.len]
     }

@@ -20,7 +20,9 @@ use std::sync::atomic::Ordering;
 /// One bitmap, for `info`, `bitmap list` and the control channel.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BitmapInfo {
+    /// The bitmap's name.
     pub name: String,
+    /// Bytes of guest space one bit covers.
     pub granularity: u64,
     /// The flags of its entry in the file's directory (the ones it will get if it is not
     /// stored yet).

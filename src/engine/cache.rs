@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 /// What the cache asks of a value: whether it must stay (it holds changes that are not
 /// on disk yet).
 pub trait Pinned {
+    /// Whether the value must stay in the cache.
     fn pinned(&self) -> bool;
 }
 
@@ -24,6 +25,8 @@ pub struct L2Table {
 }
 
 impl L2Table {
+    /// Decodes a table from its on-disk bytes (big-endian words; a trailing partial word
+    /// is ignored).
     pub fn from_bytes(bytes: &[u8]) -> Self {
         let words = bytes
             .chunks_exact(8)
@@ -35,6 +38,7 @@ impl L2Table {
         }
     }
 
+    /// A table of `words` zero words: a new, empty L2 table.
     pub fn zeroed(words: usize) -> Self {
         L2Table {
             words: (0..words).map(|_| AtomicU64::new(0)).collect(),
@@ -42,35 +46,42 @@ impl L2Table {
         }
     }
 
+    /// Number of 64-bit words (two per entry with extended L2 entries).
     pub fn len(&self) -> usize {
         self.words.len()
     }
 
+    /// Whether the table has no words.
     pub fn is_empty(&self) -> bool {
         self.words.is_empty()
     }
 
+    /// Word `i` (panics when `i` is out of range).
     pub fn word(&self, i: usize) -> u64 {
         self.words[i].load(Ordering::Acquire)
     }
 
-    pub fn set_word(&self, i: usize, v: u64) {
+    pub(crate) fn set_word(&self, i: usize, v: u64) {
         self.words[i].store(v, Ordering::Release);
         self.dirty.store(true, Ordering::Release);
     }
 
+    /// Whether the table changed since it was last written.
     pub fn is_dirty(&self) -> bool {
         self.dirty.load(Ordering::Acquire)
     }
 
+    /// Records that the table is written back.
     pub fn mark_clean(&self) {
         self.dirty.store(false, Ordering::Release);
     }
 
+    /// Records that the table must be written back.
     pub fn mark_dirty(&self) {
         self.dirty.store(true, Ordering::Release);
     }
 
+    /// Encodes the table into its on-disk bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.words.len() * 8);
         for w in self.words.iter() {
@@ -126,6 +137,7 @@ impl<T> std::fmt::Debug for Cache<T> {
 }
 
 impl<T: Pinned> Cache<T> {
+    /// An empty cache that holds `capacity` values (at least one) before it evicts.
     pub fn new(capacity: usize) -> Self {
         Cache {
             inner: RwLock::new(Inner {
@@ -137,18 +149,23 @@ impl<T: Pinned> Cache<T> {
         }
     }
 
+    /// How many values the cache holds before it evicts.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
+    /// How many values it holds now (more than the capacity when pinned values keep it
+    /// from evicting).
     pub fn len(&self) -> usize {
         self.inner.read().slots.len()
     }
 
+    /// Whether it holds nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// The value cached under `key` (a host offset), marked as recently used.
     pub fn get(&self, key: u64) -> Option<Arc<T>> {
         let inner = self.inner.read();
         let &i = inner.index.get(&key)?;

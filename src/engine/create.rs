@@ -3,7 +3,7 @@
 //! an encrypted image its LUKS area.
 
 use crate::error::{Error, Result};
-use crate::format::header::{CompressionType, CryptMethod, Header, V3_HEADER_LEN};
+use crate::format::header::{CryptMethod, Header};
 use crate::format::refcount::RefcountLayout;
 use crate::storage::Storage;
 use std::path::Path;
@@ -11,7 +11,9 @@ use std::path::Path;
 /// What to create.
 #[derive(Clone, Debug)]
 pub struct CreateOptions {
+    /// Guest size in bytes.
     pub size: u64,
+    /// Cluster size as a power of two (9 to 21).
     pub cluster_bits: u32,
     /// Backing file name and format to record in the header (reads do not use it when
     /// the caller wires the backing layer itself).
@@ -26,33 +28,10 @@ pub fn create(store: &dyn Storage, path: &Path, opts: &CreateOptions) -> Result<
     let cb = opts.cluster_bits;
     let cs = 1u64 << cb;
     let size = opts.size.next_multiple_of(512);
-    let mut tail = vec![0u8; V3_HEADER_LEN - 104];
-    tail[0] = 0; // zlib compression type
     let mut header = Header {
-        version: 3,
-        cluster_bits: cb,
-        size,
-        crypt_method: CryptMethod::None,
-        l1_size: 0,
-        l1_table_offset: 0,
         refcount_table_offset: cs,
         refcount_table_clusters: 1,
-        nb_snapshots: 0,
-        snapshots_offset: 0,
-        incompatible_features: 0,
-        compatible_features: 0,
-        autoclear_features: 0,
-        refcount_order: 4,
-        header_length: V3_HEADER_LEN as u32,
-        compression_type: CompressionType::Deflate,
-        tail,
-        backing_file: None,
-        backing_format: None,
-        data_file: None,
-        feature_names: Vec::new(),
-        bitmaps: None,
-        fde: None,
-        unknown_extensions: Vec::new(),
+        ..Header::new_v3(cb, size)
     };
     if let Some((name, fmt)) = &opts.backing {
         header.backing_file = Some(name.clone());

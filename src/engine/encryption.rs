@@ -88,6 +88,7 @@ impl Image {
         self.encryption.as_ref().map(Encryption::info)
     }
 
+    /// Whether the image is encrypted (locked or not).
     pub fn is_encrypted(&self) -> bool {
         self.encryption.is_some()
     }

@@ -6,7 +6,7 @@ use super::alloc::Allocator;
 use super::bitmaps::BitmapSet;
 use super::cache::{Cache, L2Table};
 use super::metaio::MetaIo;
-use super::ranges::RangeLocks;
+use super::ranges::{RangeGuard, RangeLocks};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::entry::EntryLayout;
 use crate::format::header::{Header, MAX_L1_ENTRIES};
@@ -60,7 +60,9 @@ impl SnapshotKey {
 /// Which L1 table a lookup goes through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum View {
+    /// The active disk.
     Active,
+    /// An internal snapshot's disk.
     Snapshot(SnapshotKey),
     /// The VM state saved with a snapshot, read through its L1 table (see `vmstate`):
     /// byte 0 is the snapshot's VM-state offset, the size its `vm_state_size`.
@@ -70,7 +72,9 @@ pub enum View {
 /// An internal snapshot.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
+    /// A key that stays the same while other snapshots are deleted.
     pub key: SnapshotKey,
+    /// The snapshot table's entry.
     pub entry: SnapshotEntry,
     /// The snapshot's own disk size (its extra data, else the image's size), in whole
     /// 512-byte sectors.
@@ -84,9 +88,11 @@ pub struct CacheStats {
     pub l2_capacity_bytes: u64,
     /// L2 tables cached, and those changed since they were last written.
     pub l2_tables: u64,
+    /// L2 tables changed since they were last written.
     pub l2_dirty: u64,
     /// Refcount blocks cached, and those changed (writable images).
     pub refcount_blocks: u64,
+    /// Refcount blocks changed since they were last written.
     pub refcount_dirty: u64,
     /// The L1 table differs from the file.
     pub l1_dirty: bool,
@@ -162,29 +168,37 @@ impl std::fmt::Debug for Image {
 }
 
 impl Image {
+    /// The image file's path.
     pub fn path(&self) -> &Path {
         self.io.path()
     }
 
+    /// The image file.
     pub fn storage(&self) -> &Arc<dyn Storage> {
         self.io.file()
     }
 
+    /// How the image's entries are read (cluster size, extended L2, data file).
     pub fn layout(&self) -> EntryLayout {
         self.layout
     }
 
+    /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.layout.cluster_size()
     }
 
+    /// Whether the image may be written now (a remount changes it).
     pub fn is_writable(&self) -> bool {
         self.writable.load(Ordering::Acquire)
     }
 
-    /// The guest range locks writes and reads of a writable image take (rule L5).
-    pub fn ranges(&self) -> &RangeLocks {
-        &self.ranges
+    /// Waits until the guest byte range `[start, end)` can be held (shared, or exclusive
+    /// for a write), then holds it until the guard drops: the guest range lock that writes
+    /// and reads of a writable image take (rule L5), and that `plan_write` and `publish`
+    /// require.
+    pub fn lock_range(&self, start: u64, end: u64, exclusive: bool) -> RangeGuard<'_> {
+        self.ranges.lock(start, end, exclusive)
     }
 
     /// A copy of the current header.

@@ -11,16 +11,26 @@ use crate::format::units::HostOffset;
 /// byte.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapKind {
-    /// Not allocated in this image: the backing file (or zeros) provides it. `host` is a
-    /// reserved host cluster (extended L2), if any.
-    Unallocated { host: Option<HostOffset> },
-    /// Reads as zeros. `host` is the still-allocated host cluster, if any.
-    Zero { host: Option<HostOffset> },
-    /// Data at `host` in the image file or, with an external data file, in that file.
-    Data { host: HostOffset },
+    /// Not allocated in this image: the backing file (or zeros) provides it.
+    Unallocated {
+        /// A host cluster reserved for it (extended L2), if any.
+        host: Option<HostOffset>,
+    },
+    /// Reads as zeros.
+    Zero {
+        /// The host cluster still allocated for it, if any.
+        host: Option<HostOffset>,
+    },
+    /// Data in the image file or, with an external data file, in that file.
+    Data {
+        /// Where the data is.
+        host: HostOffset,
+    },
     /// Part of a compressed cluster: decompress `desc`, then skip `in_cluster` bytes.
     Compressed {
+        /// Where the compressed cluster is.
         desc: CompressedDesc,
+        /// Bytes of the decompressed cluster before the extent.
         in_cluster: u64,
     },
 }
@@ -28,7 +38,9 @@ pub enum MapKind {
 /// One extent of a mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
+    /// Length of the extent in bytes.
     pub len: u64,
+    /// What it reads as.
     pub kind: MapKind,
 }
 

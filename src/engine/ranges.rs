@@ -22,7 +22,7 @@ struct State {
 
 /// Reader-writer locks over guest byte ranges.
 #[derive(Debug, Default)]
-pub struct RangeLocks {
+pub(crate) struct RangeLocks {
     state: Mutex<State>,
     released: Condvar,
 }
@@ -39,14 +39,14 @@ pub struct RangeGuard<'a> {
 
 impl RangeGuard<'_> {
     /// Whether this guard holds `[start, end)` of `locks` exclusively.
-    pub fn holds_exclusive(&self, locks: &RangeLocks, start: u64, end: u64) -> bool {
+    pub(crate) fn holds_exclusive(&self, locks: &RangeLocks, start: u64, end: u64) -> bool {
         std::ptr::eq(self.locks, locks) && self.exclusive && self.start <= start && end <= self.end
     }
 }
 
 impl RangeLocks {
     /// Waits until `[start, end)` can be held (shared or exclusive), then holds it.
-    pub fn lock(&self, start: u64, end: u64, exclusive: bool) -> RangeGuard<'_> {
+    pub(crate) fn lock(&self, start: u64, end: u64, exclusive: bool) -> RangeGuard<'_> {
         let mut st = self.state.lock();
         loop {
             let conflict = st

@@ -32,6 +32,7 @@ pub struct ClusterWrite {
     pub host: HostOffset,
     /// The part of the cluster the caller writes: `[start, end)`.
     pub start: u64,
+    /// End of the part the caller writes (exclusive), in bytes from the cluster's start.
     pub end: u64,
     /// Parts of the cluster to fill with the current guest content first (copy-on-write).
     pub fill: Vec<(u64, u64)>,

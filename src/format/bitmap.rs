@@ -10,7 +10,10 @@
 
 use super::error::{FormatError, be16, be32, be64};
 
+/// Entry flag: the bitmap may be stale (a writer had the image open and did not store
+/// it).
 pub const FLAG_IN_USE: u32 = 1 << 0;
+/// Entry flag: the bitmap tracks every write to the active disk.
 pub const FLAG_AUTO: u32 = 1 << 1;
 /// Flags no version of the format defines.
 pub const RESERVED_FLAGS: u32 = !(FLAG_IN_USE | FLAG_AUTO);
@@ -20,11 +23,17 @@ pub const TYPE_DIRTY_TRACKING: u8 = 1;
 /// 65535 bitmaps in a directory of at most 64 MiB, tables of at most 2^27 entries and
 /// at most 512 MiB of data per bitmap (the memory QEMU spends on one).
 pub const MIN_GRANULARITY_BITS: u8 = 9;
+/// The largest granularity: 2 GiB.
 pub const MAX_GRANULARITY_BITS: u8 = 31;
+/// The longest name, in bytes.
 pub const MAX_NAME_BYTES: usize = 1023;
+/// The most bitmaps in a directory.
 pub const MAX_BITMAPS: u32 = 65535;
+/// The largest directory, in bytes.
 pub const MAX_DIRECTORY_BYTES: u64 = 1024 * MAX_BITMAPS as u64;
+/// The most entries in one bitmap table.
 pub const MAX_TABLE_ENTRIES: u32 = 0x800_0000;
+/// The most data bytes of one bitmap.
 pub const MAX_DATA_BYTES: u64 = 0x2000_0000;
 
 /// Bits of a table entry that must be zero, the offset bits, and the all-ones flag.
@@ -38,13 +47,19 @@ const ENTRY_HEADER: usize = 24;
 /// One bitmap-directory entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BitmapEntry {
+    /// Host offset of the bitmap table (0 when the bitmap has none).
     pub table_offset: u64,
+    /// Entries in the bitmap table.
     pub table_size: u32,
+    /// The entry's flags (`FLAG_IN_USE`, `FLAG_AUTO`).
     pub flags: u32,
+    /// The bitmap's type: `TYPE_DIRTY_TRACKING`.
     pub kind: u8,
+    /// Bytes of guest space one bit covers, as a power of two.
     pub granularity_bits: u8,
     /// The name (invalid UTF-8 replaced, see `name_is_utf8`).
     pub name: String,
+    /// Bytes of extra data after the fixed part (must be 0 to use the bitmap).
     pub extra_data_size: u32,
     /// The stored name is valid UTF-8 (otherwise `name` is not exactly what is stored,
     /// and the entry cannot be written back unchanged).
@@ -69,10 +84,12 @@ impl BitmapEntry {
         }
     }
 
+    /// Whether the in-use flag is set.
     pub fn in_use(&self) -> bool {
         self.flags & FLAG_IN_USE != 0
     }
 
+    /// Whether the auto flag is set.
     pub fn auto(&self) -> bool {
         self.flags & FLAG_AUTO != 0
     }
@@ -180,7 +197,9 @@ pub fn encode_directory(entries: &[BitmapEntry]) -> Vec<u8> {
 /// What one bitmap-table entry says about its part of the bitmap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TableEntry {
+    /// Its part of the bitmap is all zeros (no data cluster).
     Zeros,
+    /// Its part of the bitmap is all ones (no data cluster).
     Ones,
     /// The data is in the cluster at this host offset.
     Data(u64),
@@ -212,6 +231,7 @@ pub fn decode_table_entry(word: u64, cluster_size: u64) -> Result<TableEntry, St
     Ok(TableEntry::Data(off))
 }
 
+/// Encodes a bitmap-table entry.
 pub fn encode_table_entry(e: TableEntry) -> u64 {
     match e {
         TableEntry::Zeros => 0,

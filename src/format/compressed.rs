@@ -17,14 +17,19 @@ thread_local! {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecompressError {
     #[error("deflate stream is damaged")]
+    /// The deflate stream is damaged.
     Deflate,
     #[error("deflate stream yields {0} bytes instead of a whole cluster")]
+    /// The deflate stream ends short of a whole cluster (the bytes it yields).
     Short(usize),
     #[error("zstd data is damaged: {0}")]
+    /// The zstd data is damaged (zstd's message).
     Zstd(String),
     #[error("zstd data stops making progress before a whole cluster")]
+    /// The zstd decoder stops before a whole cluster.
     ZstdStalled,
     #[error("zstd frame continues past the end of the cluster")]
+    /// The zstd frame goes on past the cluster.
     ZstdOverlong,
 }
 

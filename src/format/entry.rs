@@ -4,11 +4,17 @@
 
 use super::units::{HostCluster, HostOffset};
 
+/// The host offset bits of an L1 or standard L2 entry.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// L1 entry bits that must be zero.
 pub const L1_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+/// Standard L2 entry bits that must be zero.
 pub const L2_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
+/// The entry's refcount is exactly one: the cluster may be written in place.
 pub const COPIED: u64 = 1 << 63;
+/// The L2 entry describes a compressed cluster.
 pub const COMPRESSED: u64 = 1 << 62;
+/// The L2 entry reads as zeros (version 3).
 pub const ZERO_FLAG: u64 = 1;
 /// Number of subclusters in a cluster with extended L2 entries.
 pub const SUBCLUSTERS: u32 = 32;
@@ -16,10 +22,13 @@ pub const SUBCLUSTERS: u32 = 32;
 /// What the image's header says about how to read entries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EntryLayout {
+    /// Cluster size as a power of two.
     pub cluster_bits: u32,
+    /// L2 entries are extended (128 bits, with subclusters).
     pub extended_l2: bool,
     /// v3 images have the zero flag; in v2 it is corruption.
     pub zero_flag: bool,
+    /// Data lives in an external data file.
     pub data_file: bool,
 }
 
@@ -29,13 +38,22 @@ pub enum ClusterKind {
     /// Not allocated here: read the backing file, or zeros.
     Unallocated,
     /// Not allocated, but a host cluster is reserved for it (extended L2 only).
-    UnallocatedAlloc { host: HostOffset },
+    UnallocatedAlloc {
+        /// The reserved host cluster.
+        host: HostOffset,
+    },
     /// Reads as zeros without consulting the backing file.
     ZeroPlain,
     /// Reads as zeros; a host cluster is still allocated and referenced.
-    ZeroAlloc { host: HostOffset },
+    ZeroAlloc {
+        /// The allocated host cluster.
+        host: HostOffset,
+    },
     /// Data at `host` (+ offset in cluster).
-    Normal { host: HostOffset },
+    Normal {
+        /// The host cluster.
+        host: HostOffset,
+    },
     /// Compressed data: `size` bytes at host byte offset `offset`.
     Compressed(CompressedDesc),
 }
@@ -55,7 +73,9 @@ impl ClusterKind {
 /// Where a compressed cluster's bytes are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CompressedDesc {
+    /// Host byte offset of the compressed data (not cluster-aligned).
     pub offset: HostOffset,
+    /// Bytes to read from there: up to the end of the last 512-byte sector the entry names.
     pub size: u64,
 }
 
@@ -80,11 +100,14 @@ pub fn encode_zero_keeping(entry: u64) -> u64 {
 /// allocated, and which read as zeros.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SubclusterBitmap {
+    /// Bit `i`: subcluster `i` is allocated.
     pub alloc: u32,
+    /// Bit `i`: subcluster `i` reads as zeros.
     pub zero: u32,
 }
 
 impl SubclusterBitmap {
+    /// The bitmap from the second word of an extended L2 entry.
     pub fn decode(word: u64) -> Self {
         SubclusterBitmap {
             alloc: word as u32,
@@ -92,6 +115,7 @@ impl SubclusterBitmap {
         }
     }
 
+    /// The second word of an extended L2 entry.
     pub fn encode(self) -> u64 {
         self.alloc as u64 | ((self.zero as u64) << 32)
     }
@@ -123,13 +147,17 @@ impl SubclusterBitmap {
 /// location.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum EntryError {
+    /// The host offset is not cluster-aligned.
     UnalignedOffset(u64),
+    /// The zero flag is set in a version 2 image.
     ZeroFlagInV2,
     /// Alloc and zero bits both set for some subcluster.
     SubclusterBothBits(u64),
     /// Alloc bits set in an entry without a host cluster.
     AllocBitsWithoutCluster(u64),
+    /// A compressed cluster in an image whose data is in an external file.
     CompressedWithDataFile,
+    /// The compressed data's offset is beyond 2^56.
     CompressedOffsetTooLarge(u64),
 }
 
@@ -164,10 +192,12 @@ impl std::fmt::Display for EntryError {
 impl std::error::Error for EntryError {}
 
 impl EntryLayout {
+    /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
 
+    /// Bytes per L2 entry: 8, or 16 when extended.
     pub fn l2_entry_size(&self) -> usize {
         if self.extended_l2 { 16 } else { 8 }
     }
@@ -182,6 +212,7 @@ impl EntryLayout {
         self.cluster_size() / self.l2_entry_size() as u64
     }
 
+    /// Subcluster size in bytes (the cluster size without extended L2).
     pub fn subcluster_size(&self) -> u64 {
         if self.extended_l2 {
             self.cluster_size() / SUBCLUSTERS as u64

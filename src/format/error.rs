@@ -14,13 +14,18 @@ pub enum Problem {
 /// A parse failure: the field, its byte offset in the image file, and the problem.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FormatError {
+    /// Damaged, or valid but unsupported.
     pub problem: Problem,
+    /// The field, as the format names it (`l1_size`).
     pub field: String,
+    /// Byte offset of the field in the image file.
     pub offset: u64,
+    /// What is wrong with it.
     pub message: String,
 }
 
 impl FormatError {
+    /// The bytes of `field` at `offset` break the format.
     pub fn invalid(field: impl Into<String>, offset: u64, message: impl Into<String>) -> Self {
         FormatError {
             problem: Problem::Invalid,
@@ -30,6 +35,7 @@ impl FormatError {
         }
     }
 
+    /// The bytes of `field` at `offset` use something qcow2fs does not implement.
     pub fn unsupported(field: impl Into<String>, offset: u64, message: impl Into<String>) -> Self {
         FormatError {
             problem: Problem::Unsupported,

@@ -18,15 +18,19 @@ pub fn offset_in_range(off: u64) -> bool {
 /// Layout of refcount blocks for one refcount order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RefcountLayout {
+    /// Refcount width as a power of two, in bits (0 to 6).
     pub order: u32,
+    /// Cluster size as a power of two.
     pub cluster_bits: u32,
 }
 
 impl RefcountLayout {
+    /// Refcount width in bits.
     pub fn bits(&self) -> u32 {
         1 << self.order
     }
 
+    /// The largest refcount an entry can hold.
     pub fn max(&self) -> u64 {
         if self.order == 6 {
             u64::MAX

@@ -5,24 +5,32 @@ use super::error::{FormatError, be16, be32, be64};
 
 /// QEMU's limits.
 pub const MAX_EXTRA_DATA: u32 = 1024;
+/// The largest snapshot table, in bytes.
 pub const MAX_TABLE_BYTES: u64 = 64 * 1024 * 1024;
 const FIXED_LEN: usize = 40;
 
 /// One snapshot-table entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotEntry {
+    /// Host offset of the snapshot's L1 table.
     pub l1_table_offset: u64,
+    /// Entries in that L1 table.
     pub l1_size: u32,
+    /// The snapshot's ID string.
     pub id: String,
     /// The name as stored (not necessarily UTF-8).
     pub name_bytes: Vec<u8>,
+    /// When the snapshot was taken: seconds since the epoch.
     pub date_sec: u32,
+    /// Nanoseconds within that second.
     pub date_nsec: u32,
+    /// The guest's clock at the snapshot, in nanoseconds.
     pub vm_clock_nsec: u64,
     /// The VM state size (the 64-bit extra field when present, else the legacy field).
     pub vm_state_size: u64,
     /// The snapshot's own disk size, when the extra data holds it.
     pub disk_size: Option<u64>,
+    /// The instruction count (record/replay), when the extra data holds it.
     pub icount: Option<u64>,
     /// The extra data verbatim, so a rewrite keeps fields newer than this code.
     pub extra: Vec<u8>,
@@ -31,6 +39,7 @@ pub struct SnapshotEntry {
 }
 
 impl SnapshotEntry {
+    /// The name as text (invalid UTF-8 replaced).
     pub fn name(&self) -> String {
         String::from_utf8_lossy(&self.name_bytes).into_owned()
     }
@@ -87,7 +96,9 @@ impl SnapshotEntry {
 /// longer than those bytes (parse again with at least this many).
 #[derive(Debug, PartialEq, Eq)]
 pub enum TableRead {
+    /// The whole table.
     Entries(Vec<SnapshotEntry>),
+    /// The table needs at least this many bytes.
     NeedBytes(usize),
 }
 

@@ -35,10 +35,12 @@ impl GuestOffset {
 }
 
 impl HostOffset {
+    /// The host cluster this offset lies in.
     pub fn cluster(self, cluster_bits: u32) -> HostCluster {
         HostCluster(self.0 >> cluster_bits)
     }
 
+    /// Whether the offset starts a cluster.
     pub fn is_aligned(self, cluster_bits: u32) -> bool {
         self.0 & ((1u64 << cluster_bits) - 1) == 0
     }
@@ -55,6 +57,7 @@ impl HostOffset {
 }
 
 impl HostCluster {
+    /// Host offset of the cluster's first byte.
     pub fn offset(self, cluster_bits: u32) -> HostOffset {
         HostOffset(self.0 << cluster_bits)
     }

@@ -10,8 +10,8 @@ pub mod state;
 pub mod vmfiles;
 pub mod xattr;
 
-pub use io::{allocated_bytes, fallocate, seek};
-pub use state::{FileRef, FsConfig, MountState, OpenFiles};
+pub use io::{fallocate, seek};
+pub use state::{FsConfig, MountState};
 
 use fuser::{
     Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,

@@ -231,14 +231,6 @@ pub fn snapshot_file_stems_of(snapshots: &[&Snapshot]) -> Vec<(SnapshotKey, Vec<
         .collect()
 }
 
-/// The file names of `snapshots` in the mount, by key.
-pub fn snapshot_file_names(snapshots: &[&Snapshot]) -> Vec<(SnapshotKey, OsString)> {
-    snapshot_file_stems_of(snapshots)
-        .into_iter()
-        .map(|(k, stem)| (k, raw_name(&stem)))
-        .collect()
-}
-
 /// The modification time a snapshot file shows: the snapshot's date.
 pub fn snapshot_mtime(s: &Snapshot) -> SystemTime {
     UNIX_EPOCH + Duration::new(s.entry.date_sec as u64, s.entry.date_nsec.min(999_999_999))
@@ -613,10 +605,6 @@ impl Namespace {
     /// The number of nodes that exist.
     pub fn len(&self) -> usize {
         self.nodes().count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// The full path of `ino` relative to the mount point.

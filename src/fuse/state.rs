@@ -58,7 +58,6 @@ pub struct OpenFiles {
 pub struct FileRef {
     pub ino: u64,
     pub dev: Arc<dyn BlockDev>,
-    pub role: FileRole,
     pub state: Arc<NodeState>,
 }
 
@@ -147,10 +146,9 @@ impl MountState {
         let ns = self.ns.read();
         let node = ns.node(ino).ok_or(fuser::Errno::ENOENT)?;
         match &node.kind {
-            NodeKind::File { dev, role } => Ok(FileRef {
+            NodeKind::File { dev, .. } => Ok(FileRef {
                 ino,
                 dev: dev.clone(),
-                role: *role,
                 state: node.state.clone(),
             }),
             NodeKind::Dir { .. } => Err(fuser::Errno::EISDIR),

@@ -13,9 +13,13 @@ use std::sync::Arc;
 /// The store operations a fault can target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultOp {
+    /// `read_at`.
     Read,
+    /// `write_at`.
     Write,
+    /// `flush`.
     Flush,
+    /// `set_len`.
     SetLen,
 }
 
@@ -41,6 +45,7 @@ pub struct FaultStorage {
 }
 
 impl FaultStorage {
+    /// A store that passes everything to `inner` until a fault is set.
     pub fn new(inner: Arc<dyn Storage>) -> Self {
         FaultStorage {
             inner,

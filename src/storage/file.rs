@@ -77,6 +77,7 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
+    /// A store over an open file.
     pub fn new(file: File) -> Self {
         FileStorage {
             file: RwLock::new(file),

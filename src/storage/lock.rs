@@ -8,12 +8,19 @@ use std::fs::File;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
+/// First lock byte of the permissions an opener holds (QEMU's layout: one byte a
+/// permission).
 pub const PERM_BASE: i64 = 100;
+/// First lock byte of the permissions an opener does not share.
 pub const SHARED_BASE: i64 = 200;
 
+/// Permission: read a consistent image.
 pub const PERM_CONSISTENT_READ: u32 = 1 << 0;
+/// Permission: write.
 pub const PERM_WRITE: u32 = 1 << 1;
+/// Permission: write without changing what the guest reads.
 pub const PERM_WRITE_UNCHANGED: u32 = 1 << 2;
+/// Permission: resize.
 pub const PERM_RESIZE: u32 = 1 << 3;
 const PERM_COUNT: u32 = 4;
 

@@ -5,17 +5,20 @@ use parking_lot::RwLock;
 use std::io;
 
 #[derive(Debug, Default)]
+/// Bytes in memory: a store for tests.
 pub struct MemStorage {
     bytes: RwLock<Vec<u8>>,
 }
 
 impl MemStorage {
+    /// A store that holds `bytes`.
     pub fn new(bytes: Vec<u8>) -> Self {
         MemStorage {
             bytes: RwLock::new(bytes),
         }
     }
 
+    /// A copy of every byte it holds.
     pub fn contents(&self) -> Vec<u8> {
         self.bytes.read().clone()
     }

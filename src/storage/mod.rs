@@ -17,7 +17,9 @@ use std::io;
 /// Where a byte range stands in the store's own allocation (holes of sparse files).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Extent {
+    /// This many bytes hold data.
     Data(u64),
+    /// This many bytes are a hole (read as zeros, occupy nothing).
     Hole(u64),
 }
 
@@ -25,7 +27,9 @@ pub enum Extent {
 /// store's bytes may grant at most.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Access {
+    /// Owner's user id.
     pub uid: u32,
+    /// Owner's group id.
     pub gid: u32,
     /// The permission bits (`0o777` at most).
     pub mode: u32,
@@ -49,13 +53,16 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Reads up to `buf.len()` bytes at `off`; fewer only at the end of the store.
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
 
+    /// Writes all of `buf` at `off`, growing the store when it ends past it.
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
 
     /// Makes everything written so far durable.
     fn flush(&self) -> io::Result<()>;
 
+    /// Length of the store in bytes.
     fn len(&self) -> io::Result<u64>;
 
+    /// Truncates or extends the store to `len` bytes (new bytes read as zeros).
     fn set_len(&self, len: u64) -> io::Result<()>;
 
     /// Bytes the store really occupies (a sparse file's allocated blocks).

@@ -7,9 +7,7 @@ mod docs;
 mod table;
 
 pub use docs::{ManPage, help_text};
-pub use table::{
-    GENERIC_OPTIONS, Generic, GenericOption, MOUNT_OPTIONS, OptDefault, OptSpec, Value,
-};
+pub use table::{GENERIC_OPTIONS, Generic, GenericOption, MOUNT_OPTIONS, OptSpec, Value};
 
 use crate::block::{BackingPolicy, Keys, OpenOptions};
 use crate::error::{Error, Result};
@@ -293,6 +291,7 @@ impl MountOptions {
 
 #[cfg(test)]
 mod tests {
+    use super::table::OptDefault;
     use super::*;
 
     fn parse(opts: &str) -> Result<MountOptions> {

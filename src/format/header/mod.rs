@@ -8,55 +8,84 @@ mod validate;
 
 use super::error::{FormatError, be32, be64};
 
+/// The magic that opens every qcow2 image: `QFI\xfb`.
 pub const MAGIC: u32 = 0x5146_49fb;
+/// Length of a version 2 header, in bytes.
 pub const V2_HEADER_LEN: usize = 72;
+/// The shortest version 3 header, in bytes.
 pub const V3_MIN_HEADER_LEN: usize = 104;
 /// QEMU writes this header length for every v3 image it creates.
 pub const V3_HEADER_LEN: usize = 112;
 
+/// The smallest cluster: 512 bytes.
 pub const MIN_CLUSTER_BITS: u32 = 9;
+/// The largest cluster: 2 MiB.
 pub const MAX_CLUSTER_BITS: u32 = 21;
 /// QEMU's limit on an L1 table: 32 MiB.
 pub const MAX_L1_ENTRIES: u64 = 4 * 1024 * 1024;
 /// QEMU's limit on the refcount table: 8 MiB.
 pub const MAX_REFCOUNT_TABLE_BYTES: u64 = 8 * 1024 * 1024;
+/// QEMU's limit on the number of internal snapshots.
 pub const MAX_SNAPSHOTS: u32 = 65536;
+/// The longest backing file name, in bytes.
 pub const MAX_BACKING_NAME: u32 = 1023;
 /// More header extensions than this in one cluster is not something any writer produces.
 pub const MAX_EXTENSIONS: usize = 1024;
 
+/// Header extension types.
 pub mod ext {
+    /// Ends the list of extensions.
     pub const END: u32 = 0;
+    /// The backing file's format name.
     pub const BACKING_FORMAT: u32 = 0xE279_2ACA;
+    /// Names of the feature bits.
     pub const FEATURE_TABLE: u32 = 0x6803_F857;
+    /// Persistent dirty bitmaps.
     pub const BITMAPS: u32 = 0x2385_2875;
+    /// Full disk encryption: where the LUKS header is.
     pub const FDE: u32 = 0x0537_BE77;
+    /// The external data file's name.
     pub const DATA_FILE: u32 = 0x4441_5441;
 }
 
+/// Incompatible feature bits: a reader that does not know one must refuse the image.
 pub mod incompat {
+    /// The image was not closed cleanly; refcounts may be stale (lazy refcounts).
     pub const DIRTY: u64 = 1 << 0;
+    /// The image is known to be corrupt; it may only be read.
     pub const CORRUPT: u64 = 1 << 1;
+    /// Guest data is in an external data file.
     pub const DATA_FILE: u64 = 1 << 2;
+    /// The compression type field is valid (zstd).
     pub const COMPRESSION: u64 = 1 << 3;
+    /// L2 entries are extended, with subclusters.
     pub const EXTENDED_L2: u64 = 1 << 4;
+    /// Every incompatible bit qcow2fs knows.
     pub const KNOWN: u64 = 0x1f;
 }
 
+/// Compatible feature bits: a reader may ignore them.
 pub mod compat {
+    /// Refcounts may be updated lazily; the dirty bit then says they need a repair.
     pub const LAZY_REFCOUNTS: u64 = 1 << 0;
 }
 
+/// Autoclear feature bits: a writer that does not know one clears it.
 pub mod autoclear {
+    /// The bitmaps extension is consistent with the image.
     pub const BITMAPS: u64 = 1 << 0;
+    /// The external data file is a valid raw image on its own.
     pub const DATA_FILE_RAW: u64 = 1 << 1;
+    /// Every autoclear bit qcow2fs knows.
     pub const KNOWN: u64 = 0x3;
 }
 
 /// How compressed clusters are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CompressionType {
+    /// deflate, which qemu-img calls `zlib` (the default).
     Deflate,
+    /// zstd.
     Zstd,
 }
 
@@ -70,11 +99,14 @@ impl CompressionType {
     }
 }
 
-/// The encryption method named by the header (qcow2fs serves only `None`).
+/// The encryption method named by the header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CryptMethod {
+    /// Not encrypted.
     None,
+    /// QEMU's legacy AES-CBC method.
     Aes,
+    /// LUKS, its header in the image (the full disk encryption extension).
     Luks,
 }
 
@@ -83,7 +115,9 @@ pub enum CryptMethod {
 pub struct FeatureName {
     /// 0 incompatible, 1 compatible, 2 autoclear.
     pub kind: u8,
+    /// The bit number.
     pub bit: u8,
+    /// The feature's name.
     pub name: String,
 }
 
@@ -92,48 +126,74 @@ pub struct FeatureName {
 pub struct BitmapsExt {
     /// Where the extension record is in cluster 0 (for messages).
     pub ext_offset: u64,
+    /// Number of bitmaps in the directory.
     pub nb_bitmaps: u32,
+    /// Size of the directory, in bytes.
     pub directory_size: u64,
+    /// Host offset of the directory.
     pub directory_offset: u64,
 }
 
 /// An extension qcow2fs does not interpret, kept so a rewrite of cluster 0 preserves it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct UnknownExtension {
+    /// The extension's type.
     pub kind: u32,
+    /// Its data, without padding.
     pub data: Vec<u8>,
 }
 
 /// A validated qcow2 header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// Format version: 2 or 3.
     pub version: u32,
+    /// Cluster size as a power of two.
     pub cluster_bits: u32,
     /// The size field as stored; see [`Header::virtual_size`].
     pub size: u64,
+    /// The encryption method.
     pub crypt_method: CryptMethod,
+    /// Entries in the active L1 table.
     pub l1_size: u32,
+    /// Host offset of the active L1 table.
     pub l1_table_offset: u64,
+    /// Host offset of the refcount table.
     pub refcount_table_offset: u64,
+    /// Clusters the refcount table takes.
     pub refcount_table_clusters: u32,
+    /// Number of internal snapshots.
     pub nb_snapshots: u32,
+    /// Host offset of the snapshot table.
     pub snapshots_offset: u64,
+    /// Incompatible feature bits (`incompat`).
     pub incompatible_features: u64,
+    /// Compatible feature bits (`compat`).
     pub compatible_features: u64,
+    /// Autoclear feature bits (`autoclear`).
     pub autoclear_features: u64,
+    /// Refcount width as a power of two, in bits (4 is 16-bit refcounts).
     pub refcount_order: u32,
+    /// Header length in bytes (72 for version 2).
     pub header_length: u32,
+    /// How compressed clusters are encoded.
     pub compression_type: CompressionType,
     /// Header bytes past offset 104 up to `header_length` (compression type, padding and
     /// fields newer than this implementation), kept verbatim.
     pub tail: Vec<u8>,
+    /// The backing file name as stored (not necessarily UTF-8).
     pub backing_file: Option<Vec<u8>>,
+    /// The backing file's format, from its extension.
     pub backing_format: Option<String>,
+    /// The external data file's name as stored.
     pub data_file: Option<Vec<u8>>,
+    /// The feature-name table.
     pub feature_names: Vec<FeatureName>,
+    /// The bitmaps extension.
     pub bitmaps: Option<BitmapsExt>,
     /// Full-disk-encryption header pointer: (offset, length).
     pub fde: Option<(u64, u64)>,
+    /// Extensions qcow2fs does not interpret, in order.
     pub unknown_extensions: Vec<UnknownExtension>,
 }
 
@@ -192,6 +252,40 @@ fn check_magic_version(bytes: &[u8]) -> Result<(), FormatError> {
 }
 
 impl Header {
+    /// A version 3 header as QEMU writes a new image's, before its tables are placed:
+    /// 16-bit refcounts, deflate, a 112-byte header, no L1 or refcount table, no
+    /// snapshots, no features and no extensions. `size` is the size field in bytes.
+    pub fn new_v3(cluster_bits: u32, size: u64) -> Header {
+        Header {
+            version: 3,
+            cluster_bits,
+            size,
+            crypt_method: CryptMethod::None,
+            l1_size: 0,
+            l1_table_offset: 0,
+            refcount_table_offset: 0,
+            refcount_table_clusters: 0,
+            nb_snapshots: 0,
+            snapshots_offset: 0,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: V3_HEADER_LEN as u32,
+            compression_type: CompressionType::Deflate,
+            // The compression type byte (0: deflate) and padding.
+            tail: vec![0; V3_HEADER_LEN - V3_MIN_HEADER_LEN],
+            backing_file: None,
+            backing_format: None,
+            data_file: None,
+            feature_names: Vec::new(),
+            bitmaps: None,
+            fde: None,
+            unknown_extensions: Vec::new(),
+        }
+    }
+
+    /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
@@ -201,30 +295,37 @@ impl Header {
         self.size & !511
     }
 
+    /// Whether L2 entries are extended.
     pub fn extended_l2(&self) -> bool {
         self.incompatible_features & incompat::EXTENDED_L2 != 0
     }
 
+    /// Whether guest data is in an external data file.
     pub fn has_data_file(&self) -> bool {
         self.incompatible_features & incompat::DATA_FILE != 0
     }
 
+    /// Whether the external data file is a valid raw image on its own.
     pub fn data_file_raw(&self) -> bool {
         self.autoclear_features & autoclear::DATA_FILE_RAW != 0
     }
 
+    /// Whether the dirty bit is set.
     pub fn is_dirty(&self) -> bool {
         self.incompatible_features & incompat::DIRTY != 0
     }
 
+    /// Whether the corrupt bit is set.
     pub fn is_corrupt(&self) -> bool {
         self.incompatible_features & incompat::CORRUPT != 0
     }
 
+    /// Whether refcounts may be updated lazily.
     pub fn lazy_refcounts(&self) -> bool {
         self.compatible_features & compat::LAZY_REFCOUNTS != 0
     }
 
+    /// Refcount width in bits.
     pub fn refcount_bits(&self) -> u32 {
         1 << self.refcount_order
     }
@@ -371,9 +472,6 @@ impl Header {
         let ext_end = Self::extension_end(cs, backing_file_offset);
         let mut h = Header {
             version,
-            cluster_bits,
-            size,
-            crypt_method: CryptMethod::None,
             l1_size,
             l1_table_offset,
             refcount_table_offset,
@@ -385,15 +483,8 @@ impl Header {
             autoclear_features: autoclear,
             refcount_order,
             header_length,
-            compression_type: CompressionType::Deflate,
             tail,
-            backing_file: None,
-            backing_format: None,
-            data_file: None,
-            feature_names: Vec::new(),
-            bitmaps: None,
-            fde: None,
-            unknown_extensions: Vec::new(),
+            ..Header::new_v3(cluster_bits, size)
         };
         h.parse_extensions(bytes, header_length as u64, ext_end)?;
         if backing_file_offset != 0 {

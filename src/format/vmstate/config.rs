@@ -25,10 +25,12 @@ pub struct Configuration {
     pub target_page_bits: Option<u32>,
     /// Migration capabilities the source validated (`x-ignore-shared`, `mapped-ram`).
     pub capabilities: Vec<String>,
+    /// The VM's UUID, when the stream records one.
     pub uuid: Option<[u8; 16]>,
 }
 
 impl Configuration {
+    /// Whether the source validated the capability `name`.
     pub fn has_capability(&self, name: &str) -> bool {
         self.capabilities.iter().any(|c| c == name)
     }

@@ -27,6 +27,7 @@ use std::collections::HashSet;
 pub struct VmDescription {
     /// Stream offset of its 0x06 type byte; the JSON starts 5 bytes later.
     pub offset: u64,
+    /// Length of the JSON, in bytes.
     pub json_len: u32,
     /// Its `page_size`.
     pub page_size: Option<u64>,
@@ -36,10 +37,12 @@ pub struct VmDescription {
 }
 
 impl VmDescription {
+    /// Stream offset of the JSON's first byte.
     pub fn json_offset(&self) -> u64 {
         self.offset + 5
     }
 
+    /// Stream offset just past the JSON.
     pub fn end(&self) -> u64 {
         self.offset + 5 + self.json_len as u64
     }

@@ -14,8 +14,11 @@ pub enum VmStateError {
     Format(FormatError),
     /// The byte source failed while `len` bytes at stream offset `offset` were read.
     Read {
+        /// Stream offset of the read.
         offset: u64,
+        /// Bytes asked for.
         len: usize,
+        /// What the source reported.
         source: io::Error,
     },
 }
@@ -67,6 +70,7 @@ impl std::error::Error for VmStateError {
     }
 }
 
+/// A result whose error is a [`VmStateError`] unless said otherwise.
 pub type Result<T, E = VmStateError> = std::result::Result<T, E>;
 
 /// Something the parser skipped or could not check; the parse still succeeded.
@@ -74,6 +78,7 @@ pub type Result<T, E = VmStateError> = std::result::Result<T, E>;
 pub struct Warning {
     /// The stream offset it concerns.
     pub offset: u64,
+    /// What was skipped or not checked.
     pub message: String,
 }
 

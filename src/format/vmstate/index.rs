@@ -14,14 +14,20 @@ use std::collections::BTreeMap;
 /// What one lookup found: `len` bytes (at least 1) that are all of one kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
+    /// What the bytes are.
     pub kind: ExtentKind,
+    /// How many bytes, at least 1.
     pub len: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Where the bytes of an extent come from.
 pub enum ExtentKind {
     /// The bytes are in the stream at this offset (never past the end of one page).
-    Data { stream_offset: u64 },
+    Data {
+        /// Stream offset of the first byte.
+        stream_offset: u64,
+    },
     /// Every byte is this value: a page the stream sent as a fill (zero) page.
     Fill(u8),
     /// Nothing the stream said: never-sent pages, or no RAM at this guest address.

@@ -28,8 +28,11 @@ const AMD_HT_START: u64 = 0xfd_0000_0000;
 pub enum MachineKind {
     /// i440fx and isapc boards (`pc_init1`).
     I440fx {
+        /// RAM below 4 GiB ends at 3 GiB when it does not fit below 3.5 GiB (machine
+        /// types from 2.0 on); older ones end it at 3.5 GiB.
         gigabyte_align: bool,
     },
+    /// q35 boards.
     Q35,
 }
 
@@ -78,6 +81,7 @@ fn version(s: &str) -> Option<(u32, u32)> {
 /// The main RAM block's place in guest-physical memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PhysicalLayout {
+    /// The machine's board.
     pub kind: MachineKind,
     /// Bytes of RAM mapped 1:1 from address 0.
     pub below_4g: u64,
@@ -89,9 +93,17 @@ pub struct PhysicalLayout {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Segment {
     /// `len` bytes at this offset of the main RAM block.
-    Ram { block_offset: u64, len: u64 },
+    Ram {
+        /// Offset in the main RAM block.
+        block_offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
     /// `len` bytes that are not RAM.
-    Gap { len: u64 },
+    Gap {
+        /// Length in bytes.
+        len: u64,
+    },
 }
 
 impl PhysicalLayout {

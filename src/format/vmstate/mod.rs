@@ -108,7 +108,9 @@ pub(crate) struct Parsed {
 /// stream). Enough for `info`, and for the size of the physical image before it is built.
 #[derive(Clone, Debug)]
 pub struct Summary {
+    /// The configuration section, when the stream has one.
     pub configuration: Option<Configuration>,
+    /// The target page size, in bytes.
     pub page_size: u64,
     /// The RAM blocks (name, size) in stream order; empty when the stream has no RAM.
     pub blocks: Vec<(String, u64)>,
@@ -117,6 +119,7 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// The machine type, from the configuration section.
     pub fn machine(&self) -> Option<&str> {
         self.configuration.as_ref().map(|c| c.machine.as_str())
     }
@@ -129,6 +132,7 @@ impl Summary {
             .map(|b| b.1)
     }
 
+    /// Size of the guest-physical memory image in bytes (0 without a layout).
     pub fn physical_size(&self) -> u64 {
         self.physical.as_ref().map_or(0, |l| l.size())
     }
@@ -154,6 +158,8 @@ impl VmState {
         Self::parse_with(src, len, &Limits::default())
     }
 
+    /// Parses the `len`-byte stream `src` within `limits`. Fails when the stream breaks
+    /// the format, goes past a limit, or `src` fails.
     pub fn parse_with<R: ReadAt + ?Sized>(
         src: &R,
         len: u64,
@@ -256,6 +262,7 @@ impl VmState {
         &self.blocks
     }
 
+    /// The RAM block named `name`.
     pub fn block(&self, name: &str) -> Option<&RamBlock> {
         self.blocks.iter().find(|b| b.name == name)
     }
@@ -270,6 +277,7 @@ impl VmState {
         &self.sections
     }
 
+    /// The JSON device description after EOF, when there is one.
     pub fn vmdesc(&self) -> Option<&VmDescription> {
         self.vmdesc.as_ref()
     }

@@ -58,6 +58,7 @@ impl RamBlock {
         self.index.lookup(offset, max_len)
     }
 
+    /// Where each page of the block is in the stream.
     pub fn index(&self) -> &PageIndex {
         &self.index
     }

@@ -8,6 +8,7 @@ use std::io;
 /// A source of stream bytes: fill `buf` from stream offset `offset`, entirely or fail.
 /// The parser never asks for bytes at or past the length it was given.
 pub trait ReadAt {
+    /// Fills all of `buf` from stream offset `offset`, or fails.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
 }
 

@@ -48,13 +48,21 @@ pub const DEFAULT_PAGE_SIZE: u64 = 4096;
 /// The kind of a section.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SectionKind {
+    /// QEMU_VM_CONFIGURATION: the machine type and capabilities.
     Configuration,
+    /// QEMU_VM_SECTION_START: the first part of an iterative device (RAM).
     Start,
+    /// QEMU_VM_SECTION_PART: a further part of an iterative device.
     Part,
+    /// QEMU_VM_SECTION_END: the last part of an iterative device.
     End,
+    /// QEMU_VM_SECTION_FULL: a device's whole state.
     Full,
+    /// QEMU_VM_COMMAND: a migration command.
     Command,
+    /// QEMU_VM_EOF: the end of the device states.
     Eof,
+    /// QEMU_VM_VMDESCRIPTION: the JSON device description.
     VmDescription,
 }
 
@@ -77,16 +85,20 @@ impl SectionKind {
 /// One section as found in the stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SectionInfo {
+    /// The section's type.
     pub kind: SectionKind,
     /// Stream offset of the type byte.
     pub offset: u64,
     /// One past its last byte, footer included; `None` for a device section whose end
     /// could not be found.
     pub end: Option<u64>,
+    /// The section id, when the section has one.
     pub section_id: Option<u32>,
     /// The id string (START and FULL; PART and END get their START's).
     pub name: Option<String>,
+    /// The instance id, when the section has one.
     pub instance_id: Option<u32>,
+    /// The version id, when the section has one.
     pub version_id: Option<u32>,
     /// COMMAND: the command number and its payload length.
     pub command: Option<(u16, u16)>,

@@ -48,15 +48,20 @@ impl Default for HttpSettings {
 /// What is asked for.
 #[derive(Debug)]
 pub enum Target {
+    /// An `http://` or `https://` URL.
     Http(Url),
+    /// An object in an S3-compatible store.
     S3(S3Target),
 }
 
 /// The size and version of an object, from its `HEAD`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectInfo {
+    /// Length in bytes.
     pub size: u64,
+    /// Its ETag, when the server sends one.
     pub etag: Option<String>,
+    /// Its Last-Modified date as sent, when the server sends one.
     pub last_modified: Option<String>,
 }
 
@@ -205,6 +210,8 @@ fn same_etag(a: &str, b: &str) -> bool {
 }
 
 impl Client {
+    /// A client of `target`, named `shown` in messages. Fails when the CA file of
+    /// `settings` cannot be read.
     pub fn new(
         target: Target,
         shown: String,
@@ -230,6 +237,7 @@ impl Client {
         })
     }
 
+    /// The object's name as messages show it.
     pub fn shown(&self) -> &str {
         &self.shown
     }

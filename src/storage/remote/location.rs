@@ -12,7 +12,12 @@ pub enum Location {
     /// An `http://` or `https://` URL, read with range requests.
     Http(Url),
     /// An object in an S3-compatible store.
-    S3 { bucket: String, key: String },
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// The object's key.
+        key: String,
+    },
 }
 
 /// Whether `name` is a URL qcow2fs reads remotely (`http://`, `https://`, `s3://`).

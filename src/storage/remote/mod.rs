@@ -49,6 +49,7 @@ use std::sync::{Arc, OnceLock, Weak};
 pub const DEFAULT_BLOCK: u64 = 256 << 10;
 /// Smallest and largest block sizes.
 pub const MIN_BLOCK: u64 = 4 << 10;
+/// The largest block size.
 pub const MAX_BLOCK: u64 = 16 << 20;
 /// Default bound of the disk cache.
 pub const DEFAULT_CACHE_MAX: u64 = 1 << 30;
@@ -64,6 +65,7 @@ pub struct RemoteOptions {
     pub s3_endpoint: Option<String>,
     /// Size of the blocks fetched and cached (a power of two).
     pub block: u64,
+    /// Timeouts, retries and TLS.
     pub http: HttpSettings,
 }
 
@@ -82,13 +84,19 @@ impl Default for RemoteOptions {
 /// What one object's reads cost: requests, bytes and cache use.
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// HTTP requests sent.
     pub requests: AtomicU64,
+    /// Requests retried after a failure.
     pub retries: AtomicU64,
+    /// Bytes received from the server.
     pub bytes_fetched: AtomicU64,
+    /// Bytes handed to readers.
     pub bytes_read: AtomicU64,
     /// Blocks readers needed, by where they were found.
     pub memory_hits: AtomicU64,
+    /// Blocks found in the disk cache.
     pub disk_hits: AtomicU64,
+    /// Blocks fetched from the server for a reader.
     pub fetched_for_reads: AtomicU64,
     /// Blocks fetched ahead of a sequential reader.
     pub readahead_blocks: AtomicU64,
@@ -99,17 +107,29 @@ pub struct Stats {
 /// A snapshot of one object's [`Stats`], for `qcow2fs status`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct StatsReport {
+    /// The object's URL.
     pub url: String,
+    /// Its length in bytes.
     pub size: u64,
+    /// Whether blocks are cached on disk.
     pub cached_on_disk: bool,
+    /// HTTP requests sent.
     pub requests: u64,
+    /// Requests retried after a failure.
     pub retries: u64,
+    /// Bytes received from the server.
     pub bytes_fetched: u64,
+    /// Bytes handed to readers.
     pub bytes_read: u64,
+    /// Blocks found in memory.
     pub memory_hits: u64,
+    /// Blocks found in the disk cache.
     pub disk_hits: u64,
+    /// Blocks fetched for a reader.
     pub fetched_for_reads: u64,
+    /// Blocks fetched ahead of a sequential reader.
     pub readahead_blocks: u64,
+    /// Blocks waited for while another reader fetched them.
     pub waited: u64,
 }
 
@@ -156,6 +176,7 @@ pub struct Remote {
 }
 
 impl Remote {
+    /// Remote stores read with `opts`.
     pub fn new(opts: RemoteOptions) -> Remote {
         Remote {
             opts,
@@ -163,6 +184,7 @@ impl Remote {
         }
     }
 
+    /// The options.
     pub fn options(&self) -> &RemoteOptions {
         &self.opts
     }
