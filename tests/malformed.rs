@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use support::images::{M, create_image};
+use support::images::{M, create_encrypted, create_image};
 use support::patch::*;
 use support::*;
 
@@ -365,26 +365,12 @@ fn reject_crypt_method_3() {
 }
 
 fn encrypted(dir: &Path, name: &str, format: &str) -> PathBuf {
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            "secret,id=s0,data=pw",
-            "-o",
-            &if format == "luks" {
-                format!("encrypt.format={format},encrypt.key-secret=s0,encrypt.iter-time=10")
-            } else {
-                format!("encrypt.format={format},encrypt.key-secret=s0")
-            },
-            name,
-            "1M",
-        ],
-    );
-    dir.join(name)
+    let opts = if format == "luks" {
+        format!("encrypt.format={format},encrypt.key-secret=s0,encrypt.iter-time=10")
+    } else {
+        format!("encrypt.format={format},encrypt.key-secret=s0")
+    };
+    create_encrypted(dir, name, "1M", "secret,id=s0,data=pw", &opts)
 }
 
 /// Encrypted images open without a key for `info` (which shows the encryption, as

@@ -956,14 +956,7 @@ fn deleting_a_snapshot_removes_its_vm_state_files() {
     let m = Mount::new(&img, &mnt, &["rw"]);
     let dir = d.path();
     let mnt_s = m.mountpoint.to_str().unwrap();
-    let delete = || {
-        run_in(
-            dir,
-            qcow2fs_bin(),
-            &["snapshot", "delete", mnt_s, "running"],
-            COMMAND_LIMIT,
-        )
-    };
+    let delete = || qcow2fs_try(dir, &["snapshot", "delete", mnt_s, "running"]);
     // The kernel tells the daemon of a last close on its own time.
     let closed = || {
         wait_until(std::time::Duration::from_secs(10), || {
@@ -988,12 +981,7 @@ fn deleting_a_snapshot_removes_its_vm_state_files() {
     );
     assert!(!m.path("snapshots/running.ram/pc.ram.raw").exists());
     // A snapshot taken now has no VM state: its disk alone.
-    let r = run_in(
-        dir,
-        qcow2fs_bin(),
-        &["snapshot", "create", mnt_s, "live"],
-        COMMAND_LIMIT,
-    );
+    let r = qcow2fs_try(dir, &["snapshot", "create", mnt_s, "live"]);
     assert!(r.success(), "{}", r.describe());
     assert_eq!(
         listing(&m.path("snapshots")),
@@ -1084,7 +1072,7 @@ fn extended_attributes_of_disks_and_layers_are_read_only() {
         new.to_str().unwrap(),
         mnt_s,
     ];
-    run_in(dir, qcow2fs_bin(), &args, COMMAND_LIMIT).expect_success();
+    qcow2fs_try(dir, &args).expect_success();
     let got = attrs(&m.disk());
     assert_eq!(
         got["user.qcow2.image"],
