@@ -216,6 +216,16 @@ fn plain(dir: &Path, name: &str) -> PathBuf {
     img
 }
 
+/// Fresh [`plain`] images with the 32-bit header field `field` (at `at`) set to each of
+/// `values`: every one refused, naming the field.
+fn each_u32_rejected(dir: &Path, at: u64, field: &str, values: &[u32]) {
+    for &v in values {
+        let img = plain(dir, &format!("{field}-{v:x}.qcow2"));
+        put32(&img, at, v);
+        rejected(&img, &[field], &format!("{field} {v:#x}"));
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Reject at open: header fields
 // ---------------------------------------------------------------------------------------
@@ -233,32 +243,22 @@ fn reject_bad_magic() {
 #[test]
 fn reject_bad_version() {
     let d = tempdir();
-    for v in [1u32, 4, 0, 0xffff_ffff] {
-        let img = plain(d.path(), &format!("version{v}.qcow2"));
-        put32(&img, hdr::VERSION, v);
-        rejected(&img, &["version"], &format!("version {v}"));
-    }
+    each_u32_rejected(d.path(), hdr::VERSION, "version", &[1, 4, 0, 0xffff_ffff]);
 }
 
 #[test]
 fn reject_bad_cluster_bits() {
     let d = tempdir();
-    for bits in [8u32, 22, 0, 63, 64, 0xffff_ffff] {
-        let img = plain(d.path(), &format!("cb{bits}.qcow2"));
-        put32(&img, hdr::CLUSTER_BITS, bits);
-        rejected(&img, &["cluster_bits"], &format!("cluster_bits {bits}"));
-    }
+    let bits = [8, 22, 0, 63, 64, 0xffff_ffff];
+    each_u32_rejected(d.path(), hdr::CLUSTER_BITS, "cluster_bits", &bits);
 }
 
 #[test]
 fn reject_bad_header_length() {
     let d = tempdir();
     // 100 (< 104), > cluster size (multiple of 8), and not a multiple of 8.
-    for len in [100u32, 0, 65536 + 8, 0xffff_fff8, 108, 113] {
-        let img = plain(d.path(), &format!("hl{len}.qcow2"));
-        put32(&img, hdr::HEADER_LENGTH, len);
-        rejected(&img, &["header_length"], &format!("header_length {len}"));
-    }
+    let lens = [100, 0, 65536 + 8, 0xffff_fff8, 108, 113];
+    each_u32_rejected(d.path(), hdr::HEADER_LENGTH, "header_length", &lens);
 }
 
 #[test]
@@ -343,25 +343,19 @@ fn reject_unknown_compression_type() {
 #[test]
 fn reject_refcount_order_7() {
     let d = tempdir();
-    for order in [7u32, 64, 0xffff_ffff] {
-        let img = plain(d.path(), &format!("ro{order}.qcow2"));
-        put32(&img, hdr::REFCOUNT_ORDER, order);
-        rejected(
-            &img,
-            &["refcount_order"],
-            &format!("refcount_order {order}"),
-        );
-    }
+    let orders = [7, 64, 0xffff_ffff];
+    each_u32_rejected(d.path(), hdr::REFCOUNT_ORDER, "refcount_order", &orders);
 }
 
 #[test]
 fn reject_crypt_method_3() {
     let d = tempdir();
-    for m in [3u32, 0xffff_ffff] {
-        let img = plain(d.path(), &format!("crypt{m}.qcow2"));
-        put32(&img, hdr::CRYPT_METHOD, m);
-        rejected(&img, &["crypt_method"], &format!("crypt_method {m}"));
-    }
+    each_u32_rejected(
+        d.path(),
+        hdr::CRYPT_METHOD,
+        "crypt_method",
+        &[3, 0xffff_ffff],
+    );
 }
 
 fn encrypted(dir: &Path, name: &str, format: &str) -> PathBuf {
@@ -396,20 +390,23 @@ fn assert_needs_key(img: &Path, format: &str, what: &str) {
     }
 }
 
+/// An image QEMU encrypted with `format` (crypt_method `method` in the header) is
+/// refused without a key, naming the encryption as `label`.
+fn encrypted_needs_a_key(format: &str, method: u32, label: &str) {
+    let d = tempdir();
+    let img = encrypted(d.path(), &format!("{format}.qcow2"), format);
+    assert_eq!(read_be32(&img, hdr::CRYPT_METHOD), method);
+    assert_needs_key(&img, format, label);
+}
+
 #[test]
 fn encrypted_luks_needs_a_key() {
-    let d = tempdir();
-    let img = encrypted(d.path(), "luks.qcow2", "luks");
-    assert_eq!(read_be32(&img, hdr::CRYPT_METHOD), 2);
-    assert_needs_key(&img, "luks", "LUKS");
+    encrypted_needs_a_key("luks", 2, "LUKS");
 }
 
 #[test]
 fn encrypted_legacy_aes_needs_a_key() {
-    let d = tempdir();
-    let img = encrypted(d.path(), "aes.qcow2", "aes");
-    assert_eq!(read_be32(&img, hdr::CRYPT_METHOD), 1);
-    assert_needs_key(&img, "aes", "legacy AES");
+    encrypted_needs_a_key("aes", 1, "legacy AES");
 }
 
 /// A hostile LUKS area: refused at open, `info` included, with one line naming the image

@@ -7,12 +7,12 @@
 mod support;
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use support::images::create_image;
+use support::vmfixtures::{expected_hash, facts, fixture_dir, fixture_unxz, sha256_hex, unxz};
 use support::vmstream::{Guest, PS, Page};
 use support::*;
 
@@ -20,40 +20,10 @@ const FIXTURES: [&str; 3] = ["A", "B", "C"];
 const GIB: u64 = 1 << 30;
 const VGA: std::ops::Range<usize> = 0xa0000..0xc0000;
 
-fn data_dir(f: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/vmstate")
-        .join(f)
-}
-
-fn unxz(path: &Path) -> Vec<u8> {
-    let xz = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut out = Vec::new();
-    lzma_rs::xz_decompress(&mut &xz[..], &mut out).unwrap();
-    out
-}
-
-fn sha256(b: &[u8]) -> String {
-    Sha256::digest(b)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
-}
-
-/// The first word of fixture `f`'s `*.sha256` file `name`.
-fn expected_hash(f: &str, name: &str) -> String {
-    let s = fs::read_to_string(data_dir(f).join(name)).unwrap();
-    s.split_whitespace().next().unwrap().to_string()
-}
-
-fn facts(f: &str) -> Value {
-    serde_json::from_slice(&fs::read(data_dir(f).join("fixture.json")).unwrap()).unwrap()
-}
-
 /// Fixture `f`'s image, unpacked into `dir`.
 fn fixture_image(dir: &Path, f: &str) -> PathBuf {
     let img = dir.join(format!("{f}.qcow2"));
-    fs::write(&img, unxz(&data_dir(f).join("disk.qcow2.xz"))).unwrap();
+    fs::write(&img, fixture_unxz(f, "disk.qcow2.xz")).unwrap();
     img
 }
 
@@ -233,7 +203,11 @@ fn check_fixture(f: &str) {
     // The stream: exactly vm_state_size bytes, as QEMU reads it back.
     let vmstate = fs::read(m.path("snapshots/running.vmstate")).unwrap();
     assert_eq!(vmstate.len() as u64, vm_size, "{f}");
-    assert_eq!(sha256(&vmstate), expected_hash(f, "vmstate.sha256"), "{f}");
+    assert_eq!(
+        sha256_hex(&vmstate),
+        expected_hash(f, "vmstate.sha256"),
+        "{f}"
+    );
     assert_same_bytes(
         &format!("{f}: running.vmstate vs qemu-io read -b"),
         &qemu_vmstate(&img, "running", vm_size),
@@ -251,9 +225,9 @@ fn check_fixture(f: &str) {
         ram,
         "{f}: small guests map all RAM below 4 GiB"
     );
-    assert_eq!(sha256(&mem), expected_hash(f, "pc.ram.sha256"), "{f}");
-    let dump = unxz(&data_dir(f).join("ram.bin.xz"));
-    assert_eq!(sha256(&dump), expected_hash(f, "ram.sha256"));
+    assert_eq!(sha256_hex(&mem), expected_hash(f, "pc.ram.sha256"), "{f}");
+    let dump = fixture_unxz(f, "ram.bin.xz");
+    assert_eq!(sha256_hex(&dump), expected_hash(f, "ram.sha256"));
     assert!(mem[..VGA.start] == dump[..VGA.start], "{f}: below 0xa0000");
     assert!(mem[VGA.end..] == dump[VGA.end..], "{f}: above 0xc0000");
     assert!(mem[VGA] != dump[VGA], "{f}: the VGA window should differ");
@@ -345,13 +319,13 @@ fn check_fixture(f: &str) {
     let img_s = img.to_str().unwrap();
     let out = qcow2fs(dir, &["cat", "--vmstate", "running", img_s]);
     assert_eq!(
-        sha256(&out),
+        sha256_hex(&out),
         expected_hash(f, "vmstate.sha256"),
         "{f}: cat --vmstate"
     );
     let out = qcow2fs(dir, &["cat", "--memory", "1", img_s]);
     assert_eq!(
-        sha256(&out),
+        sha256_hex(&out),
         expected_hash(f, "pc.ram.sha256"),
         "{f}: cat --memory"
     );
@@ -757,8 +731,8 @@ fn ram_above_4_gib_through_the_mount() {
             [0x7000_0000, 0x1_0000_0000, 0x1_3fff_f000],
         ),
     ] {
-        let stream = unxz(&data_dir(f).join("vmstate.bin.xz"));
-        assert_eq!(sha256(&stream), expected_hash(f, "vmstate.sha256"));
+        let stream = fixture_unxz(f, "vmstate.bin.xz");
+        assert_eq!(sha256_hex(&stream), expected_hash(f, "vmstate.sha256"));
         let name = format!("{f}.qcow2");
         let img = image_with_stream(d.path(), &name, &stream, stream.len() as u64, false);
         let m = Mount::new(&img, &mountpoint(d.path(), &format!("mnt-{f}")), &[]);
@@ -779,7 +753,7 @@ fn ram_above_4_gib_through_the_mount() {
             );
         }
         let mut dumps = 0;
-        for entry in fs::read_dir(data_dir(f)).unwrap() {
+        for entry in fs::read_dir(fixture_dir(f)).unwrap() {
             let file_name = entry.unwrap().file_name().into_string().unwrap();
             let Some(addr) = file_name
                 .strip_prefix("pmem-")
@@ -788,7 +762,7 @@ fn ram_above_4_gib_through_the_mount() {
                 continue;
             };
             let addr = u64::from_str_radix(addr, 16).unwrap();
-            let mut dump = unxz(&data_dir(f).join(&file_name));
+            let mut dump = unxz(&fixture_dir(f).join(&file_name));
             let mut mem = read(addr, dump.len());
             for a in VGA {
                 let a = a as u64;
