@@ -21,23 +21,24 @@ use support::*;
 // 6. Error paths: exit 1, one line naming the problem, nothing mounted
 // ---------------------------------------------------------------------------------------
 
-fn image_with_missing_backing(dir: &Path) -> PathBuf {
-    let mut ctx = Ctx::new(dir, "missing-backing");
-    ctx.create("gone-base.qcow2", M, "");
-    let top = ctx.overlay("orphan.qcow2", "gone-base.qcow2", "qcow2", None, "");
+/// `dir/TOP` written over a qcow2 base `dir/BASE` that is then deleted (`ctx` names the
+/// pattern files).
+fn image_over_deleted_base(dir: &Path, ctx: &str, base: &str, top: &str) -> PathBuf {
+    let mut ctx = Ctx::new(dir, ctx);
+    ctx.create(base, M, "");
+    let img = ctx.overlay(top, base, "qcow2", None, "");
     let c = vec![ctx.w(0, 1000)];
-    ctx.io("orphan.qcow2", &c);
-    fs::remove_file(dir.join("gone-base.qcow2")).unwrap();
-    top
+    ctx.io(top, &c);
+    fs::remove_file(dir.join(base)).unwrap();
+    img
+}
+
+fn image_with_missing_backing(dir: &Path) -> PathBuf {
+    image_over_deleted_base(dir, "missing-backing", "gone-base.qcow2", "orphan.qcow2")
 }
 
 fn image_with_directory_backing(dir: &Path) -> PathBuf {
-    let mut ctx = Ctx::new(dir, "dir-backing");
-    ctx.create("dir-base.qcow2", M, "");
-    let top = ctx.overlay("dirtop.qcow2", "dir-base.qcow2", "qcow2", None, "");
-    let c = vec![ctx.w(0, 1000)];
-    ctx.io("dirtop.qcow2", &c);
-    fs::remove_file(dir.join("dir-base.qcow2")).unwrap();
+    let top = image_over_deleted_base(dir, "dir-backing", "dir-base.qcow2", "dirtop.qcow2");
     fs::create_dir(dir.join("dir-base.qcow2")).unwrap();
     top
 }

@@ -12,7 +12,7 @@ use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use support::images::create_image;
-use support::vmfixtures::{expected_hash, facts, fixture_dir, fixture_unxz, sha256_hex, unxz};
+use support::vmfixtures::{check_physical_memory, expected_hash, facts, fixture_unxz, sha256_hex};
 use support::vmstream::{Guest, PS, Page};
 use support::*;
 
@@ -744,37 +744,7 @@ fn ram_above_4_gib_through_the_mount() {
             file.read_exact_at(&mut b, off).unwrap();
             b
         };
-        for mark in marks {
-            let text = format!("MARK {mark:x}\n");
-            assert_eq!(
-                read(mark, text.len()),
-                text.as_bytes(),
-                "{f}: mark {mark:#x}"
-            );
-        }
-        let mut dumps = 0;
-        for entry in fs::read_dir(fixture_dir(f)).unwrap() {
-            let file_name = entry.unwrap().file_name().into_string().unwrap();
-            let Some(addr) = file_name
-                .strip_prefix("pmem-")
-                .and_then(|x| x.strip_suffix(".bin.xz"))
-            else {
-                continue;
-            };
-            let addr = u64::from_str_radix(addr, 16).unwrap();
-            let mut dump = unxz(&fixture_dir(f).join(&file_name));
-            let mut mem = read(addr, dump.len());
-            for a in VGA {
-                let a = a as u64;
-                if a >= addr && a < addr + dump.len() as u64 {
-                    mem[(a - addr) as usize] = 0;
-                    dump[(a - addr) as usize] = 0;
-                }
-            }
-            assert!(mem == dump, "{f}: pmemsave at {addr:#x} differs");
-            dumps += 1;
-        }
-        assert_eq!(dumps, 4, "{f}: pmemsave dumps");
+        check_physical_memory(f, &marks, read);
         // Nothing between the end of low RAM and 4 GiB; a mark starts RAM at 4 GiB.
         assert_eq!(lseek(&file, below, libc::SEEK_DATA), Ok(4 * GIB), "{f}");
         let hole = lseek(&file, 0, libc::SEEK_HOLE).unwrap();

@@ -3,7 +3,9 @@
 // the `pc.ram` block rebuilt from its page index hashes as QEMU's stream says, and the
 // guest-physical image equals QEMU's `pmemsave` dump outside the VGA window.
 
-use crate::support::vmfixtures::{expected_hash, facts, fixture_dir, fixture_unxz, sha256_hex};
+use crate::support::vmfixtures::{
+    check_physical_memory, expected_hash, facts, fixture_unxz, sha256_hex,
+};
 use crate::support::vmstream::materialize;
 use qcow2fs::format::vmstate::{ExtentKind, SectionKind, VmState};
 use serde_json::Value;
@@ -265,39 +267,8 @@ fn ram_above_4_gib_is_where_qemu_puts_it() {
             "{name}: {}",
             st.index_memory_bytes()
         );
-        let read =
-            |off: u64, len: u64| materialize(&stream, len, |o, l| st.lookup_physical(off + o, l));
-        for m in marks {
-            let text = format!("MARK {m:x}\n");
-            assert_eq!(
-                read(m, text.len() as u64),
-                text.as_bytes(),
-                "{name}: mark {m:#x}"
-            );
-        }
-        let mut ranges = 0;
-        for entry in std::fs::read_dir(fixture_dir(name)).unwrap() {
-            let file = entry.unwrap().file_name().into_string().unwrap();
-            let Some(addr) = file
-                .strip_prefix("pmem-")
-                .and_then(|f| f.strip_suffix(".bin.xz"))
-            else {
-                continue;
-            };
-            let addr = u64::from_str_radix(addr, 16).unwrap();
-            let dump = fixture_unxz(name, &file);
-            let mut mem = read(addr, dump.len() as u64);
-            let mut dump = dump;
-            // The VGA window reads through the device in pmemsave (see the README).
-            for a in 0xa0000..0xc0000u64 {
-                if a >= addr && a < addr + mem.len() as u64 {
-                    mem[(a - addr) as usize] = 0;
-                    dump[(a - addr) as usize] = 0;
-                }
-            }
-            assert!(mem == dump, "{name}: pmemsave at {addr:#x} differs");
-            ranges += 1;
-        }
-        assert_eq!(ranges, 4, "{name}");
+        check_physical_memory(name, &marks, |off, len| {
+            materialize(&stream, len as u64, |o, l| st.lookup_physical(off + o, l))
+        });
     }
 }
