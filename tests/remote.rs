@@ -56,6 +56,15 @@ fn canon(p: &Path) -> PathBuf {
     p.canonicalize().unwrap()
 }
 
+/// Scenario `name` built in a temporary directory and served over HTTP: the directory,
+/// the top image, the server and the top image's URL.
+fn served_scenario(name: &str) -> (tempfile::TempDir, PathBuf, FileServer, String) {
+    let (dir, top) = corpus::build(name);
+    let server = FileServer::start(dir.path());
+    let url = server.url(&canon(&top));
+    (dir, top, server, url)
+}
+
 fn s3_url(bucket: &str, path: &Path) -> String {
     format!("s3://{bucket}/{}", key_of(&canon(path)))
 }
@@ -251,9 +260,7 @@ fn read_file(p: &Path) -> Vec<u8> {
 /// sees its HEADs and no GET. Without the cache it sees GETs again.
 #[test]
 fn second_mount_reads_from_the_disk_cache() {
-    let (dir, top) = corpus::build("snapshots_of_overlay");
-    let server = FileServer::start(dir.path());
-    let url = server.url(&canon(&top));
+    let (_dir, top, server, url) = served_scenario("snapshots_of_overlay");
     let want = qemu_raw(&top);
     let (id, _) = qemu_snapshots(&top)[0].clone();
     let want_snap = qemu_snapshot_raw(&top, &id);
@@ -461,10 +468,8 @@ fn overlay_over_an_image_in_a_bucket() {
 /// server until it stands alone.
 #[test]
 fn copy_on_read_from_a_remote_backing_file() {
-    let (dir, base) = corpus::build("compressed_write_zstd_64k");
+    let (_dir, base, _server, url) = served_scenario("compressed_write_zstd_64k");
     let want = qemu_raw(&base);
-    let server = FileServer::start(dir.path());
-    let url = server.url(&canon(&base));
     let work = tempdir();
     let top = work.path().join("top.qcow2");
     let size = want.len().to_string();
@@ -547,10 +552,8 @@ fn backing_name_policy() {
 /// range of which URL.
 #[test]
 fn faults_at_open_and_retries() {
-    let (dir, top) = corpus::build("zero_clusters");
+    let (dir, top, server, url) = served_scenario("zero_clusters");
     let want = qemu_raw(&top);
-    let server = FileServer::start(dir.path());
-    let url = server.url(&canon(&top));
     let cache = tempdir();
 
     let missing = server.url(&canon(dir.path()).join("missing.qcow2"));
