@@ -111,21 +111,12 @@ fn random_ops(name: &str, n: usize, size: u64) -> Vec<Op> {
         .collect()
 }
 
-/// The data extents of a file, walked with SEEK_DATA and SEEK_HOLE.
+/// The data extents of a file as (offset, length), walked with SEEK_DATA and SEEK_HOLE.
 fn seek_extents(path: &Path) -> Vec<(u64, u64)> {
-    let f = File::open(path).unwrap();
-    let size = f.metadata().unwrap().len();
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off < size {
-        let Ok(data) = lseek(&f, off, libc::SEEK_DATA) else {
-            break;
-        };
-        let hole = lseek(&f, data, libc::SEEK_HOLE).unwrap();
-        out.push((data, hole - data));
-        off = hole;
-    }
-    out
+    data_extents(path)
+        .into_iter()
+        .map(|(start, end)| (start, end - start))
+        .collect()
 }
 
 /// `qcow2fs bitmap dump --json TARGET NAME`.

@@ -32,28 +32,6 @@ fn block_file(name: &str) -> String {
     format!("{}.raw", escape_snapshot_name(name))
 }
 
-/// The data extents of `path` from SEEK_DATA/SEEK_HOLE, as (start, end).
-fn data_extents(path: &Path) -> Vec<(u64, u64)> {
-    let f = fs::File::open(path).unwrap();
-    let size = f.metadata().unwrap().len();
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let Ok(d) = lseek(&f, pos, libc::SEEK_DATA) else {
-            break;
-        };
-        let h = lseek(&f, d, libc::SEEK_HOLE).unwrap();
-        assert!(
-            h > d && h <= size,
-            "{}: data at {d:#x}, hole at {h:#x}",
-            path.display()
-        );
-        out.push((d, h));
-        pos = h;
-    }
-    out
-}
-
 /// Checks the holes of `path` against its bytes `content`: holes read as zeros, every
 /// non-zero byte is in data, and the data adds up to `data_bytes`, as does st_blocks.
 fn check_holes(what: &str, path: &Path, content: &[u8], data_bytes: u64) {
