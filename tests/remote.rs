@@ -65,6 +65,20 @@ fn served_scenario(name: &str) -> (tempfile::TempDir, PathBuf, FileServer, Strin
     (dir, top, server, url)
 }
 
+/// Scenario `name` built in a temporary directory and uploaded to a new private bucket:
+/// the directory, the top image and its s3:// URL.
+fn scenario_in_bucket(
+    moto: &Moto,
+    bucket: &str,
+    name: &str,
+) -> (tempfile::TempDir, PathBuf, String) {
+    moto.create_bucket(bucket);
+    let (dir, top) = corpus::build(name);
+    moto.put_tree(bucket, dir.path());
+    let url = s3_url(bucket, &top);
+    (dir, top, url)
+}
+
 fn s3_url(bucket: &str, path: &Path) -> String {
     format!("s3://{bucket}/{}", key_of(&canon(path)))
 }
@@ -159,10 +173,7 @@ fn every_scenario_from_http_and_s3_matches_qemu() {
 #[test]
 fn commands_on_an_s3_url() {
     let moto = Moto::start();
-    moto.create_bucket("cmds");
-    let (dir, top) = corpus::build("snapshots_of_overlay");
-    moto.put_tree("cmds", dir.path());
-    let url = s3_url("cmds", &top);
+    let (_dir, top, url) = scenario_in_bucket(&moto, "cmds", "snapshots_of_overlay");
     let cache = tempdir();
     let run_cmd = |args: &[&str]| {
         let mut all: Vec<String> = vec![args[0].to_string()];
@@ -396,11 +407,8 @@ fn few_large_requests() {
 #[test]
 fn overlay_over_an_image_in_a_bucket() {
     let moto = Moto::start();
-    moto.create_bucket("evidence");
-    let (dir, top) = corpus::build("compressed_convert_zlib_64k");
-    moto.put_tree("evidence", dir.path());
+    let (_dir, top, url) = scenario_in_bucket(&moto, "evidence", "compressed_convert_zlib_64k");
     let original = std::fs::read(&top).unwrap();
-    let url = s3_url("evidence", &top);
     let work = tempdir();
     let log = work.path().join("daemon.log");
     let mnt = mountpoint(work.path(), "m");
