@@ -111,21 +111,12 @@ fn random_ops(name: &str, n: usize, size: u64) -> Vec<Op> {
         .collect()
 }
 
-/// The data extents of a file, walked with SEEK_DATA and SEEK_HOLE.
+/// The data extents of a file as (offset, length), walked with SEEK_DATA and SEEK_HOLE.
 fn seek_extents(path: &Path) -> Vec<(u64, u64)> {
-    let f = File::open(path).unwrap();
-    let size = f.metadata().unwrap().len();
-    let mut out = Vec::new();
-    let mut off = 0;
-    while off < size {
-        let Ok(data) = lseek(&f, off, libc::SEEK_DATA) else {
-            break;
-        };
-        let hole = lseek(&f, data, libc::SEEK_HOLE).unwrap();
-        out.push((data, hole - data));
-        off = hole;
-    }
-    out
+    data_extents(path)
+        .into_iter()
+        .map(|(start, end)| (start, end - start))
+        .collect()
 }
 
 /// `qcow2fs bitmap dump --json TARGET NAME`.
@@ -143,24 +134,56 @@ fn qemu_bitmaps(image: &Path) -> Vec<(String, u64, Vec<String>)> {
     let v = qemu_info_json_shared(image);
     v["format-specific"]["data"]["bitmaps"]
         .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|b| {
-                    let flags = b["flags"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|f| f.as_str().unwrap().to_string())
-                        .collect();
-                    (
-                        b["name"].as_str().unwrap().to_string(),
-                        b["granularity"].as_u64().unwrap(),
-                        flags,
-                    )
-                })
-                .collect()
-        })
+        .map(|a| bitmap_list(a))
         .unwrap_or_default()
+}
+
+/// A JSON list of bitmaps (qemu-img info's or `qcow2fs bitmap list`'s) as (name,
+/// granularity, flags).
+fn bitmap_list(list: &[Value]) -> Vec<(String, u64, Vec<String>)> {
+    list.iter()
+        .map(|b| {
+            let flags = b["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap().to_string())
+                .collect();
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["granularity"].as_u64().unwrap(),
+                flags,
+            )
+        })
+        .collect()
+}
+
+/// The bytes QEMU's `dirty-bytes` counts for bitmap `name` of granularity `g`: its dirty
+/// chunks (as QEMU reads the extents) times the granularity.
+fn qemu_dirty_bytes(image: &Path, name: &str, g: u64) -> u64 {
+    let chunks: u64 = qemu_dirty_extents(image, name)
+        .iter()
+        .map(|&(o, l)| (o + l).div_ceil(g) - o / g)
+        .sum();
+    chunks * g
+}
+
+/// A copy of `img` named `name` beside it, given `ops` by qemu-io: QEMU's record of them.
+fn qemu_copy_with(img: &Path, name: &str, ops: &[Op]) -> PathBuf {
+    let copy = image_dir(img).join(name);
+    fs::copy(img, &copy).unwrap();
+    let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
+    qemu_io(&copy, &cmds);
+    copy
+}
+
+/// Applies `ops` to the disk of `m` and syncs it.
+fn apply_through(m: &Mount, ops: &[Op]) {
+    let disk = fs::OpenOptions::new().write(true).open(m.disk()).unwrap();
+    for op in ops {
+        op.apply(&disk);
+    }
+    disk.sync_all().unwrap();
 }
 
 /// Checks that QEMU accepts every bitmap of `image` (none inconsistent, the format right):
@@ -186,12 +209,9 @@ fn qemu_all_extents(image: &Path) -> Vec<(String, Vec<(u64, u64)>)> {
 fn writes_zeroing_and_discards_are_recorded_as_qemu_records_them() {
     let tmp = tempdir();
     let img = image_with_bitmaps(tmp.path());
-    let copy = tmp.path().join("qemu.qcow2");
-    fs::copy(&img, &copy).unwrap();
     let ops = random_ops("bitmaps-record", 48, SIZE);
     // QEMU's record of the same operations.
-    let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
-    qemu_io(&copy, &cmds);
+    let copy = qemu_copy_with(&img, "qemu.qcow2", &ops);
     let want = qemu_all_extents(&copy);
     assert!(
         want.iter().any(|(n, e)| n == "g4k" && e.len() > 10),
@@ -200,12 +220,7 @@ fn writes_zeroing_and_discards_are_recorded_as_qemu_records_them() {
     let mnt = mountpoint(tmp.path(), "mnt");
     let m = Mount::new(&img, &mnt, &["rw"]);
     // While written, the bitmaps are in use in the file.
-    let disk = fs::OpenOptions::new().write(true).open(m.disk()).unwrap();
-    for op in &ops {
-        op.apply(&disk);
-    }
-    disk.sync_all().unwrap();
-    drop(disk);
+    apply_through(&m, &ops);
     for (name, _, flags) in qemu_bitmaps(&img) {
         assert!(
             flags.contains(&"in-use".to_string()),
@@ -298,31 +313,19 @@ fn kill9_leaves_the_bitmaps_in_use_and_qemu_calls_them_inconsistent() {
         );
     }
     assert_no_corruption(&img);
-    let out = run_in(
+    // QEMU refuses the inconsistent bitmaps.
+    run_in(
         tmp.path(),
         "qemu-img",
         &["bitmap", "--merge", "g4k", &show(&img), "g64k"],
         process::COMMAND_LIMIT,
-    );
-    assert!(
-        !out.success() && out.all_output().contains("inconsistent"),
-        "QEMU should refuse the inconsistent bitmaps: {}",
-        out.describe()
-    );
+    )
+    .expect_failure_saying("inconsistent");
     // qcow2fs agrees: no view, no clearing, only removal.
     let m = Mount::new(&img, &mnt, &["rw"]);
     assert!(!m.path("bitmaps").exists(), "views of inconsistent bitmaps");
-    let out = run_in(
-        tmp.path(),
-        qcow2fs_bin(),
-        &["bitmap", "--clear", &show(&mnt), "g4k"],
-        process::COMMAND_LIMIT,
-    );
-    assert!(
-        !out.success() && out.all_output().contains("inconsistent"),
-        "{}",
-        out.describe()
-    );
+    qcow2fs_bitmap(tmp.path(), &["--clear", &show(&mnt), "g4k"])
+        .expect_failure_saying("inconsistent");
     qcow2fs(tmp.path(), &["bitmap", "--remove", &show(&mnt), "g4k"]);
     let disk = fs::OpenOptions::new().write(true).open(m.disk()).unwrap();
     disk.write_all_at(&[6u8; 4096], 65 * M).unwrap();
@@ -464,7 +467,7 @@ fn bad_bitmaps_refuse_read_write_naming_them_and_mount_read_only() {
 fn qcow2fs_bitmap(dir: &Path, args: &[&str]) -> Finished {
     let mut all = vec!["bitmap"];
     all.extend_from_slice(args);
-    run_in(dir, qcow2fs_bin(), &all, process::COMMAND_LIMIT)
+    qcow2fs_try(dir, &all)
 }
 
 /// The same `bitmap` commands given to qemu-img and to qcow2fs (offline, or on a mount
@@ -591,33 +594,15 @@ fn same_as_qemu_img(mounted: bool) {
     assert_qemu_merges_every_bitmap(&ours);
     // `bitmap list` agrees with qemu-img info.
     let list = qcow2fs_json(d, &["bitmap", "list", "--json", &show(&ours)]);
-    let listed: Vec<(String, u64, Vec<String>)> = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| {
-            (
-                b["name"].as_str().unwrap().to_string(),
-                b["granularity"].as_u64().unwrap(),
-                b["flags"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|f| f.as_str().unwrap().to_string())
-                    .collect(),
-            )
-        })
-        .collect();
-    assert_eq!(listed, qemu_bitmaps(&theirs));
+    assert_eq!(bitmap_list(list.as_array().unwrap()), qemu_bitmaps(&theirs));
     for b in list.as_array().unwrap() {
         let name = b["name"].as_str().unwrap();
         let g = b["granularity"].as_u64().unwrap();
-        // Dirty bytes: dirty chunks times the granularity.
-        let chunks: u64 = qemu_dirty_extents(&theirs, name)
-            .iter()
-            .map(|&(o, l)| (o + l).div_ceil(g) - o / g)
-            .sum();
-        assert_eq!(b["dirty-bytes"].as_u64(), Some(chunks * g), "{name}");
+        assert_eq!(
+            b["dirty-bytes"].as_u64(),
+            Some(qemu_dirty_bytes(&theirs, name, g)),
+            "{name}"
+        );
     }
 }
 
@@ -639,12 +624,7 @@ fn bitmap_changes_are_refused_on_read_only_mounts() {
     let mnt = mountpoint(tmp.path(), "mnt");
     let before = fs::read(&img).unwrap();
     let m = Mount::new(&img, &mnt, &[]);
-    let out = qcow2fs_bitmap(tmp.path(), &["--clear", &show(&mnt), "b0"]);
-    assert!(
-        !out.success() && out.all_output().contains("read-only"),
-        "{}",
-        out.describe()
-    );
+    qcow2fs_bitmap(tmp.path(), &["--clear", &show(&mnt), "b0"]).expect_failure_saying("read-only");
     let list = qcow2fs_json(tmp.path(), &["bitmap", "list", "--json", &show(&mnt)]);
     assert_eq!(list[0]["name"], "b0");
     m.umount();
@@ -687,17 +667,8 @@ fn copy_on_read_is_not_recorded_and_revert_is_refused_as_in_qemu() {
     disk.write_all_at(&[7u8; 64 * K as usize], 8 * M).unwrap();
     disk.sync_all().unwrap();
     drop(disk);
-    let out = run_in(
-        d,
-        qcow2fs_bin(),
-        &["snapshot", "revert", &show(&mnt), "s1"],
-        process::COMMAND_LIMIT,
-    );
-    assert!(
-        !out.success() && out.all_output().contains("bitmap"),
-        "revert with bitmaps: {}",
-        out.describe()
-    );
+    // Revert with bitmaps.
+    qcow2fs_try(d, &["snapshot", "revert", &show(&mnt), "s1"]).expect_failure_saying("bitmap");
     let out = run_in(
         d,
         "qemu-img",
@@ -767,11 +738,11 @@ fn info_shows_the_bitmaps_with_their_dirty_bytes() {
         assert_eq!(b["name"], name);
         assert_eq!(b["granularity"].as_u64(), Some(g));
         assert_eq!(b["recording"].as_bool(), Some(enabled));
-        let chunks: u64 = qemu_dirty_extents(&img, name)
-            .iter()
-            .map(|&(o, l)| (o + l).div_ceil(g) - o / g)
-            .sum();
-        assert_eq!(b["dirty-bytes"].as_u64(), Some(chunks * g), "{name}");
+        assert_eq!(
+            b["dirty-bytes"].as_u64(),
+            Some(qemu_dirty_bytes(&img, name, g)),
+            "{name}"
+        );
     }
     let text = String::from_utf8(qcow2fs(tmp.path(), &["info", &show(&img)])).unwrap();
     assert!(
@@ -883,19 +854,11 @@ fn small_clusters_many_bitmaps_and_multi_cluster_tables() {
     }
     let (_, dir_size, nb) = support::patch::bitmap_directory(&img);
     assert!(nb == 41 && dir_size > 1024, "directory of {dir_size} bytes");
-    let copy = d.join("copy.qcow2");
-    fs::copy(&img, &copy).unwrap();
     let ops = random_ops("bitmaps-small-clusters", 24, SIZE);
-    let cmds: Vec<String> = ops.iter().map(Op::qemu_io).collect();
-    qemu_io(&copy, &cmds);
+    let copy = qemu_copy_with(&img, "copy.qcow2", &ops);
     let mnt = mountpoint(d, "mnt");
     let m = Mount::new(&img, &mnt, &["rw"]);
-    let disk = fs::OpenOptions::new().write(true).open(m.disk()).unwrap();
-    for op in &ops {
-        op.apply(&disk);
-    }
-    disk.sync_all().unwrap();
-    drop(disk);
+    apply_through(&m, &ops);
     m.umount();
     assert_eq!(qemu_bitmaps(&img), qemu_bitmaps(&copy));
     for n in ["fine", "n0", "n1", "n5", "n39"] {

@@ -17,6 +17,7 @@ use qcow2fs::format::header::{CryptMethod, Header};
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use support::images::create_encrypted;
 use support::{qemu_img, run, tempdir};
 
 const PASS: &str = "PASS";
@@ -36,22 +37,7 @@ fn luks_image(dir: &Path, name: &str, opts: &str) -> PathBuf {
     if !opts.is_empty() {
         o = format!("{o},{opts}");
     }
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            &secret("sec0", PASS),
-            "-o",
-            &o,
-            name,
-            "1M",
-        ],
-    );
-    dir.join(name)
+    create_encrypted(dir, name, "1M", &secret("sec0", PASS), &o)
 }
 
 fn image_opts(image: &Path, format: &str) -> String {
@@ -468,23 +454,14 @@ fn qemu_reads_what_qcow2fs_encrypts_for_every_combination() {
 #[test]
 fn legacy_aes_both_ways() {
     let d = tempdir();
-    qemu_img(
-        d.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            &secret("sec0", "legacy-passphrase-longer-than-16"),
-            "-o",
-            "encrypt.format=aes,encrypt.key-secret=sec0",
-            "aes.qcow2",
-            "1M",
-        ],
-    );
-    let img = d.path().join("aes.qcow2");
     let pass = "legacy-passphrase-longer-than-16";
+    let img = create_encrypted(
+        d.path(),
+        "aes.qcow2",
+        "1M",
+        &secret("sec0", pass),
+        "encrypt.format=aes,encrypt.key-secret=sec0",
+    );
     qemu_io_enc(
         &img,
         "aes",

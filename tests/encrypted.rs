@@ -637,51 +637,24 @@ fn chain_with_a_key_per_layer() {
 
     // No key for layer 1: the general key is tried there and fails, naming the layer's
     // image; no key at all for it (per-layer keys only): an error that says how.
-    let out = run_in(
+    let top_s = top.display().to_string();
+    let out = qcow2fs_exit1(
         dir,
-        qcow2fs_bin(),
-        &[
-            "cat",
-            "--key-file",
-            &kc.display().to_string(),
-            &top.display().to_string(),
-        ],
-        Duration::from_secs(60),
+        &["cat", "--key-file", &kc.display().to_string(), &top_s],
     );
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
     assert!(
         out.stderr.contains(&mid.display().to_string()) && out.stderr.contains("wrong passphrase"),
         "{}",
         out.describe()
     );
-    let out = run_in(
-        dir,
-        qcow2fs_bin(),
-        &[
-            "cat",
-            "--layer-key-file",
-            &format!("0={}", kc.display()),
-            &top.display().to_string(),
-        ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let layer0 = format!("0={}", kc.display());
+    let out = qcow2fs_exit1(dir, &["cat", "--layer-key-file", &layer0, &top_s]);
     for needle in ["layer 1", "key-file.1", "--layer-key-file 1="] {
         assert!(out.stderr.contains(needle), "{needle}: {}", out.describe());
     }
     // A key for a layer that is not there.
-    let out = run_in(
-        dir,
-        qcow2fs_bin(),
-        &[
-            "info",
-            "--layer-key-file",
-            &format!("3={}", kc.display()),
-            &top.display().to_string(),
-        ],
-        Duration::from_secs(60),
-    );
-    assert_eq!(out.code(), Some(1), "{}", out.describe());
+    let layer3 = format!("3={}", kc.display());
+    let out = qcow2fs_exit1(dir, &["info", "--layer-key-file", &layer3, &top_s]);
     assert!(out.stderr.contains("layer 3"), "{}", out.describe());
 
     // Copy-on-write into the top, re-encrypted with the top's key and offsets.
@@ -763,12 +736,32 @@ fn external_data_files() {
 // Keys
 // ---------------------------------------------------------------------------------------
 
-fn qcow2fs_fails(dir: &Path, args: &[&str]) -> String {
+/// `qcow2fs ARGS` in `dir`, which must exit with status 1 (an error, not a crash).
+fn qcow2fs_exit1(dir: &Path, args: &[&str]) -> Finished {
     let out = run_in(dir, qcow2fs_bin(), args, Duration::from_secs(60));
     assert_eq!(out.code(), Some(1), "{}", out.describe());
+    out
+}
+
+/// `qcow2fs ARGS` in `dir` fails with exit status 1 and one line on stderr: that line.
+fn qcow2fs_fails(dir: &Path, args: &[&str]) -> String {
+    let out = qcow2fs_exit1(dir, args);
     let lines: Vec<&str> = out.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "one error line: {}", out.describe());
     lines[0].to_string()
+}
+
+/// `qcow2fs cat --key-file KEY IMAGE` fails with one line: that line.
+fn cat_fails_with_key(dir: &Path, key: &Path, image: &Path) -> String {
+    qcow2fs_fails(
+        dir,
+        &[
+            "cat",
+            "--key-file",
+            &key.display().to_string(),
+            &image.display().to_string(),
+        ],
+    )
 }
 
 /// Several key slots: each passphrase opens the image; a wrong one fails after trying
@@ -804,10 +797,7 @@ fn wrong_passphrase_after_every_slot() {
     let e1 = Keyed::new(&img, &[Some(&k1)]);
     assert_same_bytes("slot 1 opens it", &want, &e1.qcow2fs("cat", &[]));
     let name = img.display().to_string();
-    let line = qcow2fs_fails(
-        dir,
-        &["cat", "--key-file", &bad.display().to_string(), &name],
-    );
+    let line = cat_fails_with_key(dir, &bad, &img);
     for needle in [name.as_str(), "wrong passphrase", "(0, 1)"] {
         assert!(line.contains(needle), "{needle}: {line}");
     }
@@ -851,10 +841,7 @@ fn no_key_given() {
     let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
     // SAFETY: a valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let line = qcow2fs_fails(
-        dir,
-        &["cat", "--key-file", &fifo.display().to_string(), &name],
-    );
+    let line = cat_fails_with_key(dir, &fifo, &img);
     assert!(line.contains("not a regular file"), "{line}");
 }
 
@@ -877,15 +864,7 @@ fn trailing_newline_is_part_of_the_passphrase() {
         let e = Keyed::new(&img, &[Some(made_with)]);
         e.qemu_io(&["write -P 0x42 0 0x10000"]);
         assert_same_bytes("the same key file", &e.qemu_raw(), &e.qcow2fs("cat", &[]));
-        let line = qcow2fs_fails(
-            dir,
-            &[
-                "cat",
-                "--key-file",
-                &other.display().to_string(),
-                &img.display().to_string(),
-            ],
-        );
+        let line = cat_fails_with_key(dir, other, &img);
         assert!(line.contains("wrong passphrase"), "{line}");
     }
 }

@@ -50,6 +50,17 @@ fn open_faulty(img: &Path, writable: bool) -> (Arc<FaultStorage>, Qcow2Layer) {
     (fault, layer)
 }
 
+/// Reads `buf.len()` bytes at `at`, which must all be `byte`.
+fn assert_reads(layer: &Qcow2Layer, buf: &mut [u8], at: u64, byte: u8) {
+    layer
+        .read_at(buf, at)
+        .unwrap_or_else(|e| panic!("read at {at:#x}: {e}"));
+    assert!(
+        buf.iter().all(|&b| b == byte),
+        "read at {at:#x}: not {byte:#x}"
+    );
+}
+
 fn host_of(layer: &Qcow2Layer, guest: u64) -> u64 {
     match layer.image().map(View::Active, guest, CS).unwrap().kind {
         MapKind::Data { host } => host.0,
@@ -78,15 +89,12 @@ fn data_cluster_read_error_reaches_the_reader() {
     let mut big = vec![0u8; 2 * CS as usize];
     assert!(layer.read_at(&mut big, 0).is_err());
     // The rest of the disk is unaffected.
-    layer.read_at(&mut buf, CS).unwrap();
-    assert!(buf.iter().all(|&b| b == 0x5a));
-    layer.read_at(&mut buf, M).unwrap();
-    assert!(buf.iter().all(|&b| b == 0x6b));
+    assert_reads(&layer, &mut buf, CS, 0x5a);
+    assert_reads(&layer, &mut buf, M, 0x6b);
 
     // Nothing stale was kept: once the store recovers, the data is there.
     fault.clear();
-    layer.read_at(&mut buf, 0).unwrap();
-    assert!(buf.iter().all(|&b| b == 0x5a));
+    assert_reads(&layer, &mut buf, 0, 0x5a);
 }
 
 #[test]
@@ -109,8 +117,7 @@ fn l2_table_read_error_reaches_the_reader() {
 
     // The failed table was not cached as empty.
     fault.clear();
-    layer.read_at(&mut buf, 0).unwrap();
-    assert!(buf.iter().all(|&b| b == 0x5a));
+    assert_reads(&layer, &mut buf, 0, 0x5a);
 }
 
 #[test]

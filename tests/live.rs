@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+use support::images::create_image;
 use support::*;
 
 const WRITERS: usize = 4;
@@ -30,11 +31,6 @@ fn new_image(dir: &Path, name: &str, size: &str, opts: &str) -> PathBuf {
     args.extend([name, size]);
     qemu_img(dir, &args);
     dir.join(name)
-}
-
-/// `qcow2fs ARGS` in `dir`, with the default time limit.
-fn q(dir: &Path, args: &[&str]) -> Finished {
-    run_in(dir, qcow2fs_bin(), args, COMMAND_LIMIT)
 }
 
 /// The record writer `w` writes as its `i`-th write.
@@ -100,7 +96,7 @@ fn snapshots_taken_under_running_writers_are_consistent_cuts() {
         std::thread::sleep(Duration::from_millis(15));
         let before: Vec<u64> = done.iter().map(|c| c.load(Ordering::SeqCst)).collect();
         let name = format!("cut{k:02}");
-        q(
+        qcow2fs_try(
             d.path(),
             &["snapshot", "create", mnt.to_str().unwrap(), &name],
         )
@@ -180,7 +176,7 @@ fn frozen_ext4_guest_snapshots_are_clean() {
     };
     for k in 0..3 {
         std::thread::sleep(Duration::from_millis(200));
-        q(
+        qcow2fs_try(
             d.path(),
             &[
                 "snapshot",
@@ -231,7 +227,7 @@ fn delete_and_revert_with_files_open_and_the_refusals() {
     let m = Mount::new(&image, &mnt, &["rw"]);
     let mp = mnt.to_str().unwrap();
     let disk = m.disk();
-    q(d.path(), &["snapshot", "create", mp, "one"]).expect_success();
+    qcow2fs_try(d.path(), &["snapshot", "create", mp, "one"]).expect_success();
     let f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -246,7 +242,7 @@ fn delete_and_revert_with_files_open_and_the_refusals() {
         ("1", "ID of snapshot"),
         ("..", "'/'"),
     ] {
-        let r = q(d.path(), &["snapshot", "create", mp, name]);
+        let r = qcow2fs_try(d.path(), &["snapshot", "create", mp, name]);
         assert!(
             r.code() == Some(1) && r.stderr.contains(why),
             "name {name:?}: {}",
@@ -255,7 +251,7 @@ fn delete_and_revert_with_files_open_and_the_refusals() {
     }
     // An open snapshot file is not deleted.
     let held = fs::File::open(mnt.join("snapshots/one.raw")).unwrap();
-    let r = q(d.path(), &["snapshot", "delete", mp, "one"]);
+    let r = qcow2fs_try(d.path(), &["snapshot", "delete", mp, "one"]);
     assert!(
         r.code() == Some(1) && r.stderr.contains("is open"),
         "{}",
@@ -269,7 +265,7 @@ fn delete_and_revert_with_files_open_and_the_refusals() {
     );
     drop(held);
     // A revert with the active disk open: open handles read the snapshot's content.
-    q(d.path(), &["snapshot", "revert", mp, "one"]).expect_success();
+    qcow2fs_try(d.path(), &["snapshot", "revert", mp, "one"]).expect_success();
     f.read_exact_at(&mut b, 0).unwrap();
     assert!(
         b.iter().all(|&x| x == 0x11),
@@ -279,18 +275,18 @@ fn delete_and_revert_with_files_open_and_the_refusals() {
     drop(f);
     // Under a mounted guest filesystem, only with --force.
     run(d.path(), "mkfs.ext4", &["-q", "-F", disk.to_str().unwrap()]);
-    q(d.path(), &["snapshot", "create", mp, "fs"]).expect_success();
+    qcow2fs_try(d.path(), &["snapshot", "create", mp, "fs"]).expect_success();
     let guest = mountpoint(d.path(), "guest");
     let lm = LoopMount::new(&disk, &guest, true, "");
-    let r = q(d.path(), &["snapshot", "revert", mp, "fs"]);
+    let r = qcow2fs_try(d.path(), &["snapshot", "revert", mp, "fs"]);
     assert!(
         r.code() == Some(1) && r.stderr.contains("mounted"),
         "{}",
         r.describe()
     );
     lm.unmount();
-    q(d.path(), &["snapshot", "revert", mp, "fs"]).expect_success();
-    q(d.path(), &["snapshot", "delete", mp, "one"]).expect_success();
+    qcow2fs_try(d.path(), &["snapshot", "revert", mp, "fs"]).expect_success();
+    qcow2fs_try(d.path(), &["snapshot", "delete", mp, "one"]).expect_success();
     assert!(!mnt.join("snapshots/one.raw").exists());
     // Another user may not control the mount.
     let r = std::process::Command::new(qcow2fs_bin())
@@ -305,7 +301,7 @@ fn delete_and_revert_with_files_open_and_the_refusals() {
     assert_eq!(qemu_snapshot_ids(&image).len(), 1);
     // A read-only mount refuses, saying what to do.
     let m = Mount::new(&image, &mnt, &[]);
-    let r = q(d.path(), &["snapshot", "create", mp, "ro"]);
+    let r = qcow2fs_try(d.path(), &["snapshot", "create", mp, "ro"]);
     assert!(
         r.code() == Some(1) && r.stderr.contains("remount it read-write"),
         "{}",
@@ -313,19 +309,19 @@ fn delete_and_revert_with_files_open_and_the_refusals() {
     );
     drop(m);
     // The same commands on the image itself.
-    q(
+    qcow2fs_try(
         d.path(),
         &["snapshot", "create", image.to_str().unwrap(), "offline"],
     )
     .expect_success();
-    let l = q(
+    let l = qcow2fs_try(
         d.path(),
         &["snapshot", "list", "--json", image.to_str().unwrap()],
     )
     .expect_success();
     let v: serde_json::Value = serde_json::from_slice(&l.stdout).unwrap();
     assert_eq!(v.as_array().map(Vec::len), Some(2), "{v}");
-    q(
+    qcow2fs_try(
         d.path(),
         &["snapshot", "delete", image.to_str().unwrap(), "offline"],
     )
@@ -344,7 +340,7 @@ fn a_new_snapshot_file_appears_at_once() {
     let m = Mount::new(&image, &mnt, &["rw"]);
     let file = mnt.join("snapshots/new.raw");
     assert!(!file.exists());
-    q(
+    qcow2fs_try(
         d.path(),
         &["snapshot", "create", mnt.to_str().unwrap(), "new"],
     )
@@ -355,7 +351,7 @@ fn a_new_snapshot_file_appears_at_once() {
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     assert!(names.contains(&"new.raw".to_string()), "{names:?}");
-    q(
+    qcow2fs_try(
         d.path(),
         &["snapshot", "delete", mnt.to_str().unwrap(), "new"],
     )
@@ -378,7 +374,7 @@ fn external_snapshot_under_open_files_a_loop_mounted_guest_and_writers() {
     let held = OpenOptions::new().write(true).open(&disk).unwrap();
     let new = d.path().join("sub/top.qcow2");
     fs::create_dir(d.path().join("sub")).unwrap();
-    let r = q(
+    let r = qcow2fs_try(
         d.path(),
         &[
             "snapshot",
@@ -430,7 +426,7 @@ fn external_snapshot_under_open_files_a_loop_mounted_guest_and_writers() {
     );
     // The new file existed: refused, nothing changed.
     let m = Mount::new(&new, &mnt, &["rw"]);
-    let r = q(
+    let r = qcow2fs_try(
         d.path(),
         &[
             "snapshot",
@@ -476,7 +472,7 @@ fn remount_both_ways_with_open_files_and_each_failure_leaves_the_mount_as_it_was
     // Its locks follow the open at once; give it a moment.
     std::thread::sleep(Duration::from_millis(200));
     assert!(locked, "test setup: qemu-io -r took no lock");
-    let r = q(d.path(), &["remount", "-o", "rw", mp]);
+    let r = qcow2fs_try(d.path(), &["remount", "-o", "rw", mp]);
     let _ = other.kill();
     let _ = other.wait();
     assert!(
@@ -489,7 +485,7 @@ fn remount_both_ways_with_open_files_and_each_failure_leaves_the_mount_as_it_was
     reader.read_exact_at(&mut b, 0).unwrap();
     assert!(b.iter().all(|&x| x == 0x31));
     // Read-write, then writes, with QEMU locked out.
-    q(d.path(), &["remount", "-o", "rw", mp]).expect_success();
+    qcow2fs_try(d.path(), &["remount", "-o", "rw", mp]).expect_success();
     assert_eq!(flag(&mnt), "rw");
     let w = OpenOptions::new().write(true).open(m.disk()).unwrap();
     w.write_all_at(&[0x32; 4096], 8192).unwrap();
@@ -499,7 +495,7 @@ fn remount_both_ways_with_open_files_and_each_failure_leaves_the_mount_as_it_was
         "lazy refcounts: the dirty bit is set while writable"
     );
     // Read-only is refused while a file is open for writing.
-    let r = q(d.path(), &["remount", "-o", "ro", mp]);
+    let r = qcow2fs_try(d.path(), &["remount", "-o", "ro", mp]);
     assert!(
         r.code() == Some(1) && r.stderr.contains("open for writing"),
         "{}",
@@ -508,13 +504,7 @@ fn remount_both_ways_with_open_files_and_each_failure_leaves_the_mount_as_it_was
     assert_eq!(flag(&mnt), "rw");
     drop(w);
     // mount(8)'s form.
-    let r = run_in(
-        d.path(),
-        qcow2fs_bin(),
-        &["mount", "-o", "remount,ro", "w.qcow2", mp],
-        COMMAND_LIMIT,
-    );
-    r.expect_success();
+    qcow2fs_try(d.path(), &["mount", "-o", "remount,ro", "w.qcow2", mp]).expect_success();
     assert_eq!(flag(&mnt), "ro");
     // Read-only again: written back, the dirty bit cleared, QEMU may read it.
     assert!(!dirty_flag(&image));
@@ -526,7 +516,7 @@ fn remount_both_ways_with_open_files_and_each_failure_leaves_the_mount_as_it_was
     drop(m);
     support::patch::patch(&image, 72, &[0, 0, 0, 0, 0, 0, 0, 2]);
     let m = Mount::new(&image, &mnt, &[]);
-    let r = q(d.path(), &["remount", "-o", "rw", mp]);
+    let r = qcow2fs_try(d.path(), &["remount", "-o", "rw", mp]);
     assert!(
         r.code() == Some(1) && r.stderr.contains("corrupt"),
         "{}",
@@ -554,10 +544,10 @@ fn killed_during_snapshot_operations_the_image_stays_consistent() {
         let ops = std::thread::spawn(move || {
             for k in 0..6 {
                 let name = format!("r{round}k{k}");
-                let _ = q(&dir, &["snapshot", "create", &mp2, &name]);
-                let _ = q(&dir, &["snapshot", "revert", &mp2, &name]);
+                let _ = qcow2fs_try(&dir, &["snapshot", "create", &mp2, &name]);
+                let _ = qcow2fs_try(&dir, &["snapshot", "revert", &mp2, &name]);
                 if k % 2 == 1 {
-                    let _ = q(&dir, &["snapshot", "delete", &mp2, &name]);
+                    let _ = qcow2fs_try(&dir, &["snapshot", "delete", &mp2, &name]);
                 }
             }
         });
@@ -600,7 +590,7 @@ fn a_full_disk_fails_the_snapshot_and_nothing_else() {
     assert!(free() < 65536, "test setup: {} bytes free", free());
     let mnt = mountpoint(d.path(), "m");
     let m = Mount::new(&image, &mnt, &["rw"]);
-    let r = q(
+    let r = qcow2fs_try(
         d.path(),
         &["snapshot", "create", mnt.to_str().unwrap(), "full"],
     );
@@ -692,7 +682,7 @@ fn the_kernel_flag_follows_the_daemon_in_every_mount_form() {
     let ro_dir = mountpoint(d.path(), "rofs");
     let bind = PlainMount::new(d.path().to_str().unwrap(), &ro_dir, "bind,ro");
     let m = Mount::new(&ro_dir.join("k.qcow2"), &mnt, &[]);
-    let r = q(d.path(), &["remount", "-o", "rw", mnt.to_str().unwrap()]);
+    let r = qcow2fs_try(d.path(), &["remount", "-o", "rw", mnt.to_str().unwrap()]);
     assert!(
         r.code() == Some(1) && r.stderr.contains("Read-only file system"),
         "{}",
@@ -715,27 +705,19 @@ fn remount_of_overlay_and_copy_on_read_mounts_and_under_a_guest() {
     let d = tempdir();
     let base = new_image(d.path(), "base.qcow2", "32M", "");
     qemu_io(&base, &["write -P 0x71 0 4M"]);
-    qemu_img(
+    let top = create_image(
         d.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
+        "top.qcow2",
+        None,
+        "",
+        Some(("base.qcow2", "qcow2")),
     );
-    let top = d.path().join("top.qcow2");
     let mnt = mountpoint(d.path(), "m");
     let mp = mnt.to_str().unwrap();
     // Overlay: refused both ways, the mount keeps serving.
     let m = Mount::new(&top, &mnt, &["overlay"]);
     for how in ["rw", "ro"] {
-        let r = q(d.path(), &["remount", "-o", how, mp]);
+        let r = qcow2fs_try(d.path(), &["remount", "-o", how, mp]);
         assert!(
             r.code() == Some(1) && r.stderr.contains("overlay"),
             "{}",
@@ -755,12 +737,12 @@ fn remount_of_overlay_and_copy_on_read_mounts_and_under_a_guest() {
             .sum()
     };
     let m = Mount::new(&top, &mnt, &["rw,copy-on-read"]);
-    q(d.path(), &["remount", "-o", "ro", mp]).expect_success();
+    qcow2fs_try(d.path(), &["remount", "-o", "ro", mp]).expect_success();
     let mut b = vec![0u8; 65536];
     let f = fs::File::open(m.disk()).unwrap();
     f.read_exact_at(&mut b, 0).unwrap();
     assert_eq!(b[0], 0x71);
-    q(d.path(), &["remount", "-o", "rw", mp]).expect_success();
+    qcow2fs_try(d.path(), &["remount", "-o", "rw", mp]).expect_success();
     assert!(
         run(d.path(), qcow2fs_bin(), &["status", "--json", mp])
             .stdout_text()
@@ -783,13 +765,13 @@ fn remount_of_overlay_and_copy_on_read_mounts_and_under_a_guest() {
         "mkfs.ext4",
         &["-q", "-F", m.disk().to_str().unwrap()],
     );
-    q(d.path(), &["remount", "-o", "ro", mp]).expect_success();
+    qcow2fs_try(d.path(), &["remount", "-o", "ro", mp]).expect_success();
     let guest = mountpoint(d.path(), "guest");
     let lm = LoopMount::new(&m.disk(), &guest, true, "");
     let before = fs::read_dir(&guest).unwrap().count();
-    q(d.path(), &["remount", "-o", "rw", mp]).expect_success();
+    qcow2fs_try(d.path(), &["remount", "-o", "rw", mp]).expect_success();
     assert_eq!(fs::read_dir(&guest).unwrap().count(), before);
-    q(d.path(), &["remount", "-o", "ro", mp]).expect_success();
+    qcow2fs_try(d.path(), &["remount", "-o", "ro", mp]).expect_success();
     assert_eq!(fs::read_dir(&guest).unwrap().count(), before);
     lm.unmount();
     m.umount();

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use support::images::{M, create_image};
+use support::images::{M, create_encrypted, create_image};
 use support::patch::*;
 use support::*;
 
@@ -216,6 +216,16 @@ fn plain(dir: &Path, name: &str) -> PathBuf {
     img
 }
 
+/// Copies of `base` with the 32-bit field at `at` set to each of `values`: every one
+/// refused, naming `field`.
+fn each_u32_rejected(base: &Path, at: u64, field: &str, values: &[u32]) {
+    for &v in values {
+        let img = copy(base, &format!("{field}-{v:x}.qcow2"));
+        put32(&img, at, v);
+        rejected(&img, &[field], &format!("{field} {v:#x}"));
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Reject at open: header fields
 // ---------------------------------------------------------------------------------------
@@ -233,32 +243,25 @@ fn reject_bad_magic() {
 #[test]
 fn reject_bad_version() {
     let d = tempdir();
-    for v in [1u32, 4, 0, 0xffff_ffff] {
-        let img = plain(d.path(), &format!("version{v}.qcow2"));
-        put32(&img, hdr::VERSION, v);
-        rejected(&img, &["version"], &format!("version {v}"));
-    }
+    let base = plain(d.path(), "base.qcow2");
+    each_u32_rejected(&base, hdr::VERSION, "version", &[1, 4, 0, 0xffff_ffff]);
 }
 
 #[test]
 fn reject_bad_cluster_bits() {
     let d = tempdir();
-    for bits in [8u32, 22, 0, 63, 64, 0xffff_ffff] {
-        let img = plain(d.path(), &format!("cb{bits}.qcow2"));
-        put32(&img, hdr::CLUSTER_BITS, bits);
-        rejected(&img, &["cluster_bits"], &format!("cluster_bits {bits}"));
-    }
+    let base = plain(d.path(), "base.qcow2");
+    let bits = [8, 22, 0, 63, 64, 0xffff_ffff];
+    each_u32_rejected(&base, hdr::CLUSTER_BITS, "cluster_bits", &bits);
 }
 
 #[test]
 fn reject_bad_header_length() {
     let d = tempdir();
     // 100 (< 104), > cluster size (multiple of 8), and not a multiple of 8.
-    for len in [100u32, 0, 65536 + 8, 0xffff_fff8, 108, 113] {
-        let img = plain(d.path(), &format!("hl{len}.qcow2"));
-        put32(&img, hdr::HEADER_LENGTH, len);
-        rejected(&img, &["header_length"], &format!("header_length {len}"));
-    }
+    let base = plain(d.path(), "base.qcow2");
+    let lens = [100, 0, 65536 + 8, 0xffff_fff8, 108, 113];
+    each_u32_rejected(&base, hdr::HEADER_LENGTH, "header_length", &lens);
 }
 
 #[test]
@@ -343,48 +346,25 @@ fn reject_unknown_compression_type() {
 #[test]
 fn reject_refcount_order_7() {
     let d = tempdir();
-    for order in [7u32, 64, 0xffff_ffff] {
-        let img = plain(d.path(), &format!("ro{order}.qcow2"));
-        put32(&img, hdr::REFCOUNT_ORDER, order);
-        rejected(
-            &img,
-            &["refcount_order"],
-            &format!("refcount_order {order}"),
-        );
-    }
+    let base = plain(d.path(), "base.qcow2");
+    let orders = [7, 64, 0xffff_ffff];
+    each_u32_rejected(&base, hdr::REFCOUNT_ORDER, "refcount_order", &orders);
 }
 
 #[test]
 fn reject_crypt_method_3() {
     let d = tempdir();
-    for m in [3u32, 0xffff_ffff] {
-        let img = plain(d.path(), &format!("crypt{m}.qcow2"));
-        put32(&img, hdr::CRYPT_METHOD, m);
-        rejected(&img, &["crypt_method"], &format!("crypt_method {m}"));
-    }
+    let base = plain(d.path(), "base.qcow2");
+    each_u32_rejected(&base, hdr::CRYPT_METHOD, "crypt_method", &[3, 0xffff_ffff]);
 }
 
 fn encrypted(dir: &Path, name: &str, format: &str) -> PathBuf {
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            "secret,id=s0,data=pw",
-            "-o",
-            &if format == "luks" {
-                format!("encrypt.format={format},encrypt.key-secret=s0,encrypt.iter-time=10")
-            } else {
-                format!("encrypt.format={format},encrypt.key-secret=s0")
-            },
-            name,
-            "1M",
-        ],
-    );
-    dir.join(name)
+    let opts = if format == "luks" {
+        format!("encrypt.format={format},encrypt.key-secret=s0,encrypt.iter-time=10")
+    } else {
+        format!("encrypt.format={format},encrypt.key-secret=s0")
+    };
+    create_encrypted(dir, name, "1M", "secret,id=s0,data=pw", &opts)
 }
 
 /// Encrypted images open without a key for `info` (which shows the encryption, as
@@ -410,20 +390,23 @@ fn assert_needs_key(img: &Path, format: &str, what: &str) {
     }
 }
 
+/// An image QEMU encrypted with `format` (crypt_method `method` in the header) is
+/// refused without a key, naming the encryption as `label`.
+fn encrypted_needs_a_key(format: &str, method: u32, label: &str) {
+    let d = tempdir();
+    let img = encrypted(d.path(), &format!("{format}.qcow2"), format);
+    assert_eq!(read_be32(&img, hdr::CRYPT_METHOD), method);
+    assert_needs_key(&img, format, label);
+}
+
 #[test]
 fn encrypted_luks_needs_a_key() {
-    let d = tempdir();
-    let img = encrypted(d.path(), "luks.qcow2", "luks");
-    assert_eq!(read_be32(&img, hdr::CRYPT_METHOD), 2);
-    assert_needs_key(&img, "luks", "LUKS");
+    encrypted_needs_a_key("luks", 2, "LUKS");
 }
 
 #[test]
 fn encrypted_legacy_aes_needs_a_key() {
-    let d = tempdir();
-    let img = encrypted(d.path(), "aes.qcow2", "aes");
-    assert_eq!(read_be32(&img, hdr::CRYPT_METHOD), 1);
-    assert_needs_key(&img, "aes", "legacy AES");
+    encrypted_needs_a_key("aes", 1, "legacy AES");
 }
 
 /// A hostile LUKS area: refused at open, `info` included, with one line naming the image
@@ -565,22 +548,15 @@ fn reject_l1_size_too_small() {
     // 64 KiB clusters: one L1 entry covers 512 MiB, so 1 GiB + 512 needs 3 entries.
     let img = create(d.path(), "l1small.qcow2", "", 1_073_742_336);
     assert_eq!(read_be32(&img, hdr::L1_SIZE), 3);
-    for n in [2u32, 0] {
-        let p = copy(&img, &format!("l1size{n}.qcow2"));
-        put32(&p, hdr::L1_SIZE, n);
-        rejected(&p, &["l1_size"], &format!("l1_size {n} for 1 GiB"));
-    }
+    each_u32_rejected(&img, hdr::L1_SIZE, "l1_size", &[2, 0]);
 }
 
 #[test]
 fn reject_huge_l1_size() {
     let d = tempdir();
     let img = plain(d.path(), "l1huge.qcow2");
-    for n in [0x0040_0001u32, 0x1000_0000, 0xffff_ffff] {
-        let p = copy(&img, &format!("l1huge{n:x}.qcow2"));
-        put32(&p, hdr::L1_SIZE, n);
-        rejected(&p, &["l1_size"], &format!("l1_size {n:#x}"));
-    }
+    let sizes = [0x0040_0001, 0x1000_0000, 0xffff_ffff];
+    each_u32_rejected(&img, hdr::L1_SIZE, "l1_size", &sizes);
 }
 
 #[test]
@@ -607,11 +583,8 @@ fn reject_extension_overrunning_the_area() {
     // The area ends at the end of cluster 0: one byte too many, and lengths that would
     // wrap 32-bit arithmetic.
     let just_over = (g.cs() - (table.off + 8) + 1) as u32;
-    for len in [0xffff_fff0u32, 0xffff_ffff, 0xffff_fff8, just_over] {
-        let img = copy(&base, &format!("extlen{len:x}.qcow2"));
-        put32(&img, table.off + 4, len);
-        rejected(&img, &["extension"], &format!("extension length {len:#x}"));
-    }
+    let lens = [0xffff_fff0, 0xffff_ffff, 0xffff_fff8, just_over];
+    each_u32_rejected(&base, table.off + 4, "extension", &lens);
     // With a backing file, the area ends at the name: overrunning into it is an error too.
     let top = overlay(d.path(), "ext-top.qcow2", "ext.qcow2", "qcow2");
     let c0 = Cluster0::load(&top);

@@ -16,48 +16,9 @@ use std::path::Path;
 use support::corpus;
 use support::*;
 
-const MAP_FIELDS: [&str; 8] = [
-    "start",
-    "length",
-    "depth",
-    "present",
-    "zero",
-    "data",
-    "compressed",
-    "offset",
-];
-
-fn entries<'a>(what: &str, v: &'a Value) -> &'a [Value] {
-    v.as_array()
-        .unwrap_or_else(|| panic!("{what}: map output is not a JSON array: {v}"))
-}
-
-/// Compares two `map --json` outputs field by field; panics at the first difference.
+/// Compares two `map --json` outputs in every field QEMU prints.
 fn assert_same_map(what: &str, qemu: &Value, ours: &Value) {
-    let (q, o) = (entries(what, qemu), entries(what, ours));
-    for i in 0..q.len().max(o.len()) {
-        let (qe, oe) = (q.get(i), o.get(i));
-        let differs: Vec<&str> = match (qe, oe) {
-            (Some(qe), Some(oe)) => MAP_FIELDS
-                .iter()
-                .copied()
-                .filter(|f| qe.get(f) != oe.get(f))
-                .collect(),
-            _ => vec!["<entry missing>"],
-        };
-        if !differs.is_empty() {
-            let show = |e: Option<&Value>| e.map_or("none".to_string(), Value::to_string);
-            panic!(
-                "{what}: map entry {i} differs in {differs:?}\n  qemu-img: {}\n  qcow2fs:  {}\n\
-                 ({} entries from qemu-img, {} from qcow2fs; previous entry: {})",
-                show(qe),
-                show(oe),
-                q.len(),
-                o.len(),
-                show(i.checked_sub(1).and_then(|p| q.get(p)))
-            );
-        }
-    }
+    assert_same_map_fields(what, qemu, ours, &MAP_FIELDS);
 }
 
 /// `map` output without the one refinement that depends on which image file QEMU looks
@@ -69,7 +30,7 @@ fn assert_same_map(what: &str, qemu: &Value, ours: &Value) {
 /// comparing. The active disk's map is compared without this.
 fn without_host_hole_zeros(map: &Value) -> Value {
     let mut out: Vec<Value> = Vec::new();
-    for e in entries("normalizing", map) {
+    for e in map_json_entries("normalizing", map) {
         let mut e = e.clone();
         if e["data"] == true {
             e["zero"] = Value::Bool(false);

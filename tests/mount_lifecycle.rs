@@ -21,23 +21,24 @@ use support::*;
 // 6. Error paths: exit 1, one line naming the problem, nothing mounted
 // ---------------------------------------------------------------------------------------
 
-fn image_with_missing_backing(dir: &Path) -> PathBuf {
-    let mut ctx = Ctx::new(dir, "missing-backing");
-    ctx.create("gone-base.qcow2", M, "");
-    let top = ctx.overlay("orphan.qcow2", "gone-base.qcow2", "qcow2", None, "");
+/// `dir/TOP` written over a qcow2 base `dir/BASE` that is then deleted (`ctx` names the
+/// pattern files).
+fn image_over_deleted_base(dir: &Path, ctx: &str, base: &str, top: &str) -> PathBuf {
+    let mut ctx = Ctx::new(dir, ctx);
+    ctx.create(base, M, "");
+    let img = ctx.overlay(top, base, "qcow2", None, "");
     let c = vec![ctx.w(0, 1000)];
-    ctx.io("orphan.qcow2", &c);
-    fs::remove_file(dir.join("gone-base.qcow2")).unwrap();
-    top
+    ctx.io(top, &c);
+    fs::remove_file(dir.join(base)).unwrap();
+    img
+}
+
+fn image_with_missing_backing(dir: &Path) -> PathBuf {
+    image_over_deleted_base(dir, "missing-backing", "gone-base.qcow2", "orphan.qcow2")
 }
 
 fn image_with_directory_backing(dir: &Path) -> PathBuf {
-    let mut ctx = Ctx::new(dir, "dir-backing");
-    ctx.create("dir-base.qcow2", M, "");
-    let top = ctx.overlay("dirtop.qcow2", "dir-base.qcow2", "qcow2", None, "");
-    let c = vec![ctx.w(0, 1000)];
-    ctx.io("dirtop.qcow2", &c);
-    fs::remove_file(dir.join("dir-base.qcow2")).unwrap();
+    let top = image_over_deleted_base(dir, "dir-backing", "dir-base.qcow2", "dirtop.qcow2");
     fs::create_dir(dir.join("dir-base.qcow2")).unwrap();
     top
 }
@@ -47,13 +48,8 @@ fn error_missing_image() {
     let dir = tempdir();
     let mnt = mountpoint(dir.path(), "mnt");
     let image = dir.path().join("no-such-image.qcow2");
-    assert_mount_fails(
-        "missing image",
-        dir.path(),
-        &mount_args(&image, &mnt, &[]),
-        &mnt,
-        &["no-such-image.qcow2"],
-    );
+    // Missing image.
+    assert_mount_refused(&image, &mnt, &[], &["no-such-image.qcow2"]);
 }
 
 #[test]
@@ -61,21 +57,11 @@ fn error_mount_point_not_a_directory_or_missing() {
     let (dir, top) = corpus::build("zero_clusters");
     let file = dir.path().join("plain-file");
     fs::write(&file, b"x").unwrap();
-    assert_mount_fails(
-        "mount point is a file",
-        dir.path(),
-        &mount_args(&top, &file, &[]),
-        &file,
-        &["plain-file"],
-    );
+    // Mount point is a file.
+    assert_mount_refused(&top, &file, &[], &["plain-file"]);
     let missing = dir.path().join("no-such-dir");
-    assert_mount_fails(
-        "mount point does not exist",
-        dir.path(),
-        &mount_args(&top, &missing, &[]),
-        &missing,
-        &["no-such-dir"],
-    );
+    // Mount point does not exist.
+    assert_mount_refused(&top, &missing, &[], &["no-such-dir"]);
 }
 
 #[test]
@@ -83,13 +69,8 @@ fn error_mount_point_already_mounted() {
     let (dir, top) = corpus::build("zero_clusters");
     let mnt = mountpoint(dir.path(), "busy-mnt");
     let m = Mount::new(&top, &mnt, &[]);
-    assert_mount_fails(
-        "mount point already mounted",
-        dir.path(),
-        &mount_args(&top, &mnt, &[]),
-        &mnt,
-        &["busy-mnt"],
-    );
+    // Mount point already mounted.
+    assert_mount_refused(&top, &mnt, &[], &["busy-mnt"]);
     assert!(m.is_mounted(), "the first mount is still there");
     assert_same_bytes(
         "the first mount still works",
@@ -102,7 +83,6 @@ fn error_mount_point_already_mounted() {
 fn error_bad_options() {
     let (dir, top) = corpus::build("zero_clusters");
     let mnt = mountpoint(dir.path(), "mnt");
-    let d = dir.path();
     for (opts, mention) in [
         (&["bogus"][..], &["bogus"][..]),
         (&["ro,bogus=1"][..], &["bogus"][..]),
@@ -113,13 +93,7 @@ fn error_bad_options() {
         (&["threads=lots"][..], &["threads"][..]),
         (&["cache_size=huge"][..], &["cache_size"][..]),
     ] {
-        assert_mount_fails(
-            &format!("-o {opts:?}"),
-            d,
-            &mount_args(&top, &mnt, opts),
-            &mnt,
-            mention,
-        );
+        assert_mount_refused(&top, &mnt, opts, mention);
     }
 }
 
@@ -128,21 +102,11 @@ fn error_unreadable_backing_file() {
     let dir = tempdir();
     let mnt = mountpoint(dir.path(), "mnt");
     let top = image_with_missing_backing(dir.path());
-    assert_mount_fails(
-        "missing backing file",
-        dir.path(),
-        &mount_args(&top, &mnt, &[]),
-        &mnt,
-        &["gone-base.qcow2"],
-    );
+    // Missing backing file.
+    assert_mount_refused(&top, &mnt, &[], &["gone-base.qcow2"]);
     let top = image_with_directory_backing(dir.path());
-    assert_mount_fails(
-        "backing file is a directory",
-        dir.path(),
-        &mount_args(&top, &mnt, &[]),
-        &mnt,
-        &["dir-base.qcow2"],
-    );
+    // Backing file is a directory.
+    assert_mount_refused(&top, &mnt, &[], &["dir-base.qcow2"]);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 use support::corpus;
-use support::images::create_image;
+use support::images::{create_image, create_unchecked_over};
 use support::remote::{Faults, FileServer, Moto, TlsProxy, key_of};
 use support::*;
 
@@ -54,6 +54,29 @@ fn open_err(url: &str, opts: &OpenOptions) -> qcow2fs::Error {
 
 fn canon(p: &Path) -> PathBuf {
     p.canonicalize().unwrap()
+}
+
+/// Scenario `name` built in a temporary directory and served over HTTP: the directory,
+/// the top image, the server and the top image's URL.
+fn served_scenario(name: &str) -> (tempfile::TempDir, PathBuf, FileServer, String) {
+    let (dir, top) = corpus::build(name);
+    let server = FileServer::start(dir.path());
+    let url = server.url(&canon(&top));
+    (dir, top, server, url)
+}
+
+/// Scenario `name` built in a temporary directory and uploaded to a new private bucket:
+/// the directory, the top image and its s3:// URL.
+fn scenario_in_bucket(
+    moto: &Moto,
+    bucket: &str,
+    name: &str,
+) -> (tempfile::TempDir, PathBuf, String) {
+    moto.create_bucket(bucket);
+    let (dir, top) = corpus::build(name);
+    moto.put_tree(bucket, dir.path());
+    let url = s3_url(bucket, &top);
+    (dir, top, url)
 }
 
 fn s3_url(bucket: &str, path: &Path) -> String {
@@ -150,10 +173,7 @@ fn every_scenario_from_http_and_s3_matches_qemu() {
 #[test]
 fn commands_on_an_s3_url() {
     let moto = Moto::start();
-    moto.create_bucket("cmds");
-    let (dir, top) = corpus::build("snapshots_of_overlay");
-    moto.put_tree("cmds", dir.path());
-    let url = s3_url("cmds", &top);
+    let (_dir, top, url) = scenario_in_bucket(&moto, "cmds", "snapshots_of_overlay");
     let cache = tempdir();
     let run_cmd = |args: &[&str]| {
         let mut all: Vec<String> = vec![args[0].to_string()];
@@ -197,23 +217,8 @@ fn commands_on_an_s3_url() {
         q["snapshots"].as_array().map(Vec::len)
     );
     let map: serde_json::Value = serde_json::from_slice(&run_cmd(&["map", "--json"])).unwrap();
-    let qmap = qemu_map_json(&top);
-    let fields = [
-        "start",
-        "length",
-        "depth",
-        "present",
-        "zero",
-        "data",
-        "compressed",
-    ];
-    let (a, b) = (map.as_array().unwrap(), qmap.as_array().unwrap());
-    assert_eq!(a.len(), b.len(), "map entries: ours {map}\nqemu {qmap}");
-    for (x, y) in a.iter().zip(b) {
-        for f in fields {
-            assert_eq!(x[f], y[f], "map field {f}: ours {x}, qemu {y}");
-        }
-    }
+    // Every field but the host offset.
+    assert_same_map_fields("map", &qemu_map_json(&top), &map, &MAP_FIELDS[..7]);
 }
 
 /// `qcow2fs mount URL` in daemon mode, with `env` added to its environment.
@@ -246,6 +251,18 @@ fn mount_url(
     Ok(m)
 }
 
+/// `qcow2fs mount URL` that must succeed.
+fn mount_url_ok(url: &str, mnt: &Path, options: &[&str], env: &[(&str, &str)]) -> Mount {
+    mount_url(url, mnt, options, env).unwrap_or_else(|r| panic!("{}", r.describe()))
+}
+
+/// `dir/NAME`, a qcow2 image of `size` bytes given one qemu-io command.
+fn image_written(dir: &Path, name: &str, size: u64, cmd: &str) -> PathBuf {
+    let img = create_image(dir, name, Some(size), "", None);
+    qemu_io(&img, &[cmd]);
+    img
+}
+
 fn read_file(p: &Path) -> Vec<u8> {
     std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
 }
@@ -254,9 +271,7 @@ fn read_file(p: &Path) -> Vec<u8> {
 /// sees its HEADs and no GET. Without the cache it sees GETs again.
 #[test]
 fn second_mount_reads_from_the_disk_cache() {
-    let (dir, top) = corpus::build("snapshots_of_overlay");
-    let server = FileServer::start(dir.path());
-    let url = server.url(&canon(&top));
+    let (_dir, top, server, url) = served_scenario("snapshots_of_overlay");
     let want = qemu_raw(&top);
     let (id, _) = qemu_snapshots(&top)[0].clone();
     let want_snap = qemu_snapshot_raw(&top, &id);
@@ -275,16 +290,14 @@ fn second_mount_reads_from_the_disk_cache() {
         );
     };
     let mnt = mountpoint(work.path(), "m");
-    let m =
-        mount_url(&url, &mnt, &[&cache_opt], &[]).unwrap_or_else(|r| panic!("{}", r.describe()));
+    let m = mount_url_ok(&url, &mnt, &[&cache_opt], &[]);
     read_everything(&m);
     m.umount();
     let first = server.counts();
     assert!(first.gets > 0, "the first mount fetched nothing: {first:?}");
 
     server.reset_counts();
-    let m =
-        mount_url(&url, &mnt, &[&cache_opt], &[]).unwrap_or_else(|r| panic!("{}", r.describe()));
+    let m = mount_url_ok(&url, &mnt, &[&cache_opt], &[]);
     read_everything(&m);
     let status = qcow2fs_json(work.path(), &["status", "--json", mnt.to_str().unwrap()]);
     m.umount();
@@ -318,8 +331,7 @@ fn second_mount_reads_from_the_disk_cache() {
     }
 
     server.reset_counts();
-    let m =
-        mount_url(&url, &mnt, &["cache_max=0"], &[]).unwrap_or_else(|r| panic!("{}", r.describe()));
+    let m = mount_url_ok(&url, &mnt, &["cache_max=0"], &[]);
     read_everything(&m);
     m.umount();
     assert!(
@@ -334,9 +346,7 @@ fn second_mount_reads_from_the_disk_cache() {
 #[test]
 fn few_large_requests() {
     let work = tempdir();
-    let img = work.path().join("big.qcow2");
-    create_image(work.path(), "big.qcow2", Some(64 * M), "", None);
-    qemu_io(&img, &["write -P 0x5a 0 48M".to_string()]);
+    let img = image_written(work.path(), "big.qcow2", 64 * M, "write -P 0x5a 0 48M");
     qemu_img(work.path(), &["snapshot", "-c", "s1", "big.qcow2"]);
     qemu_io(&img, &["write -P 0x33 1M 1M".to_string()]);
     let server = FileServer::start(work.path());
@@ -397,11 +407,8 @@ fn few_large_requests() {
 #[test]
 fn overlay_over_an_image_in_a_bucket() {
     let moto = Moto::start();
-    moto.create_bucket("evidence");
-    let (dir, top) = corpus::build("compressed_convert_zlib_64k");
-    moto.put_tree("evidence", dir.path());
+    let (_dir, top, url) = scenario_in_bucket(&moto, "evidence", "compressed_convert_zlib_64k");
     let original = std::fs::read(&top).unwrap();
-    let url = s3_url("evidence", &top);
     let work = tempdir();
     let log = work.path().join("daemon.log");
     let mnt = mountpoint(work.path(), "m");
@@ -419,7 +426,7 @@ fn overlay_over_an_image_in_a_bucket() {
         ("AWS_REGION", "us-east-1"),
         ("RUST_LOG", "debug"),
     ];
-    let m = mount_url(&url, &mnt, &opts, &env).unwrap_or_else(|r| panic!("{}", r.describe()));
+    let m = mount_url_ok(&url, &mnt, &opts, &env);
     let disk = m.path(&format!("{}.raw", stem(&top)));
     let mut want = qemu_raw(&top);
     assert_same_bytes("overlay before writes", &want, &read_file(&disk));
@@ -469,29 +476,12 @@ fn overlay_over_an_image_in_a_bucket() {
 /// server until it stands alone.
 #[test]
 fn copy_on_read_from_a_remote_backing_file() {
-    let (dir, base) = corpus::build("compressed_write_zstd_64k");
+    let (_dir, base, _server, url) = served_scenario("compressed_write_zstd_64k");
     let want = qemu_raw(&base);
-    let server = FileServer::start(dir.path());
-    let url = server.url(&canon(&base));
     let work = tempdir();
     let top = work.path().join("top.qcow2");
     let size = want.len().to_string();
-    qemu_img(
-        work.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            &url,
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            &size,
-        ],
-    );
+    create_unchecked_over(work.path(), "top.qcow2", &size, &url, "qcow2");
     let mnt = mountpoint(work.path(), "m");
     assert_mount_refused(&top, &mnt, &["rw,copy-on-read"], &["follow-remote"]);
     let cache = format!("cache_dir={}", work.path().join("cache").display());
@@ -522,26 +512,11 @@ fn copy_on_read_from_a_remote_backing_file() {
 fn backing_name_policy() {
     let a = tempdir();
     let b = tempdir();
-    let base = b.path().join("base.qcow2");
-    create_image(b.path(), "base.qcow2", Some(M), "", None);
-    qemu_io(&base, &["write -P 0x77 0 64k".to_string()]);
+    let base = image_written(b.path(), "base.qcow2", M, "write -P 0x77 0 64k");
     let base_abs = canon(&base);
     let top = a.path().join("top.qcow2");
     let base_name = base_abs.to_string_lossy().into_owned();
-    qemu_img(
-        a.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &base_name,
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    create_image(a.path(), "top.qcow2", None, "", Some((&base_name, "qcow2")));
     // The server serves only a/: the absolute name resolves on the server and is missing.
     let server = FileServer::start(a.path());
     let url = server.url(&canon(&top));
@@ -562,21 +537,12 @@ fn backing_name_policy() {
 
     // Another host.
     let other = a.path().join("other.qcow2");
-    qemu_img(
+    create_unchecked_over(
         a.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "http://127.0.0.2:9/base.qcow2",
-            "-F",
-            "qcow2",
-            "other.qcow2",
-            "1M",
-        ],
+        "other.qcow2",
+        "1M",
+        "http://127.0.0.2:9/base.qcow2",
+        "qcow2",
     );
     let msg = format!("{:#}", open_err(&server.url(&canon(&other)), &opts));
     assert!(msg.contains("another host"), "{msg}");
@@ -594,10 +560,8 @@ fn backing_name_policy() {
 /// range of which URL.
 #[test]
 fn faults_at_open_and_retries() {
-    let (dir, top) = corpus::build("zero_clusters");
+    let (dir, top, server, url) = served_scenario("zero_clusters");
     let want = qemu_raw(&top);
-    let server = FileServer::start(dir.path());
-    let url = server.url(&canon(&top));
     let cache = tempdir();
 
     let missing = server.url(&canon(dir.path()).join("missing.qcow2"));
@@ -674,9 +638,7 @@ fn faults_at_open_and_retries() {
 fn object_replaced_during_a_mount() {
     for ignore_if_match in [false, true] {
         let work = tempdir();
-        let img = work.path().join("disk.qcow2");
-        create_image(work.path(), "disk.qcow2", Some(16 * M), "", None);
-        qemu_io(&img, &["write -P 0x11 0 16M".to_string()]);
+        let img = image_written(work.path(), "disk.qcow2", 16 * M, "write -P 0x11 0 16M");
         let server = FileServer::start(work.path());
         let cache = tempdir();
         let chain = open_url(&server.url(&canon(&img)), &impatient(cache.path(), 1));
@@ -684,9 +646,7 @@ fn object_replaced_during_a_mount() {
         chain.top.read_at(&mut buf, 0).unwrap();
         assert!(buf.iter().all(|&b| b == 0x11));
         // Replace the object (a new file under the same name).
-        let tmp = work.path().join("new.qcow2");
-        create_image(work.path(), "new.qcow2", Some(16 * M), "", None);
-        qemu_io(&tmp, &["write -P 0x22 0 16M".to_string()]);
+        let tmp = image_written(work.path(), "new.qcow2", 16 * M, "write -P 0x22 0 16M");
         std::fs::rename(&tmp, &img).unwrap();
         server.set_faults(Faults {
             ignore_if_match,
@@ -707,9 +667,7 @@ fn object_replaced_during_a_mount() {
 #[test]
 fn mount_reports_eio_and_logs_the_range() {
     let work = tempdir();
-    let top = work.path().join("disk.qcow2");
-    create_image(work.path(), "disk.qcow2", Some(16 * M), "", None);
-    qemu_io(&top, &["write -P 0x3c 0 16M".to_string()]);
+    let top = image_written(work.path(), "disk.qcow2", 16 * M, "write -P 0x3c 0 16M");
     let want = qemu_raw(&top);
     let server = FileServer::start(work.path());
     let url = server.url(&canon(&top));
@@ -721,7 +679,7 @@ fn mount_reports_eio_and_logs_the_range() {
         "remote_retries=1,remote_timeout=2".to_string(),
     ];
     let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
-    let m = mount_url(&url, &mnt, &opts, &[]).unwrap_or_else(|r| panic!("{}", r.describe()));
+    let m = mount_url_ok(&url, &mnt, &opts, &[]);
     let f = std::fs::File::open(m.path(&format!("{}.raw", stem(&top)))).unwrap();
     let head = pread_full(&f, 0, 4096).unwrap();
     assert_same_bytes("first block", &want[..4096], &head);

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
+use support::images::{create_image, create_unchecked_over};
 use support::*;
 
 const TEST_USER: &str = "qcow2fs-test";
@@ -182,22 +183,7 @@ fn a_backing_file_is_not_readable_through_the_mount_by_users_who_cannot_read_it(
     .unwrap();
     chmod(&secret, 0o600);
     let image = d.path().join("h.qcow2");
-    qemu_img(
-        d.path(),
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            secret.to_str().unwrap(),
-            "-F",
-            "raw",
-            "h.qcow2",
-            "1M",
-        ],
-    );
+    create_unchecked_over(d.path(), "h.qcow2", "1M", secret.to_str().unwrap(), "raw");
     let mut wrong = Vec::new();
     for opts in ["ro,allow_other", "rw,allow_other", "overlay,allow_other"] {
         let mnt = mnt_in(d.path(), "m");
@@ -247,25 +233,8 @@ fn fifos_are_refused_without_hanging() {
     mkfifo(&dir.join("f.qcow2"));
     mkfifo(&dir.join("fifo"));
     // An image whose raw backing file is a FIFO, and one whose data file is.
-    qemu_img(
-        dir,
-        &[
-            "create", "-q", "-f", "qcow2", "-u", "-b", "fifo", "-F", "raw", "b.qcow2", "1M",
-        ],
-    );
-    qemu_img(
-        dir,
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "data_file=d.raw",
-            "d.qcow2",
-            "1M",
-        ],
-    );
+    create_unchecked_over(dir, "b.qcow2", "1M", "fifo", "raw");
+    create_image(dir, "d.qcow2", Some(M), "data_file=d.raw", None);
     fs::remove_file(dir.join("d.raw")).unwrap();
     mkfifo(&dir.join("d.raw"));
     let mnt = mountpoint(dir, "m");

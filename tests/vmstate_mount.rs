@@ -7,12 +7,12 @@
 mod support;
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use support::images::create_image;
+use support::vmfixtures::{check_physical_memory, expected_hash, facts, fixture_unxz, sha256_hex};
 use support::vmstream::{Guest, PS, Page};
 use support::*;
 
@@ -20,68 +20,16 @@ const FIXTURES: [&str; 3] = ["A", "B", "C"];
 const GIB: u64 = 1 << 30;
 const VGA: std::ops::Range<usize> = 0xa0000..0xc0000;
 
-fn data_dir(f: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/vmstate")
-        .join(f)
-}
-
-fn unxz(path: &Path) -> Vec<u8> {
-    let xz = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut out = Vec::new();
-    lzma_rs::xz_decompress(&mut &xz[..], &mut out).unwrap();
-    out
-}
-
-fn sha256(b: &[u8]) -> String {
-    Sha256::digest(b)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
-}
-
-/// The first word of fixture `f`'s `*.sha256` file `name`.
-fn expected_hash(f: &str, name: &str) -> String {
-    let s = fs::read_to_string(data_dir(f).join(name)).unwrap();
-    s.split_whitespace().next().unwrap().to_string()
-}
-
-fn facts(f: &str) -> Value {
-    serde_json::from_slice(&fs::read(data_dir(f).join("fixture.json")).unwrap()).unwrap()
-}
-
 /// Fixture `f`'s image, unpacked into `dir`.
 fn fixture_image(dir: &Path, f: &str) -> PathBuf {
     let img = dir.join(format!("{f}.qcow2"));
-    fs::write(&img, unxz(&data_dir(f).join("disk.qcow2.xz"))).unwrap();
+    fs::write(&img, fixture_unxz(f, "disk.qcow2.xz")).unwrap();
     img
 }
 
 /// A RAM block's file name: the block name escaped as snapshot names are.
 fn block_file(name: &str) -> String {
     format!("{}.raw", escape_snapshot_name(name))
-}
-
-/// The data extents of `path` from SEEK_DATA/SEEK_HOLE, as (start, end).
-fn data_extents(path: &Path) -> Vec<(u64, u64)> {
-    let f = fs::File::open(path).unwrap();
-    let size = f.metadata().unwrap().len();
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let Ok(d) = lseek(&f, pos, libc::SEEK_DATA) else {
-            break;
-        };
-        let h = lseek(&f, d, libc::SEEK_HOLE).unwrap();
-        assert!(
-            h > d && h <= size,
-            "{}: data at {d:#x}, hole at {h:#x}",
-            path.display()
-        );
-        out.push((d, h));
-        pos = h;
-    }
-    out
 }
 
 /// Checks the holes of `path` against its bytes `content`: holes read as zeros, every
@@ -233,7 +181,11 @@ fn check_fixture(f: &str) {
     // The stream: exactly vm_state_size bytes, as QEMU reads it back.
     let vmstate = fs::read(m.path("snapshots/running.vmstate")).unwrap();
     assert_eq!(vmstate.len() as u64, vm_size, "{f}");
-    assert_eq!(sha256(&vmstate), expected_hash(f, "vmstate.sha256"), "{f}");
+    assert_eq!(
+        sha256_hex(&vmstate),
+        expected_hash(f, "vmstate.sha256"),
+        "{f}"
+    );
     assert_same_bytes(
         &format!("{f}: running.vmstate vs qemu-io read -b"),
         &qemu_vmstate(&img, "running", vm_size),
@@ -251,9 +203,9 @@ fn check_fixture(f: &str) {
         ram,
         "{f}: small guests map all RAM below 4 GiB"
     );
-    assert_eq!(sha256(&mem), expected_hash(f, "pc.ram.sha256"), "{f}");
-    let dump = unxz(&data_dir(f).join("ram.bin.xz"));
-    assert_eq!(sha256(&dump), expected_hash(f, "ram.sha256"));
+    assert_eq!(sha256_hex(&mem), expected_hash(f, "pc.ram.sha256"), "{f}");
+    let dump = fixture_unxz(f, "ram.bin.xz");
+    assert_eq!(sha256_hex(&dump), expected_hash(f, "ram.sha256"));
     assert!(mem[..VGA.start] == dump[..VGA.start], "{f}: below 0xa0000");
     assert!(mem[VGA.end..] == dump[VGA.end..], "{f}: above 0xc0000");
     assert!(mem[VGA] != dump[VGA], "{f}: the VGA window should differ");
@@ -345,13 +297,13 @@ fn check_fixture(f: &str) {
     let img_s = img.to_str().unwrap();
     let out = qcow2fs(dir, &["cat", "--vmstate", "running", img_s]);
     assert_eq!(
-        sha256(&out),
+        sha256_hex(&out),
         expected_hash(f, "vmstate.sha256"),
         "{f}: cat --vmstate"
     );
     let out = qcow2fs(dir, &["cat", "--memory", "1", img_s]);
     assert_eq!(
-        sha256(&out),
+        sha256_hex(&out),
         expected_hash(f, "pc.ram.sha256"),
         "{f}: cat --memory"
     );
@@ -757,8 +709,8 @@ fn ram_above_4_gib_through_the_mount() {
             [0x7000_0000, 0x1_0000_0000, 0x1_3fff_f000],
         ),
     ] {
-        let stream = unxz(&data_dir(f).join("vmstate.bin.xz"));
-        assert_eq!(sha256(&stream), expected_hash(f, "vmstate.sha256"));
+        let stream = fixture_unxz(f, "vmstate.bin.xz");
+        assert_eq!(sha256_hex(&stream), expected_hash(f, "vmstate.sha256"));
         let name = format!("{f}.qcow2");
         let img = image_with_stream(d.path(), &name, &stream, stream.len() as u64, false);
         let m = Mount::new(&img, &mountpoint(d.path(), &format!("mnt-{f}")), &[]);
@@ -770,37 +722,7 @@ fn ram_above_4_gib_through_the_mount() {
             file.read_exact_at(&mut b, off).unwrap();
             b
         };
-        for mark in marks {
-            let text = format!("MARK {mark:x}\n");
-            assert_eq!(
-                read(mark, text.len()),
-                text.as_bytes(),
-                "{f}: mark {mark:#x}"
-            );
-        }
-        let mut dumps = 0;
-        for entry in fs::read_dir(data_dir(f)).unwrap() {
-            let file_name = entry.unwrap().file_name().into_string().unwrap();
-            let Some(addr) = file_name
-                .strip_prefix("pmem-")
-                .and_then(|x| x.strip_suffix(".bin.xz"))
-            else {
-                continue;
-            };
-            let addr = u64::from_str_radix(addr, 16).unwrap();
-            let mut dump = unxz(&data_dir(f).join(&file_name));
-            let mut mem = read(addr, dump.len());
-            for a in VGA {
-                let a = a as u64;
-                if a >= addr && a < addr + dump.len() as u64 {
-                    mem[(a - addr) as usize] = 0;
-                    dump[(a - addr) as usize] = 0;
-                }
-            }
-            assert!(mem == dump, "{f}: pmemsave at {addr:#x} differs");
-            dumps += 1;
-        }
-        assert_eq!(dumps, 4, "{f}: pmemsave dumps");
+        check_physical_memory(f, &marks, read);
         // Nothing between the end of low RAM and 4 GiB; a mark starts RAM at 4 GiB.
         assert_eq!(lseek(&file, below, libc::SEEK_DATA), Ok(4 * GIB), "{f}");
         let hole = lseek(&file, 0, libc::SEEK_HOLE).unwrap();
@@ -956,14 +878,7 @@ fn deleting_a_snapshot_removes_its_vm_state_files() {
     let m = Mount::new(&img, &mnt, &["rw"]);
     let dir = d.path();
     let mnt_s = m.mountpoint.to_str().unwrap();
-    let delete = || {
-        run_in(
-            dir,
-            qcow2fs_bin(),
-            &["snapshot", "delete", mnt_s, "running"],
-            COMMAND_LIMIT,
-        )
-    };
+    let delete = || qcow2fs_try(dir, &["snapshot", "delete", mnt_s, "running"]);
     // The kernel tells the daemon of a last close on its own time.
     let closed = || {
         wait_until(std::time::Duration::from_secs(10), || {
@@ -988,12 +903,7 @@ fn deleting_a_snapshot_removes_its_vm_state_files() {
     );
     assert!(!m.path("snapshots/running.ram/pc.ram.raw").exists());
     // A snapshot taken now has no VM state: its disk alone.
-    let r = run_in(
-        dir,
-        qcow2fs_bin(),
-        &["snapshot", "create", mnt_s, "live"],
-        COMMAND_LIMIT,
-    );
+    let r = qcow2fs_try(dir, &["snapshot", "create", mnt_s, "live"]);
     assert!(r.success(), "{}", r.describe());
     assert_eq!(
         listing(&m.path("snapshots")),
@@ -1084,7 +994,7 @@ fn extended_attributes_of_disks_and_layers_are_read_only() {
         new.to_str().unwrap(),
         mnt_s,
     ];
-    run_in(dir, qcow2fs_bin(), &args, COMMAND_LIMIT).expect_success();
+    qcow2fs_try(dir, &args).expect_success();
     let got = attrs(&m.disk());
     assert_eq!(
         got["user.qcow2.image"],

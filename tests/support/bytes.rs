@@ -79,6 +79,29 @@ pub fn be64(b: &[u8], at: usize) -> u64 {
     u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
 }
 
+/// `s` with every escape (`marker`, then `digits` digits in `radix`) replaced by the byte it
+/// stands for (`\040` in mountinfo, `%20` in URLs); anything else is kept as it is.
+pub fn unescape(s: &str, marker: u8, digits: usize, radix: u32) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == marker
+            && i + digits < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 1 + digits])
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, radix).ok())
+        {
+            out.push(v);
+            i += 1 + digits;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// A small deterministic generator (xorshift64*), seeded so that a failure reproduces.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);

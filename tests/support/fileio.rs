@@ -56,6 +56,28 @@ pub fn lseek(f: &File, off: u64, whence: i32) -> Result<u64, i32> {
     }
 }
 
+/// The data extents of `path` as (start, end), walked with SEEK_DATA and SEEK_HOLE from 0.
+pub fn data_extents(path: &Path) -> Vec<(u64, u64)> {
+    let f = File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let size = f.metadata().unwrap().len();
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let Ok(d) = lseek(&f, pos, libc::SEEK_DATA) else {
+            break;
+        };
+        let h = lseek(&f, d, libc::SEEK_HOLE).unwrap();
+        assert!(
+            h > d && h <= size,
+            "{}: data at {d:#x}, hole at {h:#x}",
+            path.display()
+        );
+        out.push((d, h));
+        pos = h;
+    }
+    out
+}
+
 /// Drops the file's pages from the page cache (POSIX_FADV_DONTNEED).
 pub fn drop_cached_pages(f: &File) {
     // SAFETY: fadvise on an open descriptor.

@@ -283,6 +283,37 @@ pub fn create_image(
     dir.join(name)
 }
 
+/// `qemu-img create -q -f qcow2 -u -b BACKING -F FMT NAME SIZE` in `dir`: an image over a
+/// backing file that is not opened (a URL, a file the test may not read); returns
+/// `dir/NAME`.
+pub fn create_unchecked_over(
+    dir: &Path,
+    name: &str,
+    size: &str,
+    backing: &str,
+    fmt: &str,
+) -> PathBuf {
+    qemu_img(
+        dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", fmt, name, size,
+        ],
+    );
+    dir.join(name)
+}
+
+/// `qemu-img create -q -f qcow2 --object SECRET -o OPTS NAME SIZE` in `dir`: an
+/// encrypted image whose key is the secret object; returns `dir/NAME`.
+pub fn create_encrypted(dir: &Path, name: &str, size: &str, secret: &str, opts: &str) -> PathBuf {
+    qemu_img(
+        dir,
+        &[
+            "create", "-q", "-f", "qcow2", "--object", secret, "-o", opts, name, size,
+        ],
+    );
+    dir.join(name)
+}
+
 /// `dir/base.qcow2` of `size` bytes, written by qemu-io with `cmds`.
 pub fn create_base(dir: &Path, size: u64, cmds: &[String]) -> PathBuf {
     let base = create_image(dir, "base.qcow2", Some(size), "", None);

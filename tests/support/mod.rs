@@ -17,7 +17,9 @@
 //! - [`images`], [`corpus`] and [`patch`]: building scenario images with QEMU's tools,
 //!   the named scenario corpus, and byte patches QEMU will not make;
 //! - [`remote`]: an HTTP server with range requests and faults on command, and moto's S3
-//!   server, for remote images.
+//!   server, for remote images;
+//! - [`vmstream`] and [`vmfixtures`]: VM-state streams built by the tests, and the
+//!   QEMU-made VM-state fixtures.
 //!
 //! Nothing here decides what is correct from qcow2fs's own code: expected values come
 //! from QEMU or from what a test itself wrote.
@@ -42,6 +44,7 @@ pub mod patch;
 pub mod process;
 pub mod qemu;
 pub mod remote;
+pub mod vmfixtures;
 pub mod vmstream;
 
 pub use blockdev::*;

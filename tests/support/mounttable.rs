@@ -2,9 +2,10 @@
 //! serving a mount point (found by its command line, as an administrator would), and
 //! unmounting whatever is left at a mount point.
 
+use super::bytes::unescape;
 use super::cli::qcow2fs_bin;
 use super::files::{absolute, canonical_or_same};
-use super::process::{pid_alive, run_timeout};
+use super::process::{pid_alive, processes, run_timeout};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -36,24 +37,7 @@ impl MountInfo {
 
 /// Undoes the `\ooo` octal escapes of mountinfo fields.
 fn unescape_octal(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 4])
-                .ok()
-                .and_then(|d| u8::from_str_radix(d, 8).ok())
-        {
-            out.push(v);
-            i += 4;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    unescape(s, b'\\', 3, 8)
 }
 
 /// Every mount of this process's mount namespace, in mount order.
@@ -100,14 +84,8 @@ pub fn daemon_pids(mountpoint: &Path) -> Vec<i32> {
     let bin = canonical_or_same(Path::new(qcow2fs_bin()));
     let wanted = [absolute(mountpoint), canonical_or_same(mountpoint)];
     let mut pids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for e in dir.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(exe) = std::fs::read_link(e.path().join("exe")) else {
+    for (pid, proc_dir) in processes() {
+        let Ok(exe) = std::fs::read_link(proc_dir.join("exe")) else {
             continue;
         };
         // A binary rebuilt while its process runs shows as "PATH (deleted)".
@@ -118,7 +96,7 @@ pub fn daemon_pids(mountpoint: &Path) -> Vec<i32> {
         if Path::new(&exe) != bin {
             continue;
         }
-        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+        let Ok(cmdline) = std::fs::read(proc_dir.join("cmdline")) else {
             continue;
         };
         let hit = cmdline

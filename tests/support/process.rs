@@ -104,6 +104,17 @@ impl Finished {
         )
     }
 
+    /// Panics with [`Finished::describe`] unless the command failed and its output
+    /// mentions `word`.
+    pub fn expect_failure_saying(self, word: &str) -> Finished {
+        assert!(
+            !self.success() && self.all_output().contains(word),
+            "expected a failure mentioning {word:?}: {}",
+            self.describe()
+        );
+        self
+    }
+
     /// Panics with [`Finished::describe`] unless the command exited 0.
     pub fn expect_success(self) -> Finished {
         assert!(self.success(), "{}", self.describe());
@@ -226,24 +237,32 @@ pub fn ensure_gone(pid: i32, what: &str) {
     }
 }
 
+/// Every process as `(pid, /proc/PID)` (none when /proc cannot be read).
+pub fn processes() -> Vec<(i32, PathBuf)> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            Some((pid, e.path()))
+        })
+        .collect()
+}
+
 /// `(pid, command, path)` of every open descriptor of any process on a file under `dir`.
 pub fn open_files_under(dir: &Path) -> Vec<(i32, String, PathBuf)> {
     let mut found = Vec::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return found;
-    };
-    for e in procs.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(e.path().join("fd")) else {
+    for (pid, proc_dir) in processes() {
+        let Ok(fds) = std::fs::read_dir(proc_dir.join("fd")) else {
             continue;
         };
         for fd in fds.flatten() {
             if let Ok(target) = std::fs::read_link(fd.path())
                 && target.starts_with(dir)
             {
-                let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+                let comm = std::fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
                 found.push((pid, comm.trim().to_string(), target));
             }
         }

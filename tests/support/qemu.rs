@@ -203,6 +203,53 @@ pub fn qemu_map_json_as(path: &Path, format: &str) -> Value {
     json("qemu-img map", &out)
 }
 
+/// Every field of an extent `qemu-img map --output=json` prints.
+pub const MAP_FIELDS: [&str; 8] = [
+    "start",
+    "length",
+    "depth",
+    "present",
+    "zero",
+    "data",
+    "compressed",
+    "offset",
+];
+
+/// The entries of a `map` JSON output.
+pub fn map_json_entries<'a>(what: &str, v: &'a Value) -> &'a [Value] {
+    v.as_array()
+        .unwrap_or_else(|| panic!("{what}: map output is not a JSON array: {v}"))
+}
+
+/// Compares two `map --json` outputs, entry for entry, in `fields`; panics at the first
+/// difference (or missing entry), naming it and the entry before.
+pub fn assert_same_map_fields(what: &str, qemu: &Value, ours: &Value, fields: &[&str]) {
+    let (q, o) = (map_json_entries(what, qemu), map_json_entries(what, ours));
+    for i in 0..q.len().max(o.len()) {
+        let (qe, oe) = (q.get(i), o.get(i));
+        let differs: Vec<&str> = match (qe, oe) {
+            (Some(qe), Some(oe)) => fields
+                .iter()
+                .copied()
+                .filter(|f| qe.get(f) != oe.get(f))
+                .collect(),
+            _ => vec!["<entry missing>"],
+        };
+        if !differs.is_empty() {
+            let show = |e: Option<&Value>| e.map_or("none".to_string(), Value::to_string);
+            panic!(
+                "{what}: map entry {i} differs in {differs:?}\n  qemu-img: {}\n  qcow2fs:  {}\n\
+                 ({} entries from qemu-img, {} from qcow2fs; previous entry: {})",
+                show(qe),
+                show(oe),
+                q.len(),
+                o.len(),
+                show(i.checked_sub(1).and_then(|p| q.get(p)))
+            );
+        }
+    }
+}
+
 fn qemu_info_json_args(image: &Path, extra: &[&str]) -> Value {
     let image = absolute(image);
     let mut args: Vec<&OsStr> = vec![OsStr::new("info"), OsStr::new("--output=json")];

@@ -8,6 +8,8 @@
 //! - [`Moto`]: moto's S3 server (Python), with helpers to make buckets and upload trees;
 //! - [`TlsProxy`]: a TLS front with a self-signed certificate, for `https://`.
 
+use super::bytes::unescape;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
@@ -303,22 +305,29 @@ fn serve_connection(conn: TcpStream, root: &Path, s: &Shared) {
 }
 
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    unescape(s, b'%', 2, 16)
+}
+
+/// Runs `python3 -c SCRIPT ARGS` (`what` in messages), which prints the port it listens
+/// on as its first line and runs until its standard input closes.
+fn start_python(script: &str, args: &[&OsStr], what: &str) -> (Child, u16) {
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting python3 for {what}: {e}"));
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("reading the port of {what}: {e}"));
+    let port = line.trim().parse().unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!("{what} did not start: {line:?}")
+    });
+    (child, port)
 }
 
 /// moto's S3 server, running until dropped (or until this process ends: it stops when
@@ -341,20 +350,11 @@ s.stop()
 impl Moto {
     /// Starts the server (`.ci/run` installs moto).
     pub fn start() -> Moto {
-        let mut child = Command::new("python3")
-            .args(["-c", MOTO_SCRIPT])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting python3 for moto's S3 server");
-        let mut line = String::new();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        out.read_line(&mut line).expect("reading moto's port");
-        let port = line.trim().parse().unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("moto's S3 server did not start (is `moto[server]` installed?): {line:?}")
-        });
+        let (child, port) = start_python(
+            MOTO_SCRIPT,
+            &[],
+            "moto's S3 server (is `moto[server]` installed?)",
+        );
         Moto { child, port }
     }
 
@@ -534,24 +534,12 @@ impl TlsProxy {
             .status()
             .expect("running openssl");
         assert!(st.success(), "openssl req failed");
-        let mut child = Command::new("python3")
-            .args(["-c", TLS_SCRIPT])
-            .arg(&cert)
-            .arg(&key)
-            .arg(upstream_port.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting python3 for the TLS front");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("reading the TLS front's port");
-        let port = line.trim().parse().unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("the TLS front did not start: {line:?}")
-        });
+        let upstream = upstream_port.to_string();
+        let (child, port) = start_python(
+            TLS_SCRIPT,
+            &[cert.as_os_str(), key.as_os_str(), OsStr::new(&upstream)],
+            "the TLS front",
+        );
         TlsProxy { child, port, cert }
     }
 }

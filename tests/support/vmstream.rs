@@ -2,6 +2,9 @@
 //! VM-state parser's tests: header, configuration, the RAM section's START/PART/END with
 //! page records, device (FULL) sections, commands, EOF and the JSON device description.
 
+use qcow2fs::format::Problem;
+use qcow2fs::format::vmstate::{VmState, VmStateError};
+
 /// RAM record flags.
 pub const ZERO: u64 = 0x02;
 pub const MEM_SIZE: u64 = 0x04;
@@ -164,6 +167,29 @@ impl VmStream {
 
     pub fn vmdesc(&mut self, json: &str) -> &mut Self {
         self.u8(0x06).be32(json.len() as u32).raw(json.as_bytes())
+    }
+}
+
+/// A stream up to the end of the RAM section's START (an i440fx machine, section 1):
+/// configuration, then the blocks' names and sizes.
+pub fn ram_start(blocks: &[(&str, u64)]) -> VmStream {
+    let mut s = VmStream::new();
+    s.configuration("pc-i440fx-10.0");
+    s.header(1, 1, "ram", 0, 4).mem_size(blocks).eos().footer(1);
+    s
+}
+
+/// The parser under test on a whole stream.
+pub fn parse(s: &VmStream) -> Result<VmState, VmStateError> {
+    VmState::parse(&s.buf[..], s.len())
+}
+
+/// The kind of problem and the stream offset a format error names (a read error fails
+/// the test: these streams are in memory).
+pub fn problem(e: &VmStateError) -> (Problem, u64) {
+    match e {
+        VmStateError::Format(f) => (f.problem, f.offset),
+        VmStateError::Read { offset, .. } => panic!("a read error at {offset:#x}: {e}"),
     }
 }
 

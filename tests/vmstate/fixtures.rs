@@ -3,41 +3,12 @@
 // the `pc.ram` block rebuilt from its page index hashes as QEMU's stream says, and the
 // guest-physical image equals QEMU's `pmemsave` dump outside the VGA window.
 
+use crate::support::vmfixtures::{
+    check_physical_memory, expected_hash, facts, fixture_unxz, sha256_hex,
+};
 use crate::support::vmstream::materialize;
 use qcow2fs::format::vmstate::{ExtentKind, SectionKind, VmState};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use std::path::PathBuf;
-
-fn dir(f: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data/vmstate")
-        .join(f)
-}
-
-fn unxz(f: &str, name: &str) -> Vec<u8> {
-    let xz = std::fs::read(dir(f).join(name)).unwrap();
-    let mut out = Vec::new();
-    lzma_rs::xz_decompress(&mut &xz[..], &mut out).unwrap();
-    out
-}
-
-fn hex_sha256(b: &[u8]) -> String {
-    Sha256::digest(b)
-        .iter()
-        .map(|x| format!("{x:02x}"))
-        .collect()
-}
-
-/// The first word of a `*.sha256` file.
-fn expected_hash(f: &str, name: &str) -> String {
-    let s = std::fs::read_to_string(dir(f).join(name)).unwrap();
-    s.split_whitespace().next().unwrap().to_string()
-}
-
-fn facts(f: &str) -> Value {
-    serde_json::from_slice(&std::fs::read(dir(f).join("fixture.json")).unwrap()).unwrap()
-}
 
 struct Fixture {
     stream: Vec<u8>,
@@ -46,8 +17,8 @@ struct Fixture {
 }
 
 fn load(name: &'static str) -> Fixture {
-    let stream = unxz(name, "vmstate.bin.xz");
-    assert_eq!(hex_sha256(&stream), expected_hash(name, "vmstate.sha256"));
+    let stream = fixture_unxz(name, "vmstate.bin.xz");
+    assert_eq!(sha256_hex(&stream), expected_hash(name, "vmstate.sha256"));
     let state = VmState::parse(&stream[..], stream.len() as u64)
         .unwrap_or_else(|e| panic!("fixture {name}: {e}"));
     Fixture {
@@ -159,7 +130,7 @@ fn pc_ram_rebuilt_from_the_index_hashes_as_expected() {
         let ram = materialize(&fx.stream, b.size, |o, l| b.lookup(o, l));
         assert_eq!(b.lookup(b.size, 1), None, "an extent past the end");
         assert_eq!(
-            hex_sha256(&ram),
+            sha256_hex(&ram),
             expected_hash(name, "pc.ram.sha256"),
             "{name}"
         );
@@ -178,8 +149,8 @@ fn pc_ram_rebuilt_from_the_index_hashes_as_expected() {
 fn physical_image_equals_pmemsave_outside_the_vga_window() {
     for name in FIXTURES {
         let fx = load(name);
-        let dump = unxz(name, "ram.bin.xz");
-        assert_eq!(hex_sha256(&dump), expected_hash(name, "ram.sha256"));
+        let dump = fixture_unxz(name, "ram.bin.xz");
+        assert_eq!(sha256_hex(&dump), expected_hash(name, "ram.sha256"));
         let layout = fx.state.physical().unwrap();
         // Small guests: all RAM below the low-memory limit, mapped 1:1.
         assert_eq!(layout.below_4g, dump.len() as u64, "{name}");
@@ -285,8 +256,8 @@ fn ram_above_4_gib_is_where_qemu_puts_it() {
         ("D", [0xb000_0000u64, 0x1_0000_0000, 0x1_7fff_f000]),
         ("E", [0x7000_0000, 0x1_0000_0000, 0x1_3fff_f000]),
     ] {
-        let stream = unxz(name, "vmstate.bin.xz");
-        assert_eq!(hex_sha256(&stream), expected_hash(name, "vmstate.sha256"));
+        let stream = fixture_unxz(name, "vmstate.bin.xz");
+        assert_eq!(sha256_hex(&stream), expected_hash(name, "vmstate.sha256"));
         let st = VmState::parse(&stream[..], stream.len() as u64).unwrap();
         assert!(st.warnings().is_empty(), "{name}: {:?}", st.warnings());
         let layout = st.physical().unwrap();
@@ -296,39 +267,8 @@ fn ram_above_4_gib_is_where_qemu_puts_it() {
             "{name}: {}",
             st.index_memory_bytes()
         );
-        let read =
-            |off: u64, len: u64| materialize(&stream, len, |o, l| st.lookup_physical(off + o, l));
-        for m in marks {
-            let text = format!("MARK {m:x}\n");
-            assert_eq!(
-                read(m, text.len() as u64),
-                text.as_bytes(),
-                "{name}: mark {m:#x}"
-            );
-        }
-        let mut ranges = 0;
-        for entry in std::fs::read_dir(dir(name)).unwrap() {
-            let file = entry.unwrap().file_name().into_string().unwrap();
-            let Some(addr) = file
-                .strip_prefix("pmem-")
-                .and_then(|f| f.strip_suffix(".bin.xz"))
-            else {
-                continue;
-            };
-            let addr = u64::from_str_radix(addr, 16).unwrap();
-            let dump = unxz(name, &file);
-            let mut mem = read(addr, dump.len() as u64);
-            let mut dump = dump;
-            // The VGA window reads through the device in pmemsave (see the README).
-            for a in 0xa0000..0xc0000u64 {
-                if a >= addr && a < addr + mem.len() as u64 {
-                    mem[(a - addr) as usize] = 0;
-                    dump[(a - addr) as usize] = 0;
-                }
-            }
-            assert!(mem == dump, "{name}: pmemsave at {addr:#x} differs");
-            ranges += 1;
-        }
-        assert_eq!(ranges, 4, "{name}");
+        check_physical_memory(name, &marks, |off, len| {
+            materialize(&stream, len as u64, |o, l| st.lookup_physical(off + o, l))
+        });
     }
 }

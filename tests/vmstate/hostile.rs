@@ -4,23 +4,13 @@
 // an error naming the stream offset, or a result whose every extent is in bounds; never
 // panic, hang or allocate without bound.
 
-use crate::support::vmstream::{PS, VmStream, data, materialize, small_guest, vmdesc_json};
+use crate::support::vmstream::{
+    PS, VmStream, data, materialize, parse, problem, ram_start, small_guest, vmdesc_json,
+};
 use proptest::prelude::*;
 use qcow2fs::format::Problem;
 use qcow2fs::format::vmstate::{FnReader, Limits, SectionKind, VmState, VmStateError};
 use std::io;
-
-fn parse(s: &VmStream) -> Result<VmState, VmStateError> {
-    VmState::parse(&s.buf[..], s.len())
-}
-
-/// The problem kind and offset of a format error.
-fn problem(e: &VmStateError) -> (Problem, u64) {
-    match e {
-        VmStateError::Format(f) => (f.problem, f.offset),
-        VmStateError::Read { offset, .. } => panic!("a read error at {offset:#x}: {e}"),
-    }
-}
 
 /// Asserts `s` fails with `kind` at `at`, the message containing `words`.
 fn refused(s: &VmStream, kind: Problem, at: u64, words: &str) {
@@ -32,12 +22,12 @@ fn refused(s: &VmStream, kind: Problem, at: u64, words: &str) {
     assert!(!e.to_string().contains('\n'), "one line: {e}");
 }
 
-/// A stream up to the RAM section's START (header, configuration, block list).
-fn ram_start(blocks: &[(&str, u64)]) -> VmStream {
-    let mut s = VmStream::new();
-    s.configuration("pc-i440fx-10.0");
-    s.header(1, 1, "ram", 0, 4).mem_size(blocks).eos().footer(1);
-    s
+/// `s` parsed under `limits`, with the one warning it must give.
+fn one_warning(s: &VmStream, limits: &Limits) -> (VmState, String) {
+    let st = VmState::parse_with(&s.buf[..], s.len(), limits).unwrap();
+    let w: Vec<_> = st.warnings().iter().map(|w| w.message.clone()).collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    (st, w[0].clone())
 }
 
 /// Every extent of every block and of the physical image is in bounds.
@@ -405,13 +395,8 @@ fn device_state_problems_after_the_ram_are_warnings() {
         max_device_section_bytes: 4096,
         ..Limits::default()
     };
-    let st = VmState::parse_with(&s.buf[..], s.len(), &limits).unwrap();
-    let w: Vec<_> = st.warnings().iter().map(|w| w.message.as_str()).collect();
-    assert_eq!(w.len(), 1, "{w:?}");
-    assert!(
-        w[0].contains("not walked") && w[0].contains("no footer"),
-        "{w:?}"
-    );
+    let (st, w) = one_warning(&s, &limits);
+    assert!(w.contains("not walked") && w.contains("no footer"), "{w}");
     assert!(st.block("pc.ram").is_some());
     let big = st
         .sections()
@@ -425,10 +410,8 @@ fn device_state_problems_after_the_ram_are_warnings() {
         max_vmdesc_bytes: 10,
         ..Limits::default()
     };
-    let st = VmState::parse_with(&s.buf[..], s.len(), &small).unwrap();
-    let w: Vec<_> = st.warnings().iter().map(|w| w.message.as_str()).collect();
-    assert_eq!(w.len(), 1, "{w:?}");
-    assert!(w[0].contains("over the limit"), "{w:?}");
+    let (st, w) = one_warning(&s, &small);
+    assert!(w.contains("over the limit"), "{w}");
     assert_eq!(st.vmdesc().unwrap().devices, None);
     assert_eq!(st.stream_end(), s.len());
 

@@ -3,24 +3,13 @@
 // low-memory limit, configuration subsections and commands.
 
 use crate::support::vmstream::{
-    Guest, PS, Page, VmStream, data, materialize, small_guest, vmdesc_json,
+    Guest, PS, Page, VmStream, data, materialize, parse, problem, ram_start, small_guest,
+    vmdesc_json,
 };
 use qcow2fs::format::Problem;
-use qcow2fs::format::vmstate::{ExtentKind, SectionKind, VmState, VmStateError};
+use qcow2fs::format::vmstate::{ExtentKind, SectionKind, VmState};
 
 const GIB: u64 = 1 << 30;
-
-fn parse(s: &VmStream) -> Result<VmState, VmStateError> {
-    VmState::parse(&s.buf[..], s.len())
-}
-
-/// The kind of problem and the offset an error names.
-fn problem(e: &VmStateError) -> (Problem, u64) {
-    match e {
-        VmStateError::Format(f) => (f.problem, f.offset),
-        VmStateError::Read { offset, .. } => panic!("a read error at {offset:#x}: {e}"),
-    }
-}
 
 #[test]
 fn every_page_flag_is_indexed_and_the_last_copy_wins() {
@@ -269,12 +258,7 @@ fn configuration_subsections_are_read() {
 
 #[test]
 fn commands_are_skipped_by_their_length() {
-    let mut s = VmStream::new();
-    s.configuration("pc-i440fx-10.0");
-    s.header(1, 1, "ram", 0, 4)
-        .mem_size(&[("pc.ram", PS)])
-        .eos()
-        .footer(1);
+    let mut s = ram_start(&[("pc.ram", PS)]);
     s.command(1, &[]); // open return path
     s.command(2, &[0, 0, 0, 1]); // ping
     s.command(3, &[]); // postcopy advise without postcopy RAM

@@ -70,10 +70,7 @@ fn data_file_ops(ctx: &mut Ctx, cs: u64, size: u64) -> Vec<String> {
 /// into the data file where the metadata says unallocated or zero: it must not show.
 pub(super) fn data_file(ctx: &mut Ctx) -> PathBuf {
     let cs = 64 * K;
-    let size = 2 * M + 1536;
-    let img = ctx.create("disk.qcow2", size, "data_file=disk.data");
-    let c = data_file_ops(ctx, cs, size);
-    ctx.io("disk.qcow2", &c);
+    let img = data_file_disk(ctx, "data_file=disk.data");
     let garbage = vec![0xeeu8; cs as usize];
     for at in [10 * cs, 5 * cs, 6 * cs, 12 * cs, 20 * cs + 100] {
         ctx.poke("disk.data", at, &garbage);
@@ -83,10 +80,15 @@ pub(super) fn data_file(ctx: &mut Ctx) -> PathBuf {
 
 /// data_file_raw=on: the data file is itself the disk.
 pub(super) fn data_file_raw(ctx: &mut Ctx) -> PathBuf {
-    let cs = 64 * K;
+    data_file_disk(ctx, "data_file=disk.data,data_file_raw=on")
+}
+
+/// `disk.qcow2` of 2 MiB + 1536 bytes with an external data file (`opts`), given
+/// [`data_file_ops`].
+fn data_file_disk(ctx: &mut Ctx, opts: &str) -> PathBuf {
     let size = 2 * M + 1536;
-    let img = ctx.create("disk.qcow2", size, "data_file=disk.data,data_file_raw=on");
-    let c = data_file_ops(ctx, cs, size);
+    let img = ctx.create("disk.qcow2", size, opts);
+    let c = data_file_ops(ctx, 64 * K, size);
     ctx.io("disk.qcow2", &c);
     img
 }
