@@ -1226,6 +1226,24 @@ fn broken_snapshot_l1_past_eof() {
     only_broken_snapshot_fails(&img, &pristine, "snapshot L1 past EOF");
 }
 
+/// A damaged snapshot whose ID holds a control character: the error names it escaped, on
+/// one line.
+#[test]
+fn broken_snapshot_with_a_newline_in_its_id() {
+    let d = tempdir();
+    let (img, pristine) = two_snapshots(d.path(), "snap-id.qcow2");
+    let s1 = snapshot_named(&img, "s1");
+    let cs = Geo::read(&img).cs();
+    put64(&img, s1.off, past_eof(&img, cs));
+    assert_eq!(
+        read_be32(&img, s1.off + 12) >> 16,
+        1,
+        "test setup: s1's ID is one byte"
+    );
+    patch(&img, s1.off + 40 + s1.extra_data_size, b"\n");
+    only_broken_snapshot_fails(&img, &pristine, "snapshot ID with a newline");
+}
+
 // ---------------------------------------------------------------------------------------
 // Warnings are lines of their own; the error stays one line
 // ---------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ impl VmStateFiles {
         image.vm_state_area(s)?;
         let stream = Arc::new(top.with_view(View::VmState(s.key)));
         let len = stream.size();
-        let what = format!("snapshot {} (id {})", s.entry.name(), s.entry.id);
+        let what = s.entry.label();
         let summary = VmState::summary(&reader(&*stream), len)
             .map_err(|e| format!("{}: {what}: {e}", image.path().display()));
         let mut files = VmStateFiles {

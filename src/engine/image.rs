@@ -275,7 +275,7 @@ impl Image {
     /// without reading it. A broken entry fails only its own snapshot.
     pub fn check_snapshot(&self, s: &Snapshot) -> Result<()> {
         let e = &s.entry;
-        let what = format!("snapshot {} (id {})", e.name(), e.id);
+        let what = e.label();
         let off = HostOffset(e.l1_table_offset);
         if !off.is_aligned(self.layout.cluster_bits) {
             return Err(Error::corrupt(format!(

@@ -43,12 +43,7 @@ impl Image {
         self.check_snapshot(s)?;
         self.area_of(s.disk_size, s.entry.vm_state_size, s.entry.l1_size as u64)
             .map_err(|why| {
-                Error::corrupt(format!(
-                    "snapshot {} (id {}): {why}",
-                    s.entry.name(),
-                    s.entry.id
-                ))
-                .in_file(self.path())
+                Error::corrupt(format!("{}: {why}", s.entry.label())).in_file(self.path())
             })
     }
 

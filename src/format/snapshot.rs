@@ -44,6 +44,24 @@ impl SnapshotEntry {
         String::from_utf8_lossy(&self.name_bytes).into_owned()
     }
 
+    /// "snapshot NAME (id ID)" for messages, with control characters escaped so that a
+    /// message about a damaged entry stays one line.
+    pub fn label(&self) -> String {
+        let clean = |s: &str| -> String {
+            s.chars()
+                .flat_map(|c| {
+                    let esc: Vec<char> = if c.is_control() {
+                        c.escape_default().collect()
+                    } else {
+                        vec![c]
+                    };
+                    esc
+                })
+                .collect()
+        };
+        format!("snapshot {} (id {})", clean(&self.name()), clean(&self.id))
+    }
+
     /// Encoded length, including the padding to 8 bytes.
     pub fn encoded_len(&self) -> usize {
         (FIXED_LEN + self.extra.len() + self.id.len() + self.name_bytes.len()).next_multiple_of(8)
