@@ -879,6 +879,18 @@ fn kernel_mode(mnt: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// `qcow2fs remount -o MODE MNT` must fail with status 1 saying every one of `words`,
+/// and the kernel's flag stay the other mode.
+fn remount_refused(dir: &Path, mnt: &Path, mode: &str, words: &[&str]) {
+    let r = qcow2fs_try(dir, &["remount", "-o", mode, &show(mnt)]);
+    assert!(
+        r.code() == Some(1) && words.iter().all(|w| r.all_output().contains(w)),
+        "remount -o {mode} should fail saying {words:?}: {}",
+        r.describe()
+    );
+    assert_eq!(kernel_mode(mnt), if mode == "ro" { "rw" } else { "ro" });
+}
+
 /// Fills the filesystem holding `dir` with a file until it is full.
 fn fill_filesystem(dir: &Path) -> PathBuf {
     let filler = dir.join("filler");
@@ -912,29 +924,24 @@ fn remount_failures_on_a_full_disk_and_a_read_only_filesystem_leave_the_mount_as
     disk.sync_all().unwrap();
     drop(disk);
     let filler = fill_filesystem(&fsdir);
-    let r = run_in(
-        tmp.path(),
-        qcow2fs_bin(),
-        &["remount", "-o", "ro", &show(&mnt)],
-        process::COMMAND_LIMIT,
-    );
-    assert!(
-        r.code() == Some(1) && r.all_output().contains("No space left"),
-        "remount ro on a full disk: {}",
-        r.describe()
-    );
-    assert_eq!(kernel_mode(&mnt), "rw");
+    remount_refused(tmp.path(), &mnt, "ro", &["No space left"]);
     // Still writing (in place) and reading.
     let disk = fs::OpenOptions::new().write(true).open(m.disk()).unwrap();
     disk.write_all_at(&[0x6b; 4096], 4 * M).unwrap();
     disk.sync_all().unwrap();
     drop(disk);
-    let mut b = [0u8; 4096];
-    File::open(m.disk())
-        .unwrap()
-        .read_exact_at(&mut b, 4 * M)
-        .unwrap();
-    assert!(b.iter().all(|&x| x == 0x6b));
+    let reads_back = |m: &Mount| {
+        let mut b = [0u8; 4096];
+        File::open(m.disk())
+            .unwrap()
+            .read_exact_at(&mut b, 4 * M)
+            .unwrap();
+        assert!(
+            b.iter().all(|&x| x == 0x6b),
+            "the write at 4 MiB reads back"
+        );
+    };
+    reads_back(&m);
     fs::remove_file(&filler).unwrap();
     qcow2fs(tmp.path(), &["remount", "-o", "ro", &show(&mnt)]);
     assert_eq!(kernel_mode(&mnt), "ro");
@@ -952,23 +959,8 @@ fn remount_failures_on_a_full_disk_and_a_read_only_filesystem_leave_the_mount_as
     ro.remount("bind,ro");
     let img = view.join("disk.qcow2");
     let m = Mount::new(&img, &mnt, &[]);
-    let r = run_in(
-        tmp.path(),
-        qcow2fs_bin(),
-        &["remount", "-o", "rw", &show(&mnt)],
-        process::COMMAND_LIMIT,
-    );
-    assert!(
-        r.code() == Some(1) && r.all_output().contains("Read-only file system"),
-        "remount rw on a read-only filesystem: {}",
-        r.describe()
-    );
-    assert_eq!(kernel_mode(&mnt), "ro");
-    File::open(m.disk())
-        .unwrap()
-        .read_exact_at(&mut b, 4 * M)
-        .unwrap();
-    assert!(b.iter().all(|&x| x == 0x6b));
+    remount_refused(tmp.path(), &mnt, "rw", &["Read-only file system"]);
+    reads_back(&m);
     ro.remount("bind,rw");
     qcow2fs(tmp.path(), &["remount", "-o", "rw", &show(&mnt)]);
     assert_eq!(kernel_mode(&mnt), "rw");
@@ -1031,17 +1023,7 @@ fn remount_records_writes_and_stores_the_bitmaps_both_ways() {
     patch(&img);
     let before = fs::read(&img).unwrap();
     let m = Mount::new(&img, &mnt, &[]);
-    let r = run_in(
-        tmp.path(),
-        qcow2fs_bin(),
-        &["remount", "-o", "rw", &show(&mnt)],
-        process::COMMAND_LIMIT,
-    );
-    assert!(
-        r.code() == Some(1) && mentions.iter().all(|s| r.all_output().contains(s)),
-        "{case}: remount rw over a bad bitmap: {}",
-        r.describe()
-    );
+    remount_refused(tmp.path(), &mnt, "rw", mentions);
     let err = fs::OpenOptions::new()
         .write(true)
         .open(m.disk())
