@@ -12,7 +12,7 @@
 
 use super::hash::HashAlg;
 use super::secret::Locked;
-use cipher::typenum::{U8, U16};
+use cipher::typenum::U16;
 use cipher::{
     Array, BlockCipherDecrypt, BlockCipherEncrypt, BlockModeDecrypt, BlockModeEncrypt,
     BlockSizeUser, InOutBuf, InnerIvInit, KeyInit, StreamCipher,
@@ -420,7 +420,7 @@ fn build_engine(alg: CipherAlg, mode: CipherMode, key: &[u8]) -> Result<Box<dyn 
         CipherAlg::Twofish128 | CipherAlg::Twofish192 | CipherAlg::Twofish256 => {
             engine16::<twofish::Twofish>(mode, key)
         }
-        CipherAlg::Cast5_128 => engine8::<cast5::Cast5>(mode, key),
+        CipherAlg::Cast5_128 => engine::<cast5::Cast5, ctr::flavors::Ctr64BE>(mode, key),
     }
 }
 
@@ -437,40 +437,38 @@ fn keyed<C: KeyInit>(key: &[u8]) -> Result<C, String> {
     C::new_from_slice(key).map_err(|_| format!("a {}-byte key does not fit the cipher", key.len()))
 }
 
-fn engine16<C: KeyedCipher + BlockSizeUser<BlockSize = U16>>(
-    mode: CipherMode,
-    key: &[u8],
-) -> Result<Box<dyn Engine>, String> {
+/// The engine of `mode` over the block cipher `C`, whose CTR counter is `F`. XTS needs a
+/// 16-byte block: [`engine16`] makes it.
+fn engine<C, F>(mode: CipherMode, key: &[u8]) -> Result<Box<dyn Engine>, String>
+where
+    C: KeyedCipher,
+    C::BlockSize: digest::block_buffer::BlockSizes,
+    F: ctr::flavors::CtrFlavor<C::BlockSize> + Send + Sync + 'static,
+{
     Ok(match mode {
         CipherMode::Ecb => Box::new(Locked::new(Ecb(keyed::<C>(key)?))),
         CipherMode::Cbc => Box::new(Locked::new(Cbc(keyed::<C>(key)?))),
-        CipherMode::Ctr => Box::new(Locked::new(Ctr::<C, ctr::flavors::Ctr128BE>(
-            keyed::<C>(key)?,
-            std::marker::PhantomData,
-        ))),
-        CipherMode::Xts => {
-            let (data, tweak) = key.split_at(key.len() / 2);
-            Box::new(Locked::new(Xts {
-                data: keyed::<C>(data)?,
-                tweak: keyed::<C>(tweak)?,
-            }))
-        }
-    })
-}
-
-fn engine8<C: KeyedCipher + BlockSizeUser<BlockSize = U8>>(
-    mode: CipherMode,
-    key: &[u8],
-) -> Result<Box<dyn Engine>, String> {
-    Ok(match mode {
-        CipherMode::Ecb => Box::new(Locked::new(Ecb(keyed::<C>(key)?))),
-        CipherMode::Cbc => Box::new(Locked::new(Cbc(keyed::<C>(key)?))),
-        CipherMode::Ctr => Box::new(Locked::new(Ctr::<C, ctr::flavors::Ctr64BE>(
+        CipherMode::Ctr => Box::new(Locked::new(Ctr::<C, F>(
             keyed::<C>(key)?,
             std::marker::PhantomData,
         ))),
         CipherMode::Xts => return Err("cipher mode xts needs a 16-byte block".into()),
     })
+}
+
+/// [`engine`] for a cipher with 16-byte blocks, which may also run XTS.
+fn engine16<C: KeyedCipher + BlockSizeUser<BlockSize = U16>>(
+    mode: CipherMode,
+    key: &[u8],
+) -> Result<Box<dyn Engine>, String> {
+    if mode != CipherMode::Xts {
+        return engine::<C, ctr::flavors::Ctr128BE>(mode, key);
+    }
+    let (data, tweak) = key.split_at(key.len() / 2);
+    Ok(Box::new(Locked::new(Xts {
+        data: keyed::<C>(data)?,
+        tweak: keyed::<C>(tweak)?,
+    })))
 }
 
 enum IvGen {
