@@ -27,8 +27,9 @@ pub use vmstate::{VmMemory, VmStateFiles};
 use crate::error::Result;
 use std::path::Path;
 
-/// Allocation status of an extent, with qemu-img map's meaning for each flag.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Allocation status of an extent, with qemu-img map's meaning for each flag. The
+/// default is an empty extent that nothing provides.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Status {
     /// Length of the extent in bytes.
     pub len: u64,

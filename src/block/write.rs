@@ -98,20 +98,8 @@ impl Qcow2Layer {
             }
             // Build the touched span of the cluster: old content where the write leaves
             // it, new data where it goes.
-            let lo = p
-                .fill
-                .iter()
-                .map(|f| f.0)
-                .chain([p.start])
-                .min()
-                .unwrap_or(p.start);
-            let hi = p
-                .fill
-                .iter()
-                .map(|f| f.1)
-                .chain([p.end])
-                .max()
-                .unwrap_or(p.end);
+            let lo = p.fill.iter().map(|f| f.0).fold(p.start, u64::min);
+            let hi = p.fill.iter().map(|f| f.1).fold(p.end, u64::max);
             let mut span = vec![0u8; (hi - lo) as usize];
             for &(a, b) in &p.fill {
                 self.read_unlocked(

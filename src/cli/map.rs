@@ -1,35 +1,31 @@
 //! `qcow2fs map`: allocation extents, merged and printed the way `qemu-img map` does.
 
-use crate::block::BlockDev;
+use crate::block::{BlockDev, Status};
 use crate::error::Result;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-/// One merged extent.
+/// One merged extent: where it starts, its status (whose `len` is the merged length) and
+/// the file of the layer that decided it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MapEntry {
     pub start: u64,
-    pub length: u64,
-    pub depth: u32,
-    pub present: bool,
-    pub zero: bool,
-    pub data: bool,
-    pub compressed: bool,
-    pub offset: Option<u64>,
+    pub status: Status,
     pub file: PathBuf,
 }
 
 impl MapEntry {
     fn mergeable(&self, next: &MapEntry) -> bool {
-        self.zero == next.zero
-            && self.data == next.data
-            && self.compressed == next.compressed
-            && self.depth == next.depth
-            && self.present == next.present
+        let (a, b) = (&self.status, &next.status);
+        a.zero == b.zero
+            && a.data == b.data
+            && a.compressed == b.compressed
+            && a.depth == b.depth
+            && a.present == b.present
             && self.file == next.file
-            && match (self.offset, next.offset) {
+            && match (a.offset, b.offset) {
                 (None, None) => true,
-                (Some(a), Some(b)) => a + self.length == b,
+                (Some(x), Some(y)) => x + a.len == y,
                 _ => false,
             }
     }
@@ -54,34 +50,23 @@ pub fn entries(dev: &dyn BlockDev) -> Result<Vec<MapEntry>> {
         // qemu-img map prints one empty extent for an empty disk.
         return Ok(vec![MapEntry {
             start: 0,
-            length: 0,
-            depth: 0,
-            present: false,
-            zero: false,
-            data: false,
-            compressed: false,
-            offset: None,
+            status: Status::default(),
             file: dev.data_path().to_path_buf(),
         }]);
     }
     let mut out: Vec<MapEntry> = Vec::new();
     let mut off = 0;
     while off < size {
-        let s = dev.status(off, size - off, true)?;
+        let mut s = dev.status(off, size - off, true)?;
         let len = s.len.max(1).min(size - off);
+        s.len = len;
         let e = MapEntry {
             start: off,
-            length: len,
-            depth: s.depth,
-            present: s.present,
-            zero: s.zero,
-            data: s.data,
-            compressed: s.compressed,
-            offset: s.offset,
             file: file_at_depth(dev, s.depth),
+            status: s,
         };
         match out.last_mut() {
-            Some(last) if last.mergeable(&e) => last.length += e.length,
+            Some(last) if last.mergeable(&e) => last.status.len += len,
             _ => out.push(e),
         }
         off += len;
@@ -92,15 +77,16 @@ pub fn entries(dev: &dyn BlockDev) -> Result<Vec<MapEntry>> {
 pub fn format_json(entries: &[MapEntry]) -> String {
     let mut s = String::from("[");
     for (i, e) in entries.iter().enumerate() {
+        let st = &e.status;
         if i > 0 {
             s.push_str(",\n");
         }
         let _ = write!(
             s,
             "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
-            e.start, e.length, e.depth, e.present, e.zero, e.data, e.compressed
+            e.start, st.len, st.depth, st.present, st.zero, st.data, st.compressed
         );
-        if let Some(o) = e.offset {
+        if let Some(o) = st.offset {
             let _ = write!(s, ", \"offset\": {o}");
         }
         s.push('}');
@@ -123,17 +109,18 @@ pub fn format_human(entries: &[MapEntry]) -> Result<String> {
         "Offset", "Length", "Mapped to", "File"
     );
     for e in entries {
-        if e.data && e.offset.is_none() {
+        let st = &e.status;
+        if st.data && st.offset.is_none() {
             return Err(crate::error::Error::unsupported(
                 "the disk contains compressed or encrypted clusters, which have no host offset to print; use --json",
             ));
         }
-        if let (true, false, Some(o)) = (e.data, e.zero, e.offset) {
+        if let (true, false, Some(o)) = (st.data, st.zero, st.offset) {
             let _ = writeln!(
                 s,
                 "{:<16}{:<16}{:<16}{}",
                 hex(e.start),
-                hex(e.length),
+                hex(st.len),
                 hex(o),
                 e.file.display()
             );

@@ -41,16 +41,8 @@ pub enum Command {
         /// Print JSON with qemu-img's field names.
         #[arg(long)]
         json: bool,
-        /// Open the image even if another process is writing to it (like qemu-img -U).
-        #[arg(short = 'U', long)]
-        force_share: bool,
-        /// Options for remote images and backing files, as for mount (-o, repeatable):
-        /// backing=, backing_dir=, cache_dir=, cache_max=, s3_endpoint=, ca_file=, ...
-        #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
-        options: Vec<String>,
         #[command(flatten)]
-        keys: KeyArgs,
-        image: PathBuf,
+        read: ReadArgs,
     },
     /// Write the raw disk, or one snapshot at its own disk size, to standard output; or a
     /// snapshot's VM state, or the guest memory rebuilt from it.
@@ -64,16 +56,8 @@ pub enum Command {
         /// The guest-physical memory rebuilt from this snapshot's VM state instead.
         #[arg(long, value_name = "ID|NAME", group = "what")]
         memory: Option<String>,
-        /// Open the image even if another process is writing to it (like qemu-img -U).
-        #[arg(short = 'U', long)]
-        force_share: bool,
-        /// Options for remote images and backing files, as for mount (-o, repeatable):
-        /// backing=, backing_dir=, cache_dir=, cache_max=, s3_endpoint=, ca_file=, ...
-        #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
-        options: Vec<String>,
         #[command(flatten)]
-        keys: KeyArgs,
-        image: PathBuf,
+        read: ReadArgs,
     },
     /// Mount an image: its active disk, snapshots and backing layers appear as raw files.
     #[command(after_help = options::help_text())]
@@ -143,16 +127,8 @@ pub enum Command {
         /// Snapshot ID or name.
         #[arg(short, long, value_name = "ID|NAME")]
         snapshot: Option<String>,
-        /// Open the image even if another process is writing to it (like qemu-img -U).
-        #[arg(short = 'U', long)]
-        force_share: bool,
-        /// Options for remote images and backing files, as for mount (-o, repeatable):
-        /// backing=, backing_dir=, cache_dir=, cache_max=, s3_endpoint=, ca_file=, ...
-        #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
-        options: Vec<String>,
         #[command(flatten)]
-        keys: KeyArgs,
-        image: PathBuf,
+        read: ReadArgs,
     },
     /// Print a man page (man/qcow2fs.1 or man/mount.qcow2fs.8) with its option section
     /// generated from the option table (`make man`).
@@ -172,6 +148,36 @@ pub struct KeyArgs {
     /// file), read as --key-file (may be repeated).
     #[arg(long, value_name = "N=PATH", action = clap::ArgAction::Append)]
     layer_key_file: Vec<PathBuf>,
+}
+
+/// The arguments every reading command (`info`, `cat`, `map`) takes after its own: `-U`,
+/// `-o` lists as for mount, the key flags and the image.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReadArgs {
+    /// Open the image even if another process is writing to it (like qemu-img -U).
+    #[arg(short = 'U', long)]
+    force_share: bool,
+    /// Options for remote images and backing files, as for mount (-o, repeatable):
+    /// backing=, backing_dir=, cache_dir=, cache_max=, s3_endpoint=, ca_file=, ...
+    #[arg(short = 'o', value_name = "OPT[,OPT...]", action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    #[command(flatten)]
+    keys: KeyArgs,
+    image: PathBuf,
+}
+
+impl ReadArgs {
+    /// The options that apply to opening the image: the `-o` lists (of which the ones
+    /// that open images apply), `-U` and the key flags.
+    pub(crate) fn options(&self) -> Result<options::MountOptions> {
+        let mut o = options::MountOptions::parse(self.options.iter().map(String::as_str))?;
+        if o.rw {
+            return Err(Error::invalid("option rw applies to mount only"));
+        }
+        o.force_share |= self.force_share;
+        self.keys.add_to(&mut o.keys)?;
+        Ok(o)
+    }
 }
 
 impl KeyArgs {
@@ -213,22 +219,6 @@ impl KeyArgs {
         self.add_to(&mut keys)?;
         Ok(keys)
     }
-}
-
-/// Options of the reading commands (`info`, `cat`, `map`): `-o` lists as for mount,
-/// of which the ones that open images apply, `-U`, and the key flags.
-pub(crate) fn read_options(
-    lists: &[String],
-    force_share: bool,
-    keys: &KeyArgs,
-) -> Result<options::MountOptions> {
-    let mut o = options::MountOptions::parse(lists.iter().map(String::as_str))?;
-    if o.rw {
-        return Err(Error::invalid("option rw applies to mount only"));
-    }
-    o.force_share |= force_share;
-    keys.add_to(&mut o.keys)?;
-    Ok(o)
 }
 
 /// Opens `image` with its chain for reading, or fails with a one-line error.
@@ -278,42 +268,25 @@ pub(crate) fn pick_view(chain: &Chain, key: Option<&str>) -> Result<Arc<dyn bloc
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Info {
-            json,
-            force_share,
-            options,
-            keys,
-            image,
-        } => info::run(&image, json, &read_options(&options, force_share, &keys)?),
+        Command::Info { json, read } => info::run(&read.image, json, &read.options()?),
         Command::Cat {
             snapshot,
             vmstate,
             memory,
-            force_share,
-            options,
-            keys,
-            image,
+            read,
         } => {
             let what = match (snapshot, vmstate, memory) {
                 (_, Some(s), _) => cat::What::VmState(s),
                 (_, _, Some(s)) => cat::What::Memory(s),
                 (s, None, None) => cat::What::Disk(s),
             };
-            cat::run(&image, &what, &read_options(&options, force_share, &keys)?)
+            cat::run(&read.image, &what, &read.options()?)
         }
         Command::Map {
             json,
             snapshot,
-            force_share,
-            options,
-            keys,
-            image,
-        } => map::run(
-            &image,
-            snapshot.as_deref(),
-            json,
-            &read_options(&options, force_share, &keys)?,
-        ),
+            read,
+        } => map::run(&read.image, snapshot.as_deref(), json, &read.options()?),
         Command::Mount {
             foreground,
             options,

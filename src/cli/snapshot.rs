@@ -90,6 +90,19 @@ fn offline(
     Ok(())
 }
 
+/// Sends `request` to the daemon of the mount at `target` with the guest filesystems
+/// mounted at `freeze` frozen around it: frozen before the request (freezing writes the
+/// guest's dirty data through the mount) and thawed when it is answered, error or not.
+fn request_frozen(target: &Path, freeze: &[PathBuf], request: &Value) -> Result<Value> {
+    let frozen: Vec<Frozen> = freeze
+        .iter()
+        .map(|d| Frozen::freeze(d))
+        .collect::<Result<_>>()?;
+    let answer = control::request(target, request);
+    drop(frozen);
+    answer
+}
+
 /// Runs `qcow2fs snapshot ACTION`.
 pub fn run(action: Action) -> Result<()> {
     match action {
@@ -110,16 +123,11 @@ pub fn run(action: Action) -> Result<()> {
                     .in_file(&target));
                 }
                 let new = std::path::absolute(&new).map_err(|e| Error::io(&new, "resolving", e))?;
-                let frozen: Vec<Frozen> = freeze
-                    .iter()
-                    .map(|d| Frozen::freeze(d))
-                    .collect::<Result<_>>()?;
-                let v = control::request(
+                request_frozen(
                     &target,
+                    &freeze,
                     &json!({"op": "snapshot-create-external", "path": new}),
-                );
-                drop(frozen);
-                v?;
+                )?;
                 println!("writes go to {} from now on", new.display());
                 return Ok(());
             }
@@ -128,18 +136,12 @@ pub fn run(action: Action) -> Result<()> {
                 .as_bytes()
                 .to_vec();
             if is_mountpoint(&target) {
-                // Frozen before the request (freezing writes the guest's dirty data
-                // through the mount) and thawed when the guards go, error or not.
-                let frozen: Vec<Frozen> = freeze
-                    .iter()
-                    .map(|d| Frozen::freeze(d))
-                    .collect::<Result<_>>()?;
-                let v = control::request(
+                let v = request_frozen(
                     &target,
+                    &freeze,
                     &json!({"op": "snapshot-create", "name": String::from_utf8_lossy(&name)}),
-                );
-                drop(frozen);
-                print_snapshot("took", &v?);
+                )?;
+                print_snapshot("took", &v);
                 return Ok(());
             }
             if !freeze.is_empty() {

@@ -48,17 +48,12 @@ pub fn run(mountpoint: &Path, as_json: bool) -> Result<()> {
         );
     }
     println!("locks: {}", s("locks").unwrap_or_default());
-    for r in v
-        .get("remote")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for r in items(&v, "remote") {
         let g = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
         let lookups = g("memory_hits") + g("disk_hits") + g("fetched_for_reads");
         println!(
             "remote {}: {} requests ({} retried), {} bytes fetched for {} read; blocks: {} from memory, {} from the disk cache{}, {} fetched, {} ahead; hit rate {:.1}%",
-            r.get("url").and_then(Value::as_str).unwrap_or(""),
+            text(r, "url"),
             g("requests"),
             g("retries"),
             g("bytes_fetched"),
@@ -79,30 +74,26 @@ pub fn run(mountpoint: &Path, as_json: bool) -> Result<()> {
             }
         );
     }
-    for l in v
-        .get("layers")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
+    for l in items(&v, "layers") {
         println!(
             "layer {}: {} ({})",
             l.get("depth").and_then(Value::as_u64).unwrap_or(0),
-            l.get("path").and_then(Value::as_str).unwrap_or(""),
-            l.get("format").and_then(Value::as_str).unwrap_or("")
+            text(l, "path"),
+            text(l, "format")
         );
     }
-    for sn in v
-        .get("snapshots")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        println!(
-            "snapshot {}: {}",
-            sn.get("id").and_then(Value::as_str).unwrap_or(""),
-            sn.get("name").and_then(Value::as_str).unwrap_or("")
-        );
+    for sn in items(&v, "snapshots") {
+        println!("snapshot {}: {}", text(sn, "id"), text(sn, "name"));
     }
     Ok(())
+}
+
+/// The elements of the array `v[key]` (none when it is missing or not an array).
+fn items<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
+    v.get(key).and_then(Value::as_array).into_iter().flatten()
+}
+
+/// The string `v[key]`, or "" when it is missing or not a string.
+fn text<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("")
 }

@@ -12,7 +12,7 @@
 
 use super::hash::HashAlg;
 use super::secret::Locked;
-use cipher::typenum::{U8, U16};
+use cipher::typenum::U16;
 use cipher::{
     Array, BlockCipherDecrypt, BlockCipherEncrypt, BlockModeDecrypt, BlockModeEncrypt,
     BlockSizeUser, InOutBuf, InnerIvInit, KeyInit, StreamCipher,
@@ -306,7 +306,7 @@ impl<T: Engine> Engine for Locked<T> {
 
 struct Ecb<C>(C);
 struct Cbc<C>(C);
-struct Ctr<C>(C);
+struct Ctr<C, F>(C, std::marker::PhantomData<F>);
 /// XTS (IEEE P1619) over whole blocks, as QEMU uses it: the IV encrypted with the tweak
 /// key gives the first block's tweak, each next one is the previous times x in GF(2^128)
 /// (little-endian); each block is XORed with its tweak, run through the data key, and
@@ -368,32 +368,17 @@ impl<C: BlockCipherEncrypt + BlockCipherDecrypt + Send + Sync> Engine for Cbc<C>
     }
 }
 
-/// CTR as nettle (QEMU's backend) runs it: the whole block is one big-endian counter,
-/// starting at the sector's IV.
-impl<C> Engine for Ctr<C>
+/// CTR as nettle (QEMU's backend) runs it: the whole block is one big-endian counter
+/// (the flavor `F`: 128-bit for 16-byte blocks, 64-bit for 8-byte ones), starting at the
+/// sector's IV.
+impl<C, F> Engine for Ctr<C, F>
 where
-    C: BlockCipherEncrypt + BlockSizeUser<BlockSize = U16> + Send + Sync,
+    C: BlockCipherEncrypt + Send + Sync,
+    C::BlockSize: digest::block_buffer::BlockSizes,
+    F: ctr::flavors::CtrFlavor<C::BlockSize> + Send + Sync,
 {
     fn encrypt(&self, iv: &[u8], sector: &mut [u8]) {
-        let core = ctr::CtrCore::<&C, ctr::flavors::Ctr128BE>::inner_iv_slice_init(&self.0, iv)
-            .expect("IV length");
-        cipher::StreamCipherCoreWrapper::from_core(core).apply_keystream(sector);
-    }
-    fn decrypt(&self, iv: &[u8], sector: &mut [u8]) {
-        self.encrypt(iv, sector)
-    }
-}
-
-/// CTR over an 8-byte block: the block is a 64-bit big-endian counter.
-struct Ctr8<C>(C);
-
-impl<C> Engine for Ctr8<C>
-where
-    C: BlockCipherEncrypt + BlockSizeUser<BlockSize = U8> + Send + Sync,
-{
-    fn encrypt(&self, iv: &[u8], sector: &mut [u8]) {
-        let core = ctr::CtrCore::<&C, ctr::flavors::Ctr64BE>::inner_iv_slice_init(&self.0, iv)
-            .expect("IV length");
+        let core = ctr::CtrCore::<&C, F>::inner_iv_slice_init(&self.0, iv).expect("IV length");
         cipher::StreamCipherCoreWrapper::from_core(core).apply_keystream(sector);
     }
     fn decrypt(&self, iv: &[u8], sector: &mut [u8]) {
@@ -435,7 +420,7 @@ fn build_engine(alg: CipherAlg, mode: CipherMode, key: &[u8]) -> Result<Box<dyn 
         CipherAlg::Twofish128 | CipherAlg::Twofish192 | CipherAlg::Twofish256 => {
             engine16::<twofish::Twofish>(mode, key)
         }
-        CipherAlg::Cast5_128 => engine8::<cast5::Cast5>(mode, key),
+        CipherAlg::Cast5_128 => engine::<cast5::Cast5, ctr::flavors::Ctr64BE>(mode, key),
     }
 }
 
@@ -452,34 +437,38 @@ fn keyed<C: KeyInit>(key: &[u8]) -> Result<C, String> {
     C::new_from_slice(key).map_err(|_| format!("a {}-byte key does not fit the cipher", key.len()))
 }
 
+/// The engine of `mode` over the block cipher `C`, whose CTR counter is `F`. XTS needs a
+/// 16-byte block: [`engine16`] makes it.
+fn engine<C, F>(mode: CipherMode, key: &[u8]) -> Result<Box<dyn Engine>, String>
+where
+    C: KeyedCipher,
+    C::BlockSize: digest::block_buffer::BlockSizes,
+    F: ctr::flavors::CtrFlavor<C::BlockSize> + Send + Sync + 'static,
+{
+    Ok(match mode {
+        CipherMode::Ecb => Box::new(Locked::new(Ecb(keyed::<C>(key)?))),
+        CipherMode::Cbc => Box::new(Locked::new(Cbc(keyed::<C>(key)?))),
+        CipherMode::Ctr => Box::new(Locked::new(Ctr::<C, F>(
+            keyed::<C>(key)?,
+            std::marker::PhantomData,
+        ))),
+        CipherMode::Xts => return Err("cipher mode xts needs a 16-byte block".into()),
+    })
+}
+
+/// [`engine`] for a cipher with 16-byte blocks, which may also run XTS.
 fn engine16<C: KeyedCipher + BlockSizeUser<BlockSize = U16>>(
     mode: CipherMode,
     key: &[u8],
 ) -> Result<Box<dyn Engine>, String> {
-    Ok(match mode {
-        CipherMode::Ecb => Box::new(Locked::new(Ecb(keyed::<C>(key)?))),
-        CipherMode::Cbc => Box::new(Locked::new(Cbc(keyed::<C>(key)?))),
-        CipherMode::Ctr => Box::new(Locked::new(Ctr(keyed::<C>(key)?))),
-        CipherMode::Xts => {
-            let (data, tweak) = key.split_at(key.len() / 2);
-            Box::new(Locked::new(Xts {
-                data: keyed::<C>(data)?,
-                tweak: keyed::<C>(tweak)?,
-            }))
-        }
-    })
-}
-
-fn engine8<C: KeyedCipher + BlockSizeUser<BlockSize = U8>>(
-    mode: CipherMode,
-    key: &[u8],
-) -> Result<Box<dyn Engine>, String> {
-    Ok(match mode {
-        CipherMode::Ecb => Box::new(Locked::new(Ecb(keyed::<C>(key)?))),
-        CipherMode::Cbc => Box::new(Locked::new(Cbc(keyed::<C>(key)?))),
-        CipherMode::Ctr => Box::new(Locked::new(Ctr8(keyed::<C>(key)?))),
-        CipherMode::Xts => return Err("cipher mode xts needs a 16-byte block".into()),
-    })
+    if mode != CipherMode::Xts {
+        return engine::<C, ctr::flavors::Ctr128BE>(mode, key);
+    }
+    let (data, tweak) = key.split_at(key.len() / 2);
+    Ok(Box::new(Locked::new(Xts {
+        data: keyed::<C>(data)?,
+        tweak: keyed::<C>(tweak)?,
+    })))
 }
 
 enum IvGen {

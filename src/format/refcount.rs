@@ -86,24 +86,25 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A 512-byte refcount block of `1 << order`-bit entries with `entries` (index, value) set.
+    fn block_of(order: u32, entries: &[(usize, u64)]) -> (RefcountLayout, Vec<u8>) {
+        let l = RefcountLayout {
+            order,
+            cluster_bits: 9,
+        };
+        let mut b = vec![0u8; 512];
+        for &(i, v) in entries {
+            l.set(&mut b, i, v);
+        }
+        (l, b)
+    }
+
     #[test]
     fn lsb_first_for_narrow_widths() {
-        let l = RefcountLayout {
-            order: 0,
-            cluster_bits: 9,
-        };
-        let mut b = vec![0u8; 512];
-        l.set(&mut b, 0, 1);
-        l.set(&mut b, 9, 1);
+        let (_, b) = block_of(0, &[(0, 1), (9, 1)]);
         assert_eq!(b[0], 0x01);
         assert_eq!(b[1], 0x02);
-        let l = RefcountLayout {
-            order: 2,
-            cluster_bits: 9,
-        };
-        let mut b = vec![0u8; 512];
-        l.set(&mut b, 0, 0xa);
-        l.set(&mut b, 1, 0x3);
+        let (l, b) = block_of(2, &[(0, 0xa), (1, 0x3)]);
         assert_eq!(b[0], 0x3a);
         assert_eq!(l.get(&b, 0), 0xa);
         assert_eq!(l.get(&b, 1), 0x3);

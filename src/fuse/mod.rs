@@ -35,6 +35,18 @@ thread_local! {
     static BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
+/// `Filesystem` callbacks, given as `fn NAME(ARGS) -> REPLY;` without the request and
+/// the reply, that refuse with EPERM.
+macro_rules! refuse_tree_changes {
+    ($(fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $reply:ty;)*) => {
+        $(
+            fn $name(&self, _req: &Request, $($arg: $ty,)* reply: $reply) {
+                reply.error(Errno::EPERM);
+            }
+        )*
+    };
+}
+
 /// The filesystem fuser serves: the mount's state, shared with its control channel.
 pub struct Qcow2Fs {
     m: Arc<MountState>,
@@ -422,84 +434,23 @@ impl Filesystem for Qcow2Fs {
 
     // The directory tree is fixed: in a read-write mount (a read-only one gets EROFS from
     // the kernel first) nothing can be created, removed or renamed.
-    fn mknod(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn mkdir(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn symlink(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _link_name: &OsStr,
-        _target: &std::path::Path,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        _flags: fuser::RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn link(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _newparent: INodeNo,
-        _newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
-        reply.error(Errno::EPERM);
-    }
-
-    fn create(
-        &self,
-        _req: &Request,
-        _parent: INodeNo,
-        _name: &OsStr,
-        _mode: u32,
-        _umask: u32,
-        _flags: i32,
-        reply: fuser::ReplyCreate,
-    ) {
-        reply.error(Errno::EPERM);
+    refuse_tree_changes! {
+        fn mknod(_parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, _rdev: u32)
+            -> ReplyEntry;
+        fn mkdir(_parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32) -> ReplyEntry;
+        fn unlink(_parent: INodeNo, _name: &OsStr) -> ReplyEmpty;
+        fn rmdir(_parent: INodeNo, _name: &OsStr) -> ReplyEmpty;
+        fn symlink(_parent: INodeNo, _link_name: &OsStr, _target: &std::path::Path)
+            -> ReplyEntry;
+        fn rename(
+            _parent: INodeNo,
+            _name: &OsStr,
+            _newparent: INodeNo,
+            _newname: &OsStr,
+            _flags: fuser::RenameFlags
+        ) -> ReplyEmpty;
+        fn link(_ino: INodeNo, _newparent: INodeNo, _newname: &OsStr) -> ReplyEntry;
+        fn create(_parent: INodeNo, _name: &OsStr, _mode: u32, _umask: u32, _flags: i32)
+            -> fuser::ReplyCreate;
     }
 }

@@ -423,9 +423,15 @@ impl Namespace {
     /// The `snapshots` directory, made (under the root) if the mount has none yet;
     /// whether it was made.
     pub fn snapshots_dir(&mut self, mtime: SystemTime) -> (u64, bool) {
-        match self.lookup(ROOT_INO, OsStr::new("snapshots")) {
+        self.top_dir("snapshots", mtime)
+    }
+
+    /// The directory `name` under the root, made if the mount has none yet; whether it
+    /// was made.
+    fn top_dir(&mut self, name: &str, mtime: SystemTime) -> (u64, bool) {
+        match self.lookup(ROOT_INO, OsStr::new(name)) {
             Some(n) => (n.ino, false),
-            None => (self.add(ROOT_INO, "snapshots".into(), dir(), mtime), true),
+            None => (self.add(ROOT_INO, name.into(), dir(), mtime), true),
         }
     }
 
@@ -447,10 +453,7 @@ impl Namespace {
     /// The `bitmaps` directory, made (under the root) if the mount has none yet; whether
     /// it was made.
     pub fn bitmaps_dir(&mut self, mtime: SystemTime) -> (u64, bool) {
-        match self.lookup(ROOT_INO, OsStr::new("bitmaps")) {
-            Some(n) => (n.ino, false),
-            None => (self.add(ROOT_INO, "bitmaps".into(), dir(), mtime), true),
-        }
+        self.top_dir("bitmaps", mtime)
     }
 
     /// Adds the file of bitmap `name` of `chain`'s image to directory `dir`; returns its

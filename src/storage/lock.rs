@@ -83,26 +83,19 @@ pub fn lock_image(file: &File, path: &Path, perm: u32, unshared: u32) -> Result<
             set_lock(file, SHARED_BASE + i as i64).map_err(io)?;
         }
     }
+    let busy = |why: String| Err(Error::new(ErrorKind::Busy, why).in_file(path));
     for i in 0..PERM_COUNT {
         if perm & (1 << i) != 0 && someone_else_locks(file, SHARED_BASE + i as i64).map_err(io)? {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!(
-                    "Failed to get \"{}\" lock: another process (such as QEMU) is using the image and does not allow it (use -o force_share to read it anyway)",
-                    perm_name(i)
-                ),
-            )
-            .in_file(path));
+            return busy(format!(
+                "Failed to get \"{}\" lock: another process (such as QEMU) is using the image and does not allow it (use -o force_share to read it anyway)",
+                perm_name(i)
+            ));
         }
         if unshared & (1 << i) != 0 && someone_else_locks(file, PERM_BASE + i as i64).map_err(io)? {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!(
-                    "Failed to get shared \"{}\" lock: another process (such as QEMU) is writing to the image (use -o force_share to read it anyway)",
-                    perm_name(i)
-                ),
-            )
-            .in_file(path));
+            return busy(format!(
+                "Failed to get shared \"{}\" lock: another process (such as QEMU) is writing to the image (use -o force_share to read it anyway)",
+                perm_name(i)
+            ));
         }
     }
     Ok(())

@@ -93,6 +93,7 @@ pub const MAX_STREAM_LEN: u64 = 1 << 62;
 pub const MAIN_RAM_BLOCK: &str = "pc.ram";
 
 /// What one pass over the stream found.
+#[derive(Clone, Debug)]
 pub(crate) struct Parsed {
     configuration: Option<Configuration>,
     page_size: u64,
@@ -101,6 +102,16 @@ pub(crate) struct Parsed {
     vmdesc: Option<VmDescription>,
     stream_end: u64,
     warnings: Vec<Warning>,
+}
+
+impl Parsed {
+    /// The RAM blocks as (name, size), in stream order.
+    fn block_sizes(&self) -> Vec<(String, u64)> {
+        self.blocks
+            .iter()
+            .map(|b| (b.name.clone(), b.size))
+            .collect()
+    }
 }
 
 /// What the start of a stream says, read without indexing any page: the header, the
@@ -142,13 +153,7 @@ impl Summary {
 /// the guest-physical layout of the main RAM block when the machine type is known.
 #[derive(Clone, Debug)]
 pub struct VmState {
-    configuration: Option<Configuration>,
-    page_size: u64,
-    blocks: Vec<RamBlock>,
-    sections: Vec<SectionInfo>,
-    vmdesc: Option<VmDescription>,
-    stream_end: u64,
-    warnings: Vec<Warning>,
+    parsed: Parsed,
     physical: Result<(usize, PhysicalLayout), String>,
 }
 
@@ -165,22 +170,9 @@ impl VmState {
         len: u64,
         limits: &Limits,
     ) -> Result<VmState, VmStateError> {
-        if len > MAX_STREAM_LEN {
-            return Err(VmStateError::unsupported(
-                "stream length",
-                0,
-                format!("{len:#x} bytes (at most {MAX_STREAM_LEN:#x})"),
-            ));
-        }
-        let p = stream::Parser::new(src, len, limits).run()?;
+        check_len(len)?;
         let mut state = VmState {
-            configuration: p.configuration,
-            page_size: p.page_size,
-            blocks: p.blocks,
-            sections: p.sections,
-            vmdesc: p.vmdesc,
-            stream_end: p.stream_end,
-            warnings: p.warnings,
+            parsed: stream::Parser::new(src, len, limits).run()?,
             physical: Err(String::new()),
         };
         state.remap_physical(None);
@@ -193,7 +185,7 @@ impl VmState {
                           above 4 GiB from 1 TiB instead, which the physical image assumes not"
                     .into(),
             };
-            state.warnings.push(w);
+            state.parsed.warnings.push(w);
         }
         Ok(state)
     }
@@ -201,18 +193,11 @@ impl VmState {
     /// Reads only the start of the `len`-byte stream `src`: see [`Summary`].
     pub fn summary<R: ReadAt + ?Sized>(src: &R, len: u64) -> Result<Summary, VmStateError> {
         let limits = Limits::default();
-        if len > MAX_STREAM_LEN {
-            return Err(VmStateError::unsupported(
-                "stream length",
-                0,
-                format!("{len:#x} bytes (at most {MAX_STREAM_LEN:#x})"),
-            ));
-        }
+        check_len(len)?;
         let mut parser = stream::Parser::new(src, len, &limits);
         parser.summary_only = true;
         let p = parser.run()?;
-        let blocks: Vec<(String, u64)> =
-            p.blocks.iter().map(|b| (b.name.clone(), b.size)).collect();
+        let blocks = p.block_sizes();
         let physical = layout_of(p.configuration.as_ref(), &blocks, None).map(|(_, l)| l);
         Ok(Summary {
             configuration: p.configuration,
@@ -229,12 +214,12 @@ impl VmState {
     }
 
     fn layout(&self, max_ram_below_4g: Option<u64>) -> Result<(usize, PhysicalLayout), String> {
-        let blocks: Vec<(String, u64)> = self
-            .blocks
-            .iter()
-            .map(|b| (b.name.clone(), b.size))
-            .collect();
-        layout_of(self.configuration.as_ref(), &blocks, max_ram_below_4g)
+        let blocks = self.parsed.block_sizes();
+        layout_of(
+            self.parsed.configuration.as_ref(),
+            &blocks,
+            max_ram_below_4g,
+        )
     }
 
     /// The main RAM block (`pc.ram`), whose size is the guest's RAM size.
@@ -244,58 +229,65 @@ impl VmState {
 
     /// The configuration section, when the stream has one.
     pub fn configuration(&self) -> Option<&Configuration> {
-        self.configuration.as_ref()
+        self.parsed.configuration.as_ref()
     }
 
     /// The machine type from the configuration section.
     pub fn machine(&self) -> Option<&str> {
-        self.configuration.as_ref().map(|c| c.machine.as_str())
+        self.parsed
+            .configuration
+            .as_ref()
+            .map(|c| c.machine.as_str())
     }
 
     /// The target page size the RAM section was read with.
     pub fn page_size(&self) -> u64 {
-        self.page_size
+        self.parsed.page_size
     }
 
     /// The RAM blocks, in stream order.
     pub fn blocks(&self) -> &[RamBlock] {
-        &self.blocks
+        &self.parsed.blocks
     }
 
     /// The RAM block named `name`.
     pub fn block(&self, name: &str) -> Option<&RamBlock> {
-        self.blocks.iter().find(|b| b.name == name)
+        self.parsed.blocks.iter().find(|b| b.name == name)
     }
 
     /// The sum of the RAM block sizes.
     pub fn ram_bytes(&self) -> u64 {
-        self.blocks.iter().map(|b| b.size).sum()
+        self.parsed.blocks.iter().map(|b| b.size).sum()
     }
 
     /// The sections in stream order (at most [`Limits::max_sections`]).
     pub fn sections(&self) -> &[SectionInfo] {
-        &self.sections
+        &self.parsed.sections
     }
 
     /// The JSON device description after EOF, when there is one.
     pub fn vmdesc(&self) -> Option<&VmDescription> {
-        self.vmdesc.as_ref()
+        self.parsed.vmdesc.as_ref()
     }
 
     /// Where the stream ends (after the device description, or EOF): bytes past it up
     /// to the length given are not part of the stream.
     pub fn stream_end(&self) -> u64 {
-        self.stream_end
+        self.parsed.stream_end
     }
 
     /// What was skipped or could not be checked.
     pub fn warnings(&self) -> &[Warning] {
-        &self.warnings
+        &self.parsed.warnings
     }
 
     /// Heap bytes held by the page indexes.
     pub fn index_memory_bytes(&self) -> usize {
-        self.blocks.iter().map(|b| b.index().memory_bytes()).sum()
+        self.parsed
+            .blocks
+            .iter()
+            .map(|b| b.index().memory_bytes())
+            .sum()
     }
 
     /// The main RAM block's guest-physical layout, or why there is none.
@@ -316,13 +308,25 @@ impl VmState {
     pub fn lookup_physical(&self, offset: u64, max_len: u64) -> Option<Extent> {
         let (i, layout) = self.physical.as_ref().ok()?;
         match layout.map(offset, max_len)? {
-            Segment::Ram { block_offset, len } => self.blocks[*i].lookup(block_offset, len),
+            Segment::Ram { block_offset, len } => self.parsed.blocks[*i].lookup(block_offset, len),
             Segment::Gap { len } => Some(Extent {
                 kind: ExtentKind::Hole,
                 len,
             }),
         }
     }
+}
+
+/// Refuses a stream longer than [`MAX_STREAM_LEN`].
+fn check_len(len: u64) -> Result<(), VmStateError> {
+    if len > MAX_STREAM_LEN {
+        return Err(VmStateError::unsupported(
+            "stream length",
+            0,
+            format!("{len:#x} bytes (at most {MAX_STREAM_LEN:#x})"),
+        ));
+    }
+    Ok(())
 }
 
 /// The main RAM block's index in `blocks` and its layout for the configuration's machine.

@@ -252,32 +252,23 @@ impl DiskEntry {
             "{prefix}-{}",
             hash16(&format!("{version}\n{block}\n{size}"))
         );
-        let idx_path = dir.path.join(format!("{stem}.idx"));
-        let idx = match open_private(&idx_path) {
-            Ok(f) => f,
-            Err(e) => {
-                log::warn!(
-                    "cache: cannot use {}: {e}; reading {shown} uncached",
-                    idx_path.display()
-                );
-                return None;
-            }
+        let open = |path: &Path| {
+            open_private(path)
+                .map_err(|e| {
+                    log::warn!(
+                        "cache: cannot use {}: {e}; reading {shown} uncached",
+                        path.display()
+                    )
+                })
+                .ok()
         };
+        let idx_path = dir.path.join(format!("{stem}.idx"));
+        let idx = open(&idx_path)?;
         if !try_lock(&idx) {
             log::info!("cache: {shown} is in use by another process; reading it uncached");
             return None;
         }
-        let data_path = dir.path.join(format!("{stem}.data"));
-        let data = match open_private(&data_path) {
-            Ok(f) => f,
-            Err(e) => {
-                log::warn!(
-                    "cache: cannot use {}: {e}; reading {shown} uncached",
-                    data_path.display()
-                );
-                return None;
-            }
-        };
+        let data = open(&dir.path.join(format!("{stem}.data")))?;
         let mut header =
             format!("{MAGIC}block {block}\nsize {size}\nversion {version}\nurl {shown}\n")
                 .into_bytes();
