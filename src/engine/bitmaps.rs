@@ -272,8 +272,7 @@ impl Image {
     }
 
     /// [`Self::load_bitmaps_for_write`] under the caller's metadata lock (rule B4).
-    pub(crate) fn load_bitmaps_locked(&self, t: &Tables, w: &WriteState) -> Result<()> {
-        let m = t;
+    pub(crate) fn load_bitmaps_locked(&self, tables: &Tables, w: &WriteState) -> Result<()> {
         let mut set = self.bitmaps.lock();
         if set.loaded {
             return Ok(());
@@ -282,9 +281,9 @@ impl Image {
             return Err(refuse_write(self.path(), p));
         }
         let cb = self.layout.cluster_bits;
-        let disk = m.header.virtual_size();
+        let disk = tables.header.virtual_size();
         check_directory(&set.file).map_err(|p| refuse_write(self.path(), &p))?;
-        if let Some(ext) = m.header.bitmaps.filter(|_| !set.file.is_empty()) {
+        if let Some(ext) = tables.header.bitmaps.filter(|_| !set.file.is_empty()) {
             let (first, n) =
                 HostOffset(ext.directory_offset).clusters_spanned(ext.directory_size, cb);
             for k in 0..n {

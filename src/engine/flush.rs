@@ -98,6 +98,27 @@ impl Image {
         self.io.sync()
     }
 
+    /// Writes a new structure into the `n` clusters from `first` just allocated for it;
+    /// if that fails (a full disk), frees them again, so that the image is as before.
+    pub(crate) fn write_new_clusters(
+        &self,
+        w: &mut WriteState,
+        what: &str,
+        first: HostCluster,
+        n: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
+        let written =
+            self.io
+                .write_unreferenced(what, first.offset(self.layout.cluster_bits), bytes);
+        if written.is_err() {
+            for k in 0..n {
+                w.alloc.release(first + k, &self.io)?;
+            }
+        }
+        written
+    }
+
     /// Refuses to write metadata of `kind` over `[off, off + len)` where that range also
     /// holds other metadata.
     fn check_meta_write(

@@ -158,13 +158,7 @@ impl Image {
         // F2: the clusters' refcounts are durable; F3: the table before the header.
         w.alloc.write_back(&self.io)?;
         let bytes = super::metaio::encode_words(&l1, (clusters << cb) as usize);
-        if let Err(e) = self.write_new_structure("the new L1 table", first.offset(cb), &bytes) {
-            // Nothing names the clusters: free them again (a full disk fails the resize).
-            for k in 0..clusters {
-                w.alloc.release(first + k, &self.io)?;
-            }
-            return Err(e);
-        }
+        self.write_new_clusters(w, "the new L1 table", first, clusters, &bytes)?;
         let old = (
             HostOffset(t.header.l1_table_offset),
             t.header.l1_size as u64,

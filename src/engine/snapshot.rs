@@ -132,29 +132,8 @@ impl Image {
         }
         let n = (bytes.len() as u64).div_ceil(self.cluster_size());
         let first = self.allocate(t, w, n, Use::Meta(MetaKind::SnapshotTable))?;
-        self.write_fresh(w, "the snapshot table", first, n, &bytes)?;
+        self.write_new_clusters(w, "the snapshot table", first, n, &bytes)?;
         Ok(first.offset(cb))
-    }
-
-    /// Writes a new structure into the `n` clusters from `first` just allocated for it;
-    /// if that fails (a full disk), frees them again, so that the image is as before.
-    fn write_fresh(
-        &self,
-        w: &mut WriteState,
-        what: &str,
-        first: HostCluster,
-        n: u64,
-        bytes: &[u8],
-    ) -> Result<()> {
-        let written =
-            self.io
-                .write_unreferenced(what, first.offset(self.layout.cluster_bits), bytes);
-        if written.is_err() {
-            for k in 0..n {
-                w.alloc.release(first + k, &self.io)?;
-            }
-        }
-        written
     }
 
     /// Points the header at the snapshot table at `offset` holding `count` entries (its
@@ -265,7 +244,7 @@ impl Image {
                 .max(1);
             let l1_first = img.allocate(t, w, l1_clusters, Use::Meta(MetaKind::SnapshotL1))?;
             let bytes = super::metaio::encode_words(&shared, (l1_clusters << cb) as usize);
-            img.write_fresh(w, "a snapshot L1 table", l1_first, l1_clusters, &bytes)?;
+            img.write_new_clusters(w, "a snapshot L1 table", l1_first, l1_clusters, &bytes)?;
             let id = t
                 .snapshots
                 .iter()
